@@ -1,0 +1,16 @@
+/* headrace native core: the umbrella header. */
+#ifndef HEADRACE_H
+#define HEADRACE_H
+
+#include "status.h"
+#include "layout.h"
+#include "fault.h"
+#include "heap.h"
+#include "hset.h"
+#include "ring.h"
+#include "segment.h"
+#include "slots.h"
+#include "wait.h"
+#include "ops.h"
+
+#endif

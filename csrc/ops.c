@@ -1,0 +1,434 @@
+#include "headrace.h"
+
+#define LOCKED(c, mem)            \
+    hr_ctx c;                     \
+    hr_ctx_of((mem), &c);         \
+    do {                          \
+        int lrc_ = hr_lock(&c);   \
+        if (lrc_ != HR_OK)        \
+            return lrc_;          \
+    } while (0)
+
+int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first)
+{
+    LOCKED(c, mem);
+    *first = c.h->next_seq;
+    c.h->next_seq += n;
+    hr_unlock(&c);
+    return HR_OK;
+}
+
+static int insert_one(hr_ctx *c, const hr_task *t)
+{
+    if (t->id == 0 || (t->state != HR_PENDING && t->state != HR_DELAYED && t->state != HR_WAITING) ||
+        (t->flags & ~HR_F_DEDUP) || t->seq >= (1ULL << 56))
+        return HR_E_INVALID;
+    if (hr_hs_find(&c->ids, t->id, 0) >= 0)
+        return HR_E_INVALID; /* the id is already live here */
+    if ((t->flags & HR_F_DEDUP) && hr_hs_find(&c->dedup, t->dedup_lo, t->dedup_hi) >= 0)
+        return HR_E_DUPLICATE;
+    uint32_t i = hr_slot_alloc(c);
+    if (i == HR_NONE)
+        return HR_E_FULL;
+    hr_slot *s = &c->s[i];
+    hr_slot_begin(c, i);
+    s->id = t->id;
+    s->seq = t->seq ? t->seq : c->h->next_seq++;
+    if (t->seq >= c->h->next_seq)
+        c->h->next_seq = t->seq + 1;
+    s->run_at = t->run_at;
+    s->lease_until = 0;
+    s->dedup_lo = t->dedup_lo;
+    s->dedup_hi = t->dedup_hi;
+    s->aux = t->aux;
+    s->attempt = t->attempt;
+    s->group = t->group;
+    s->version = 1;
+    s->prio = t->prio;
+    s->dirty = 0;
+    s->flags = t->flags;
+    HR_FAULT(HR_FS_INSERT);
+    hr_slot_state(c, s, t->state);
+    hr_slot_end(c);
+    hr_hs_insert(&c->ids, t->id, 0, i);
+    if (t->flags & HR_F_DEDUP)
+        hr_hs_insert(&c->dedup, t->dedup_lo, t->dedup_hi, i);
+    hr_heap_link(c, i);
+    c->h->stats.inserted++;
+    return (int)i;
+}
+
+int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out)
+{
+    LOCKED(c, mem);
+    int ok = 0, pending = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        int r = insert_one(&c, &tasks[k]);
+        out[k] = r;
+        if (r >= 0) {
+            ok++;
+            pending |= tasks[k].state == HR_PENDING;
+        }
+    }
+    hr_unlock(&c);
+    if (pending)
+        hr_notify(mem, HR_EV_PENDING); /* one wake-up per batch */
+    return ok;
+}
+
+int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out)
+{
+    LOCKED(c, mem);
+    uint32_t k = 0;
+    while (k < max && c.h->ready_n > 0) {
+        uint32_t i = hr_mm_pop_min(&c.ready).slot;
+        hr_slot *s = &c.s[i];
+        hr_slot_begin(&c, i);
+        s->attempt++;
+        s->lease_until = lease_until;
+        HR_FAULT(HR_FS_CLAIM);
+        hr_slot_state(&c, s, HR_RUNNING);
+        hr_slot_touch(&c, s, i);
+        hr_slot_end(&c);
+        hr_bh_push(&c.lease, (uint64_t)lease_until, i);
+        out[k++] = (hr_ticket){s->id, i, s->attempt};
+    }
+    c.h->stats.claimed += k;
+    hr_unlock(&c);
+    return (int)k;
+}
+
+/* Is this ticket still the live attempt of a running task? */
+static inline hr_slot *fenced_slot(hr_ctx *c, const hr_ticket *t)
+{
+    if (t->slot >= c->h->capacity)
+        return NULL;
+    hr_slot *s = &c->s[t->slot];
+    if (s->id != t->id || s->state != HR_RUNNING || s->attempt != t->attempt)
+        return NULL;
+    return s;
+}
+
+int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
+                    int64_t run_at, uint64_t aux, int32_t *out)
+{
+    if (state != HR_COMPLETED && state != HR_DEAD && state != HR_CANCELLED &&
+        state != HR_PENDING && state != HR_DELAYED)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    int ok = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        hr_slot *s = fenced_slot(&c, &t[k]);
+        if (!s) {
+            c.h->stats.fenced++;
+            if (out)
+                out[k] = HR_E_STALE;
+            continue;
+        }
+        uint32_t i = t[k].slot;
+        hr_heap_unlink(&c, i);
+        hr_slot_begin(&c, i);
+        s->aux = aux;
+        if (state == HR_DELAYED)
+            s->run_at = run_at;
+        HR_FAULT(HR_FS_FINISH);
+        hr_slot_state(&c, s, state);
+        hr_slot_touch(&c, s, i);
+        hr_slot_end(&c);
+        if (HR_TERMINAL(state)) {
+            if (s->flags & HR_F_DEDUP)
+                hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
+        } else {
+            hr_heap_link(&c, i);
+        }
+        if (out)
+            out[k] = HR_OK;
+        ok++;
+    }
+    c.h->stats.finished += ok;
+    hr_unlock(&c);
+    if (ok)
+        hr_notify(mem, state == HR_PENDING ? HR_EV_PENDING : HR_EV_FINISH);
+    return ok;
+}
+
+int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
+{
+    LOCKED(c, mem);
+    hr_slot *s = fenced_slot(&c, t);
+    int rc = HR_OK;
+    if (!s) {
+        c.h->stats.fenced++;
+        rc = HR_E_STALE;
+    } else {
+        hr_slot_begin(&c, t->slot);
+        s->lease_until = lease_until;
+        HR_FAULT(HR_FS_HEARTBEAT);
+        hr_slot_end(&c);
+        hr_bh_rekey(&c.lease, s->hpos, (uint64_t)lease_until);
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+static int find_id(hr_ctx *c, uint64_t id)
+{
+    int64_t b = hr_hs_find(&c->ids, id, 0);
+    return b < 0 ? HR_E_NOT_FOUND : (int)(c->ids.t[b].slot1 - 1);
+}
+
+int hr_cancel(void *mem, uint64_t id)
+{
+    LOCKED(c, mem);
+    int i = find_id(&c, id);
+    if (i >= 0) {
+        hr_slot *s = &c.s[i];
+        if (HR_TERMINAL(s->state)) {
+            i = HR_E_STATE;
+        } else {
+            hr_heap_unlink(&c, (uint32_t)i);
+            hr_slot_begin(&c, (uint32_t)i);
+            HR_FAULT(HR_FS_CANCEL);
+            hr_slot_state(&c, s, HR_CANCELLED);
+            hr_slot_touch(&c, s, (uint32_t)i);
+            hr_slot_end(&c);
+            if (s->flags & HR_F_DEDUP)
+                hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
+        }
+    }
+    hr_unlock(&c);
+    if (i >= 0)
+        hr_notify(mem, HR_EV_FINISH);
+    return i;
+}
+
+int hr_get(void *mem, uint64_t id, hr_slot *out)
+{
+    LOCKED(c, mem);
+    int i = find_id(&c, id);
+    if (i >= 0)
+        *out = c.s[i];
+    hr_unlock(&c);
+    return i;
+}
+
+int hr_read_slot(void *mem, uint32_t slot, hr_slot *out)
+{
+    LOCKED(c, mem);
+    int rc = HR_E_INVALID;
+    if (slot < c.h->capacity) {
+        *out = c.s[slot];
+        rc = HR_OK;
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+/* Running tasks whose lease ran out go back to pending.  The tickets
+ * returned are the attempts that are now stale. */
+int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out)
+{
+    LOCKED(c, mem);
+    uint32_t k = 0;
+    while (k < max && c.h->lease_n > 0 && (int64_t)c.lease.a[0].key <= now) {
+        uint32_t i = hr_bh_pop(&c.lease).slot;
+        hr_slot *s = &c.s[i];
+        hr_slot_begin(&c, i);
+        s->lease_until = 0;
+        HR_FAULT(HR_FS_EXPIRE);
+        hr_slot_state(&c, s, HR_PENDING);
+        hr_slot_touch(&c, s, i);
+        hr_slot_end(&c);
+        hr_mm_push(&c.ready, hr_rkey(s), i);
+        if (out)
+            out[k] = (hr_ticket){s->id, i, s->attempt};
+        k++;
+    }
+    c.h->stats.expired += k;
+    hr_unlock(&c);
+    if (k)
+        hr_notify(mem, HR_EV_PENDING);
+    return (int)k;
+}
+
+/* Delayed tasks whose time came become pending.  Not a durable change:
+ * the run-at on disk already says when the task may run. */
+int hr_promote(void *mem, int64_t now, uint32_t max)
+{
+    LOCKED(c, mem);
+    uint32_t k = 0;
+    while (k < max && c.h->delay_n > 0 && (int64_t)c.delay.a[0].key <= now) {
+        uint32_t i = hr_bh_pop(&c.delay).slot;
+        hr_slot *s = &c.s[i];
+        hr_slot_begin(&c, i);
+        HR_FAULT(HR_FS_PROMOTE);
+        hr_slot_state(&c, s, HR_PENDING);
+        hr_slot_end(&c);
+        hr_mm_push(&c.ready, hr_rkey(s), i);
+        k++;
+    }
+    hr_unlock(&c);
+    if (k)
+        hr_notify(mem, HR_EV_PENDING);
+    return (int)k;
+}
+
+static int peek_at(void *mem, int worst, hr_slot *out)
+{
+    LOCKED(c, mem);
+    int rc = HR_E_NOT_FOUND;
+    if (c.h->ready_n > 0) {
+        uint32_t i = c.ready.a[worst ? hr_mm_max_pos(&c.ready) : 0].slot;
+        *out = c.s[i];
+        rc = (int)i;
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+int hr_peek_best(void *mem, hr_slot *out) { return peek_at(mem, 0, out); }
+int hr_peek_worst(void *mem, hr_slot *out) { return peek_at(mem, 1, out); }
+
+/* Remove the worst pending task so that a better one can take its slot;
+ * the caller keeps it on disk (the spill store).  A slot with an unflushed
+ * change is refused: its change must reach disk first. */
+int hr_evict_worst(void *mem, hr_slot *out)
+{
+    LOCKED(c, mem);
+    int rc = HR_E_NOT_FOUND;
+    if (c.h->ready_n > 0) {
+        uint32_t pos = hr_mm_max_pos(&c.ready);
+        uint32_t i = c.ready.a[pos].slot;
+        hr_slot *s = &c.s[i];
+        if (s->dirty) {
+            rc = HR_E_BUSY;
+        } else {
+            *out = *s;
+            hr_mm_remove(&c.ready, pos);
+            if (s->flags & HR_F_DEDUP)
+                hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
+            hr_hs_erase(&c.ids, s->id, 0);
+            HR_FAULT(HR_FS_EVICT);
+            hr_slot_release(&c, i);
+            c.h->stats.evicted++;
+            rc = (int)i;
+        }
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+int hr_mark_dirty(void *mem, uint32_t slot)
+{
+    LOCKED(c, mem);
+    int rc = HR_E_INVALID;
+    if (slot < c.h->capacity && c.s[slot].state != HR_FREE) {
+        hr_slot_begin(&c, slot);
+        HR_FAULT(HR_FS_MARK_DIRTY);
+        hr_slot_touch(&c, &c.s[slot], slot);
+        hr_slot_end(&c);
+        rc = HR_OK;
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+int hr_dirty_peek(void *mem, uint32_t max, hr_dirty *out, uint32_t *epoch)
+{
+    LOCKED(c, mem);
+    uint32_t n = c.h->ring_len < max ? c.h->ring_len : max;
+    for (uint32_t k = 0; k < n; k++) {
+        hr_rent *e = hr_ring_at(&c.ring, k);
+        e->seen = c.s[e->slot].version;
+        out[k].slot = e->slot;
+        out[k].rec = c.s[e->slot];
+    }
+    *epoch = c.h->ring_epoch;
+    hr_unlock(&c);
+    return (int)n;
+}
+
+/* After the caller committed the first n peeked entries: slots unchanged
+ * since the peek become clean (and free, if terminal); changed ones go back
+ * to the tail. */
+int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch)
+{
+    LOCKED(c, mem);
+    int rc = 0;
+    if (epoch != c.h->ring_epoch) {
+        rc = HR_E_STALE;
+    } else if (n > c.h->ring_len) {
+        rc = HR_E_INVALID;
+    } else {
+        for (uint32_t k = 0; k < n; k++) {
+            hr_rent e = hr_ring_pop(&c.ring);
+            hr_slot *s = &c.s[e.slot];
+            if (s->version != e.seen) {
+                hr_ring_push(&c.ring, e.slot);
+                continue;
+            }
+            hr_slot_begin(&c, e.slot);
+            s->dirty = 0;
+            HR_FAULT(HR_FS_ADVANCE);
+            hr_slot_end(&c);
+            if (HR_TERMINAL(s->state)) {
+                hr_hs_erase(&c.ids, s->id, 0);
+                hr_slot_release(&c, e.slot);
+                rc++;
+            }
+        }
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+int hr_dedup_lookup(void *mem, uint64_t lo, uint64_t hi)
+{
+    LOCKED(c, mem);
+    int64_t b = hr_hs_find(&c.dedup, lo, hi);
+    int rc = b < 0 ? HR_E_NOT_FOUND : (int)(c.dedup.t[b].slot1 - 1);
+    hr_unlock(&c);
+    return rc;
+}
+
+/* Register (lo, hi) for a live slot that has no key yet. */
+int hr_dedup_insert(void *mem, uint64_t lo, uint64_t hi, uint32_t slot)
+{
+    LOCKED(c, mem);
+    int rc;
+    hr_slot *s = slot < c.h->capacity ? &c.s[slot] : NULL;
+    if (!s || s->state == HR_FREE || HR_TERMINAL(s->state) || (s->flags & HR_F_DEDUP)) {
+        rc = HR_E_INVALID;
+    } else if (hr_hs_find(&c.dedup, lo, hi) >= 0) {
+        rc = HR_E_DUPLICATE;
+    } else {
+        hr_slot_begin(&c, slot);
+        s->dedup_lo = lo;
+        s->dedup_hi = hi;
+        HR_FAULT(HR_FS_DEDUP_INSERT);
+        s->flags |= HR_F_DEDUP;
+        hr_slot_end(&c);
+        hr_hs_insert(&c.dedup, lo, hi, slot);
+        rc = HR_OK;
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+int hr_dedup_delete(void *mem, uint64_t lo, uint64_t hi)
+{
+    LOCKED(c, mem);
+    int64_t b = hr_hs_find(&c.dedup, lo, hi);
+    int rc = HR_E_NOT_FOUND;
+    if (b >= 0) {
+        uint32_t i = c.dedup.t[b].slot1 - 1;
+        hr_slot_begin(&c, i);
+        HR_FAULT(HR_FS_DEDUP_DELETE);
+        c.s[i].flags &= (uint8_t)~HR_F_DEDUP;
+        hr_slot_end(&c);
+        hr_hs_erase(&c.dedup, lo, hi);
+        rc = HR_OK;
+    }
+    hr_unlock(&c);
+    return rc;
+}

@@ -1,0 +1,42 @@
+/* The segment: layout arithmetic, init/attach validation, the robust lock
+ * and the repair that runs after a lock holder died. */
+#ifndef HR_SEGMENT_H
+#define HR_SEGMENT_H
+
+#include "layout.h"
+#include "heap.h"
+#include "hset.h"
+#include "ring.h"
+
+/* Pointers into one mapping, computed per call from the header. */
+typedef struct hr_ctx {
+    hr_header *h;
+    hr_slot *s;
+    hr_heap ready, delay, lease;
+    hr_hset dedup, ids;
+    hr_ring ring;
+} hr_ctx;
+
+uint64_t hr_segment_size(uint32_t capacity);
+int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t generation);
+int hr_attach(void *mem, uint64_t size, uint32_t uid);
+uint64_t hr_generation(void *mem);
+int hr_verify(void *mem, char *msg, uint32_t msglen);
+int hr_get_info(void *mem, hr_info *out);
+void hr_set_lock_spin(uint32_t spins);
+
+void hr_ctx_of(void *mem, hr_ctx *c);
+int hr_lock(hr_ctx *c);
+void hr_unlock(hr_ctx *c);
+void hr_rebuild(hr_ctx *c);
+
+static inline void hr_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+#endif

@@ -1,0 +1,54 @@
+/* The slot table: allocation, the undo journal and state bookkeeping. */
+#ifndef HR_SLOTS_H
+#define HR_SLOTS_H
+
+#include <string.h>
+#include "segment.h"
+
+/* Ready-heap key, smaller is better: priority descending, then FIFO. */
+static inline uint64_t hr_rkey(const hr_slot *s)
+{
+    return ((uint64_t)(255u - s->prio) << 56) | (s->seq & ((1ULL << 56) - 1));
+}
+uint64_t hr_ready_key(const hr_slot *s);
+
+/* Journal slot i before changing it; a holder killed before hr_slot_end is
+ * rolled back to this copy by the repair. */
+static inline void hr_slot_begin(hr_ctx *c, uint32_t i)
+{
+    memcpy(&c->h->undo, &c->s[i], sizeof(hr_slot));
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    c->h->undo_idx = i;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+static inline void hr_slot_end(hr_ctx *c)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    c->h->undo_idx = HR_NONE;
+}
+
+static inline void hr_slot_state(hr_ctx *c, hr_slot *s, uint8_t st)
+{
+    c->h->count[s->state]--;
+    c->h->count[st]++;
+    s->state = st;
+}
+
+/* A change that must reach disk: new version, and into the ring once. */
+static inline void hr_slot_touch(hr_ctx *c, hr_slot *s, uint32_t i)
+{
+    if (++s->version == 0)
+        s->version = 1;
+    if (!s->dirty) {
+        s->dirty = 1;
+        hr_ring_push(&c->ring, i);
+    }
+}
+
+uint32_t hr_slot_alloc(hr_ctx *c);
+void hr_slot_release(hr_ctx *c, uint32_t i);
+void hr_heap_link(hr_ctx *c, uint32_t i);
+void hr_heap_unlink(hr_ctx *c, uint32_t i);
+
+#endif

@@ -1,0 +1,19 @@
+/* Wake-ups through u32 event words in the segment.
+ *
+ * A waiter passes the value it last saw; it returns as soon as the word
+ * differs, spinning briefly first, then sleeping on a futex (Linux) or
+ * polling with backoff (elsewhere).  A notifier bumps the word and makes a
+ * system call only when a waiter is registered, so the hot path stays free
+ * of system calls.
+ */
+#ifndef HR_WAIT_H
+#define HR_WAIT_H
+
+#include <stdint.h>
+
+uint32_t hr_event_value(void *mem, int ev);
+void hr_notify(void *mem, int ev);
+int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us);
+void hr_set_wait_spin(uint32_t spin_us);
+
+#endif

@@ -1,0 +1,124 @@
+"""Exceptions raised by headrace, and the one place C status codes become them.
+
+Every exception derives from :class:`EngineError`; where the meaning fits, it
+also derives from the matching builtin, so callers may catch either.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Type
+
+from ._core import lib
+
+
+class EngineError(Exception):
+    """Base class of every headrace error."""
+
+
+class InvalidArgument(EngineError, ValueError):
+    """An argument is out of range or of the wrong kind."""
+
+
+class CapacityFull(EngineError):
+    """The shared-memory slot table has no free slot."""
+
+
+class DuplicateTask(EngineError):
+    """A live task already holds this dedup key (or id)."""
+
+
+class TaskNotFound(EngineError, LookupError):
+    """No live task with this id or key."""
+
+
+class InvalidState(EngineError):
+    """The task is not in a state that allows the operation."""
+
+
+class Stale(EngineError):
+    """Fenced: the attempt moved on, or the dirty ring was rebuilt since the peek."""
+
+
+class SlotBusy(EngineError):
+    """The slot has a change that must reach disk first."""
+
+
+class WaitTimeout(EngineError, TimeoutError):
+    """A wait ran out of time."""
+
+
+class LockError(EngineError):
+    """The segment mutex cannot be recovered."""
+
+
+class SegmentError(EngineError):
+    """The shared-memory segment cannot be used."""
+
+
+class SegmentNotFound(SegmentError, FileNotFoundError):
+    """No segment exists under this name."""
+
+
+class SegmentExists(SegmentError, FileExistsError):
+    """A segment already exists under this name."""
+
+
+class SegmentForeign(SegmentError):
+    """The file is not a headrace segment."""
+
+
+class SegmentVersionMismatch(SegmentError):
+    """The segment was made by another layout version or build."""
+
+
+class SegmentTruncated(SegmentError):
+    """The segment is smaller than its layout requires."""
+
+
+class SegmentCorrupt(SegmentError):
+    """The segment header or its invariants do not hold."""
+
+
+class SegmentNotReady(SegmentError):
+    """The segment's creator has not finished initialising it."""
+
+
+class SegmentPermission(SegmentError, PermissionError):
+    """The segment belongs to another user or is open to others."""
+
+
+_REBUILD = "delete it (headrace rebuilds the segment from the database) and retry"
+
+#: C status code -> (exception class, message).  The one mapping.
+_STATUS: Dict[int, Tuple[Type[EngineError], str]] = {
+    lib.HR_E_FULL: (CapacityFull, "the slot table is full"),
+    lib.HR_E_DUPLICATE: (DuplicateTask, "a live task already holds this key"),
+    lib.HR_E_NOT_FOUND: (TaskNotFound, "no such live task"),
+    lib.HR_E_STALE: (Stale, "stale: the attempt or the ring moved on"),
+    lib.HR_E_BAD_MAGIC: (SegmentForeign, f"not a headrace segment; {_REBUILD}"),
+    lib.HR_E_BAD_VERSION: (SegmentVersionMismatch, f"made by another headrace layout or build; {_REBUILD}"),
+    lib.HR_E_TRUNCATED: (SegmentTruncated, f"smaller than its layout requires; {_REBUILD}"),
+    lib.HR_E_CORRUPT: (SegmentCorrupt, f"corrupt; {_REBUILD}"),
+    lib.HR_E_FOREIGN_OWNER: (SegmentPermission, "created by another user; refusing to use it"),
+    lib.HR_E_NOT_READY: (SegmentNotReady, "its creator has not finished initialising it"),
+    lib.HR_E_INVALID: (InvalidArgument, "invalid argument"),
+    lib.HR_E_LOCK: (LockError, f"its mutex cannot be recovered; {_REBUILD}"),
+    lib.HR_E_TIMEOUT: (WaitTimeout, "timed out"),
+    lib.HR_E_STATE: (InvalidState, "the task is not in a state that allows this"),
+    lib.HR_E_BUSY: (SlotBusy, "the slot has an unflushed change"),
+}
+
+
+def error_for(rc: int, context: str = "", detail: Optional[str] = None) -> EngineError:
+    """The exception for C status `rc`, its message naming `context`."""
+    cls, msg = _STATUS.get(rc, (EngineError, f"unknown status {rc}"))
+    text = f"{context}: {msg}" if context else msg
+    if detail:
+        text = f"{text} ({detail})"
+    return cls(text)
+
+
+def check(rc: int, context: str = "", detail: Optional[str] = None) -> int:
+    """Return `rc` if it is not an error status, else raise its exception."""
+    if rc < 0:
+        raise error_for(rc, context, detail)
+    return rc

@@ -1,0 +1,505 @@
+"""The shared-memory segment: Python owns the mapping, C owns the structures.
+
+A segment is a file under ``/dev/shm`` (created 0600, whatever the umask),
+mapped shared into every process that attaches.  The C core builds and
+checks its structures in place; this module maps it, validates ownership and
+turns C status codes into exceptions through :mod:`engine.errors`.
+
+Times are integers in microseconds since the epoch (:func:`now_us`).
+Batch calls take and return cffi arrays, so the hot path builds no
+per-item Python objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+import stat
+import tempfile
+import time
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+
+from . import errors
+from ._core import ffi, lib
+from .errors import check
+from . import faults as _faults  # noqa: F401  (reads HEADRACE_FAULT once)
+
+# States, flags and events, read from C once.
+FREE: int = lib.HR_FREE
+PENDING: int = lib.HR_PENDING
+DELAYED: int = lib.HR_DELAYED
+WAITING: int = lib.HR_WAITING
+RUNNING: int = lib.HR_RUNNING
+COMPLETED: int = lib.HR_COMPLETED
+DEAD: int = lib.HR_DEAD
+CANCELLED: int = lib.HR_CANCELLED
+STATE_NAMES = ("free", "pending", "delayed", "waiting", "running", "completed", "dead", "cancelled")
+TERMINAL = frozenset({COMPLETED, DEAD, CANCELLED})
+
+EV_PENDING: int = lib.HR_EV_PENDING
+EV_COMMIT: int = lib.HR_EV_COMMIT
+EV_WRITER: int = lib.HR_EV_WRITER
+EV_FINISH: int = lib.HR_EV_FINISH
+
+F_DEDUP: int = lib.HR_F_DEDUP
+MAX_CAPACITY: int = lib.HR_MAX_CAPACITY
+LAYOUT_VERSION: int = lib.HR_LAYOUT_VERSION
+
+#: Where segments live; /dev/shm keeps them in memory on Linux.
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+#: Prefix of every segment file, so that stray files are easy to spot.
+PREFIX = "headrace-"
+#: How long attach waits for a creator that is still initialising.
+ATTACH_WAIT_S = 2.0
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_MIN_MAP = 64  # below this, nothing in the file could be a header
+
+
+def now_us() -> int:
+    """The current wall-clock time in microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def key_hash(queue: str, key: Union[str, bytes]) -> Tuple[int, int]:
+    """The 128-bit dedup hash of (queue, key) as (lo, hi) 64-bit halves."""
+    raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
+    q = queue.encode("utf-8", "surrogatepass")
+    # Length-prefix the queue so ("ab", "c") and ("a", "bc") differ.
+    d = hashlib.blake2b(len(q).to_bytes(4, "little") + q + raw, digest_size=16).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+
+class Ticket(NamedTuple):
+    """A claimed attempt: what fences a later finish or heartbeat."""
+
+    id: int
+    slot: int
+    attempt: int
+
+
+class SlotInfo(NamedTuple):
+    """A snapshot of one slot."""
+
+    slot: int
+    id: int
+    state: int
+    prio: int
+    seq: int
+    attempt: int
+    run_at: int
+    lease_until: int
+    group: int
+    dedup: Optional[Tuple[int, int]]
+    aux: int
+    version: int
+    dirty: bool
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+
+def _slot_info(slot: int, r: Any) -> SlotInfo:
+    dedup = (r.dedup_lo, r.dedup_hi) if r.flags & F_DEDUP else None
+    return SlotInfo(slot, r.id, r.state, r.prio, r.seq, r.attempt, r.run_at, r.lease_until,
+                    r.group, dedup, r.aux, r.version, bool(r.dirty))
+
+
+def segment_path(name: str, directory: Optional[str] = None) -> str:
+    """The file that backs segment `name`."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise errors.InvalidArgument(f"bad segment name {name!r}: use 1-200 of [A-Za-z0-9._-]")
+    return os.path.join(directory or SHM_DIR, PREFIX + name)
+
+
+class Segment:
+    """One mapped shared-memory segment.  Use :meth:`create` or :meth:`attach`."""
+
+    def __init__(self, path: str, mm: mmap.mmap, size: int) -> None:
+        self.path = path
+        self._mm = mm
+        self._buf = ffi.from_buffer(mm)
+        self._mem = ffi.cast("void *", self._buf)
+        self.size = size
+        self._slot = ffi.new("hr_slot *")
+        self._ticket = ffi.new("hr_ticket *")
+        self._i32 = ffi.new("int32_t[1]")
+        self._msg = ffi.new("char[]", 512)
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, capacity: int, *, directory: Optional[str] = None) -> "Segment":
+        """Create and initialise a new segment of `capacity` slots (mode 0600)."""
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 < capacity <= MAX_CAPACITY:
+            raise errors.InvalidArgument(f"capacity must be an int in 1..{MAX_CAPACITY}, got {capacity!r}")
+        path = segment_path(name, directory)
+        size = lib.hr_segment_size(capacity)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise errors.SegmentExists(f"segment {path} already exists") from None
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have widened nothing, but be explicit
+            os.ftruncate(fd, size)
+            # Reserve the pages now: on a full tmpfs a mapped write would
+            # raise SIGBUS later instead of an error here.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise errors.SegmentError(f"cannot create segment {path} of {size} bytes: {e}") from e
+        os.close(fd)
+        seg = cls(path, mm, size)
+        generation = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        rc = lib.hr_init(seg._mem, size, capacity, os.geteuid(), generation)
+        if rc < 0:
+            seg.close()
+            _unlink_quiet(path)
+            check(rc, f"segment {path}")
+        return seg
+
+    @classmethod
+    def attach(cls, name: str, *, directory: Optional[str] = None,
+               wait: float = ATTACH_WAIT_S) -> "Segment":
+        """Map an existing segment after checking owner, mode and header."""
+        path = segment_path(name, directory)
+        uid = os.geteuid()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise errors.SegmentNotFound(f"no segment at {path}") from None
+            except PermissionError as e:
+                raise errors.SegmentPermission(f"segment {path}: {e.strerror}; it belongs to another user") from e
+            except OSError as e:  # ELOOP for a symlink, among others
+                raise errors.SegmentForeign(f"segment {path}: {e.strerror}; not a headrace segment") from e
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise errors.SegmentForeign(f"segment {path} is not a regular file")
+                if st.st_uid != uid:
+                    raise errors.SegmentPermission(
+                        f"segment {path} is owned by uid {st.st_uid}, not {uid}; refusing to use it")
+                if st.st_mode & 0o077:
+                    raise errors.SegmentPermission(
+                        f"segment {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600")
+                size = st.st_size
+                if size < _MIN_MAP:
+                    raise errors.SegmentTruncated(f"segment {path} holds only {size} bytes; "
+                                                  "delete it (headrace rebuilds it) and retry")
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            seg = cls(path, mm, size)
+            rc = lib.hr_attach(seg._mem, size, uid)
+            if rc == lib.HR_E_NOT_READY and time.monotonic() < deadline:
+                seg.close()
+                time.sleep(0.005)
+                continue
+            if rc < 0:
+                seg.close()
+                check(rc, f"segment {path}")
+            return seg
+
+    @classmethod
+    def open(cls, name: str, capacity: int, *, directory: Optional[str] = None) -> "Segment":
+        """Attach to segment `name`, creating it with `capacity` if absent."""
+        try:
+            return cls.attach(name, directory=directory)
+        except errors.SegmentNotFound:
+            pass
+        try:
+            return cls.create(name, capacity, directory=directory)
+        except errors.SegmentExists:
+            return cls.attach(name, directory=directory)
+
+    @staticmethod
+    def unlink(name: str, *, directory: Optional[str] = None) -> bool:
+        """Remove segment `name`; processes still attached keep their mapping."""
+        return _unlink_quiet(segment_path(name, directory))
+
+    def close(self) -> None:
+        """Unmap this process's view of the segment."""
+        if self._mm is None:
+            return
+        self._mem = None
+        ffi.release(self._buf)
+        self._buf = None
+        self._mm.close()
+        self._mm = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def generation(self) -> int:
+        return int(lib.hr_generation(self._mem))
+
+    @property
+    def capacity(self) -> int:
+        return self.info()["capacity"]
+
+    # ---- allocation helpers for batch calls -------------------------------
+
+    @staticmethod
+    def tasks(n: int) -> Any:
+        """A zeroed ``hr_task[n]`` array for :meth:`push_batch`."""
+        return ffi.new("hr_task[]", n)
+
+    @staticmethod
+    def tickets(n: int) -> Any:
+        """A ``hr_ticket[n]`` array for :meth:`pop_batch` and friends."""
+        return ffi.new("hr_ticket[]", n)
+
+    @staticmethod
+    def statuses(n: int) -> Any:
+        """An ``int32_t[n]`` array of per-item status codes."""
+        return ffi.new("int32_t[]", n)
+
+    @staticmethod
+    def dirty_records(n: int) -> Any:
+        """A ``hr_dirty[n]`` array for :meth:`peek_dirty`."""
+        return ffi.new("hr_dirty[]", n)
+
+    # ---- insert ----------------------------------------------------------
+
+    def reserve_seq(self, n: int = 1) -> int:
+        """Reserve `n` consecutive FIFO sequence numbers; returns the first."""
+        out = ffi.new("uint64_t *")
+        check(lib.hr_reserve_seq(self._mem, n, out), "reserve_seq")
+        return int(out[0])
+
+    def push(self, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,
+             dedup: Optional[Tuple[int, int]] = None, group: int = 0, attempt: int = 0,
+             aux: int = 0) -> int:
+        """Insert one task; returns its slot."""
+        t = self.tasks(1)
+        fill_task(t[0], id, prio=prio, seq=seq, state=state, run_at=run_at, dedup=dedup,
+                  group=group, attempt=attempt, aux=aux)
+        lib.hr_insert_batch(self._mem, t, 1, self._i32)
+        return check(self._i32[0], f"push of task {id}")
+
+    def push_batch(self, tasks: Any, n: Optional[int] = None, out: Any = None) -> Tuple[Any, int]:
+        """Insert tasks[0:n]; returns (per-item slot-or-status array, inserted count)."""
+        n = len(tasks) if n is None else n
+        out = self.statuses(n) if out is None else out
+        return out, check(lib.hr_insert_batch(self._mem, tasks, n, out), "push_batch")
+
+    # ---- claim and finish -------------------------------------------------
+
+    def pop(self, lease_until: int) -> Optional[Ticket]:
+        """Claim the best pending task, or None if there is none."""
+        t = self._ticket
+        if check(lib.hr_claim(self._mem, 1, lease_until, t), "pop") == 0:
+            return None
+        return Ticket(t.id, t.slot, t.attempt)
+
+    def pop_batch(self, max: int, lease_until: int, out: Any = None) -> Tuple[Any, int]:
+        """Claim up to `max` best pending tasks; returns (tickets, count)."""
+        out = self.tickets(max) if out is None else out
+        return out, check(lib.hr_claim(self._mem, max, lease_until, out), "pop_batch")
+
+    def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:
+        """Report one attempt's outcome; False if the attempt was fenced."""
+        t = self._ticket
+        t.id, t.slot, t.attempt = ticket
+        check(lib.hr_finish_batch(self._mem, t, 1, state, run_at, aux, self._i32), "finish")
+        return self._i32[0] == 0
+
+    def finish_batch(self, tickets: Any, n: int, state: int = COMPLETED, *, run_at: int = 0,
+                     aux: int = 0, out: Any = None) -> Tuple[Any, int]:
+        """Report outcomes for tickets[0:n]; returns (per-item status array, applied count)."""
+        out = self.statuses(n) if out is None else out
+        rc = lib.hr_finish_batch(self._mem, tickets, n, state, run_at, aux, out)
+        return out, check(rc, "finish_batch")
+
+    def heartbeat(self, ticket: Ticket, lease_until: int) -> bool:
+        """Extend a running attempt's lease; False if the attempt was fenced."""
+        t = self._ticket
+        t.id, t.slot, t.attempt = ticket
+        rc = lib.hr_heartbeat(self._mem, t, lease_until)
+        if rc == lib.HR_E_STALE:
+            return False
+        check(rc, "heartbeat")
+        return True
+
+    def remove(self, id: int) -> int:
+        """Cancel live task `id` wherever it is; returns its slot."""
+        return check(lib.hr_cancel(self._mem, id), f"remove of task {id}")
+
+    cancel = remove
+
+    def get(self, id: int) -> Optional[SlotInfo]:
+        """A snapshot of live task `id`, or None."""
+        rc = lib.hr_get(self._mem, id, self._slot)
+        if rc == lib.HR_E_NOT_FOUND:
+            return None
+        return _slot_info(check(rc, f"get of task {id}"), self._slot)
+
+    def read_slot(self, slot: int) -> SlotInfo:
+        """A snapshot of slot `slot`, whatever its state."""
+        check(lib.hr_read_slot(self._mem, slot, self._slot), f"read of slot {slot}")
+        return _slot_info(slot, self._slot)
+
+    # ---- upkeep ------------------------------------------------------------
+
+    def expire(self, now: int, max: int = 1024, out: Any = None) -> Tuple[Any, int]:
+        """Send running tasks whose lease ended by `now` back to pending."""
+        out = self.tickets(max) if out is None else out
+        return out, check(lib.hr_expire(self._mem, now, max, out), "expire")
+
+    def promote(self, now: int, max: int = 1 << 30) -> int:
+        """Make delayed tasks whose run-at passed pending; returns how many."""
+        return check(lib.hr_promote(self._mem, now, max), "promote")
+
+    def peek_best(self) -> Optional[SlotInfo]:
+        """The pending task a claim would take next, or None."""
+        return self._peek(lib.hr_peek_best)
+
+    def peek_worst(self) -> Optional[SlotInfo]:
+        """The pending task that ranks last, or None."""
+        return self._peek(lib.hr_peek_worst)
+
+    def _peek(self, fn: Any) -> Optional[SlotInfo]:
+        rc = fn(self._mem, self._slot)
+        if rc == lib.HR_E_NOT_FOUND:
+            return None
+        return _slot_info(check(rc, "peek"), self._slot)
+
+    def evict_worst(self) -> Optional[SlotInfo]:
+        """Remove and return the worst pending task (to spill it), or None."""
+        return self._peek(lib.hr_evict_worst)
+
+    # ---- dedup -------------------------------------------------------------
+
+    def dedup_lookup(self, key: Tuple[int, int]) -> Optional[int]:
+        """The slot of the live task holding `key`, or None."""
+        rc = lib.hr_dedup_lookup(self._mem, key[0], key[1])
+        return None if rc == lib.HR_E_NOT_FOUND else check(rc, "dedup_lookup")
+
+    def dedup_insert(self, key: Tuple[int, int], slot: int) -> None:
+        """Register `key` for live slot `slot`."""
+        check(lib.hr_dedup_insert(self._mem, key[0], key[1], slot), f"dedup_insert for slot {slot}")
+
+    def dedup_delete(self, key: Tuple[int, int]) -> bool:
+        """Forget `key`; False if it was not registered."""
+        rc = lib.hr_dedup_delete(self._mem, key[0], key[1])
+        return rc != lib.HR_E_NOT_FOUND and check(rc, "dedup_delete") == 0
+
+    # ---- the dirty ring ------------------------------------------------------
+
+    def mark_dirty(self, slot: int) -> None:
+        """Queue slot `slot` for the next flush."""
+        check(lib.hr_mark_dirty(self._mem, slot), f"mark_dirty of slot {slot}")
+
+    def peek_dirty(self, max: int, out: Any = None) -> Tuple[Any, int, int]:
+        """Snapshot up to `max` dirty slots without consuming them: (records, n, epoch)."""
+        out = self.dirty_records(max) if out is None else out
+        epoch = ffi.new("uint32_t *")
+        n = check(lib.hr_dirty_peek(self._mem, max, out, epoch), "peek_dirty")
+        return out, n, int(epoch[0])
+
+    def advance_dirty(self, n: int, epoch: int) -> int:
+        """Consume the first `n` peeked entries after they were committed.
+
+        Returns how many terminal slots were freed.  Raises
+        :class:`errors.Stale` if the ring was rebuilt since the peek; peek again.
+        """
+        return check(lib.hr_dirty_advance(self._mem, n, epoch), "advance_dirty")
+
+    # ---- wake-ups ------------------------------------------------------------
+
+    def event(self, ev: int) -> int:
+        """The current value of event word `ev`."""
+        return int(lib.hr_event_value(self._mem, ev))
+
+    def notify(self, ev: int) -> None:
+        """Bump event `ev` and wake its waiters."""
+        lib.hr_notify(self._mem, ev)
+
+    def wait(self, ev: int, seen: int, timeout: Optional[float] = None) -> bool:
+        """Block until event `ev` differs from `seen`; False on timeout."""
+        us = -1 if timeout is None else max(0, int(timeout * 1e6))
+        rc = lib.hr_wait(self._mem, ev, seen, us)
+        if rc == lib.HR_E_TIMEOUT:
+            return False
+        check(rc, "wait")
+        return True
+
+    # ---- inspection ------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Check every invariant; raises SegmentCorrupt naming the first broken one."""
+        rc = lib.hr_verify(self._mem, self._msg, len(self._msg))
+        check(rc, f"segment {self.path}", ffi.string(self._msg).decode() or None)
+
+    def info(self) -> Dict[str, Any]:
+        """Counters and sizes, read under the lock."""
+        i = ffi.new("hr_info *")
+        check(lib.hr_get_info(self._mem, i), "info")
+        s = i.stats
+        return {
+            "generation": int(i.generation),
+            "capacity": int(i.capacity),
+            "free": int(i.nfree),
+            "counts": {STATE_NAMES[k]: int(i.count[k]) for k in range(len(STATE_NAMES))},
+            "ring": int(i.ring_size),
+            "ring_epoch": int(i.ring_epoch),
+            "next_seq": int(i.next_seq),
+            "stats": {f: int(getattr(s, f)) for f in (
+                "repairs", "fenced", "claimed", "finished", "inserted", "expired", "evicted",
+                "lock_spins_won", "lock_sleeps")},
+        }
+
+
+def fill_task(t: Any, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,
+              dedup: Optional[Tuple[int, int]] = None, group: int = 0, attempt: int = 0,
+              aux: int = 0) -> None:
+    """Fill one ``hr_task`` record, checking ranges with clear errors."""
+    if not isinstance(prio, int) or isinstance(prio, bool) or not 0 <= prio <= 255:
+        raise errors.InvalidArgument(f"priority must be an int in 0..255, got {prio!r}")
+    if not isinstance(id, int) or isinstance(id, bool) or not 0 < id < 1 << 64:
+        raise errors.InvalidArgument(f"task id must be a positive 64-bit int, got {id!r}")
+    if state not in (PENDING, DELAYED, WAITING):
+        raise errors.InvalidArgument(f"a new task must be pending, delayed or waiting, got state {state!r}")
+    t.id = id
+    t.prio = prio
+    t.seq = seq
+    t.state = state
+    t.run_at = run_at
+    t.group = group
+    t.attempt = attempt
+    t.aux = aux
+    if dedup is None:
+        t.flags = 0
+        t.dedup_lo = t.dedup_hi = 0
+    else:
+        t.flags = F_DEDUP
+        t.dedup_lo, t.dedup_hi = dedup
+
+
+def set_lock_spin(spins: int) -> None:
+    """Trylock rounds before blocking on the segment mutex (this process)."""
+    lib.hr_set_lock_spin(spins)
+
+
+def set_wait_spin(us: int) -> None:
+    """Microseconds a waiter spins before sleeping (this process)."""
+    lib.hr_set_wait_spin(us)
+
+
+def _unlink_quiet(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
