@@ -1,0 +1,332 @@
+"""Stateful property test: the C structures against a pure-Python model.
+
+Hypothesis drives random interleavings of every segment operation on a
+small segment (so that "full" happens often).  After every step the C-side
+``verify()`` must pass and every observable answer must match the model:
+sortedcontainers for the heaps, a dict for the dedup set, a deque for the ring.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from typing import Dict, List, Optional, Tuple
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from sortedcontainers import SortedList
+
+from engine import errors
+from engine.shm import (CANCELLED, COMPLETED, DEAD, DELAYED, PENDING, RUNNING, STATE_NAMES, TERMINAL,
+                        WAITING, Segment, Ticket, fill_task)
+
+CAP = 12
+KEYS = [(k * 7919 + 1, k * 104729 + 3) for k in range(6)]  # a small pool, so collisions happen
+_names = itertools.count()
+
+
+class Task:
+    def __init__(self, id: int, slot: int, prio: int, seq: int, state: int, run_at: int,
+                 dedup: Optional[Tuple[int, int]], attempt: int) -> None:
+        self.id, self.slot, self.prio, self.seq, self.state = id, slot, prio, seq, state
+        self.run_at, self.dedup, self.attempt = run_at, dedup, attempt
+        self.lease = 0
+        self.version = 1
+        self.dirty = False
+
+    def rkey(self) -> Tuple[int, int]:
+        return (255 - self.prio, self.seq)
+
+
+class SegmentModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seg = Segment.create(f"model-{os.getpid()}-{next(_names)}", CAP)
+        self.ids = itertools.count(1)
+        self.seq = 0
+        self.clock = 1_000_000
+        self.tasks: Dict[int, Task] = {}          # live slots (not yet freed), by id
+        self.ready: SortedList = SortedList()     # (255 - prio, seq, id)
+        self.dedup: Dict[Tuple[int, int], int] = {}
+        self.ring: deque = deque()                # [id, seen-version]
+        self.tickets: List[Ticket] = []           # every ticket ever handed out
+        self.gone: List[int] = []                 # ids that were freed
+        self.epoch: Optional[int] = None
+        self.peeked = 0
+
+    def teardown(self) -> None:
+        path = self.seg.path
+        self.seg.close()
+        os.unlink(path)
+
+    # ---- model helpers -------------------------------------------------------
+
+    def _touch(self, t: Task) -> None:
+        t.version += 1
+        if not t.dirty:
+            t.dirty = True
+            self.ring.append([t.id, 0])
+
+    def _set_state(self, t: Task, state: int) -> None:
+        if t.state == PENDING:
+            self.ready.remove((*t.rkey(), t.id))
+        if t.state not in TERMINAL and state in TERMINAL and t.dedup is not None:
+            del self.dedup[t.dedup]
+        t.state = state
+        if state == PENDING:
+            self.ready.add((*t.rkey(), t.id))
+
+    def _free(self, t: Task) -> None:
+        del self.tasks[t.id]
+        self.gone.append(t.id)
+
+    def _expected_insert(self, id: int, dedup: Optional[Tuple[int, int]]) -> str:
+        if dedup is not None and dedup in self.dedup:
+            return "dup"
+        if len(self.tasks) >= CAP:
+            return "full"
+        return "ok"
+
+    # ---- rules -----------------------------------------------------------------
+
+    @rule(data=st.data(), n=st.integers(1, 5))
+    def push_batch(self, data: st.DataObject, n: int) -> None:
+        arr = self.seg.tasks(n)
+        specs = []
+        for k in range(n):
+            id = next(self.ids)
+            prio = data.draw(st.sampled_from([0, 1, 7, 255]))
+            state = data.draw(st.sampled_from([PENDING, PENDING, DELAYED, WAITING]))
+            run_at = self.clock + data.draw(st.integers(0, 50))
+            dedup = data.draw(st.none() | st.sampled_from(KEYS))
+            fill_task(arr[k], id, prio=prio, state=state, run_at=run_at, dedup=dedup)
+            specs.append((id, prio, state, run_at, dedup))
+        out, inserted = self.seg.push_batch(arr, n)
+        ok = 0
+        for k, (id, prio, state, run_at, dedup) in enumerate(specs):
+            want = self._expected_insert(id, dedup)
+            rc = out[k]
+            if want == "dup":
+                assert rc == -2, (k, rc)
+            elif want == "full":
+                assert rc == -1, (k, rc)
+            else:
+                assert rc >= 0, (k, rc)
+                self.seq += 1
+                t = Task(id, rc, prio, self.seq, state, run_at, dedup, 0)
+                self.tasks[id] = t
+                if dedup is not None:
+                    self.dedup[dedup] = id
+                if state == PENDING:
+                    self.ready.add((*t.rkey(), id))
+                ok += 1
+        assert inserted == ok
+
+    @rule(max=st.integers(1, 6), lease=st.integers(1, 40))
+    def claim(self, max: int, lease: int) -> None:
+        out, n = self.seg.pop_batch(max, self.clock + lease)
+        want = list(self.ready[:max])
+        assert n == len(want)
+        for k, (_, _, id) in enumerate(want):
+            t = self.tasks[id]
+            assert (out[k].id, out[k].slot) == (id, t.slot)
+            self._set_state(t, RUNNING)
+            t.attempt += 1
+            t.lease = self.clock + lease
+            assert out[k].attempt == t.attempt
+            self._touch(t)
+            self.tickets.append(Ticket(id, t.slot, t.attempt))
+
+    def _live_ticket(self, tk: Ticket) -> Optional[Task]:
+        t = self.tasks.get(tk.id)
+        if t is None or t.state != RUNNING or t.attempt != tk.attempt or t.slot != tk.slot:
+            return None
+        return t
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data(), state=st.sampled_from([COMPLETED, DEAD, CANCELLED, PENDING, DELAYED]))
+    def finish(self, data: st.DataObject, state: int) -> None:
+        picks = data.draw(st.lists(st.sampled_from(self.tickets), min_size=1, max_size=4))
+        arr = self.seg.tickets(len(picks))
+        for k, tk in enumerate(picks):
+            arr[k].id, arr[k].slot, arr[k].attempt = tk
+        run_at = self.clock + 5
+        out, ok = self.seg.finish_batch(arr, len(picks), state, run_at=run_at, aux=9)
+        applied = 0
+        for k, tk in enumerate(picks):
+            t = self._live_ticket(tk)
+            if t is None:
+                assert out[k] == -4  # fenced
+                continue
+            assert out[k] == 0
+            applied += 1
+            if state == DELAYED:
+                t.run_at = run_at
+            self._set_state(t, state)
+            self._touch(t)
+        assert ok == applied
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data(), extra=st.integers(1, 60))
+    def heartbeat(self, data: st.DataObject, extra: int) -> None:
+        tk = data.draw(st.sampled_from(self.tickets))
+        t = self._live_ticket(tk)
+        assert self.seg.heartbeat(tk, self.clock + extra) == (t is not None)
+        if t is not None:
+            t.lease = self.clock + extra
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        pool = list(self.tasks) + self.gone[-3:] + [10**9]
+        id = data.draw(st.sampled_from(pool))
+        t = self.tasks.get(id)
+        if t is None:
+            with pytest.raises(errors.TaskNotFound):
+                self.seg.remove(id)
+        elif t.state in TERMINAL:
+            with pytest.raises(errors.InvalidState):
+                self.seg.remove(id)
+        else:
+            assert self.seg.remove(id) == t.slot
+            self._set_state(t, CANCELLED)
+            self._touch(t)
+
+    @rule(dt=st.integers(0, 30))
+    def tick_expire_promote(self, dt: int) -> None:
+        self.clock += dt
+        out, n = self.seg.expire(self.clock, max=CAP)
+        want = sorted(t.id for t in self.tasks.values() if t.state == RUNNING and t.lease <= self.clock)
+        assert sorted(out[k].id for k in range(n)) == want
+        for id in want:
+            t = self.tasks[id]
+            self._set_state(t, PENDING)
+            t.lease = 0
+            self._touch(t)
+        promoted = self.seg.promote(self.clock)
+        due = [t for t in self.tasks.values() if t.state == DELAYED and t.run_at <= self.clock]
+        assert promoted == len(due)
+        for t in due:
+            self._set_state(t, PENDING)  # not a durable change: no touch
+
+    @rule()
+    def peek_best_worst(self) -> None:
+        best, worst = self.seg.peek_best(), self.seg.peek_worst()
+        if not self.ready:
+            assert best is None and worst is None
+        else:
+            assert best is not None and worst is not None
+            assert best.id == self.ready[0][2]
+            assert worst.id == self.ready[-1][2]
+
+    @rule()
+    def evict_worst(self) -> None:
+        if not self.ready:
+            assert self.seg.evict_worst() is None
+            return
+        t = self.tasks[self.ready[-1][2]]
+        if t.dirty:
+            with pytest.raises(errors.SlotBusy):
+                self.seg.evict_worst()
+            return
+        got = self.seg.evict_worst()
+        assert got is not None and got.id == t.id and got.seq == t.seq and got.prio == t.prio
+        self.ready.remove((*t.rkey(), t.id))
+        if t.dedup is not None:
+            del self.dedup[t.dedup]
+        self._free(t)
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data())
+    def mark_dirty(self, data: st.DataObject) -> None:
+        t = self.tasks[data.draw(st.sampled_from(sorted(self.tasks)))]
+        self.seg.mark_dirty(t.slot)
+        self._touch(t)
+
+    @rule(max=st.integers(1, CAP))
+    def peek_dirty(self, max: int) -> None:
+        recs, n, epoch = self.seg.peek_dirty(max)
+        assert n == min(max, len(self.ring))
+        for k in range(n):
+            entry = self.ring[k]
+            t = self.tasks[entry[0]]
+            assert recs[k].slot == t.slot and recs[k].rec.id == t.id
+            assert recs[k].rec.state == t.state and recs[k].rec.attempt == t.attempt
+            entry[1] = t.version
+        self.epoch, self.peeked = epoch, n
+
+    @precondition(lambda self: self.epoch is not None)
+    @rule(data=st.data())
+    def advance_dirty(self, data: st.DataObject) -> None:
+        n = data.draw(st.integers(0, self.peeked))
+        freed = self.seg.advance_dirty(n, self.epoch)
+        want_freed = 0
+        for _ in range(n):
+            id, seen = self.ring.popleft()
+            t = self.tasks[id]
+            if t.version != seen:
+                self.ring.append([id, 0])
+                continue
+            t.dirty = False
+            if t.state in TERMINAL:
+                self._free(t)
+                want_freed += 1
+        assert freed == want_freed
+        self.epoch, self.peeked = None, 0
+        for entry in self.ring:
+            entry[1] = 0
+
+    @rule(key=st.sampled_from(KEYS), data=st.data())
+    def dedup_ops(self, key: Tuple[int, int], data: st.DataObject) -> None:
+        holder = self.dedup.get(key)
+        got = self.seg.dedup_lookup(key)
+        assert got == (None if holder is None else self.tasks[holder].slot)
+        op = data.draw(st.sampled_from(["insert", "delete"]))
+        if op == "delete":
+            assert self.seg.dedup_delete(key) == (holder is not None)
+            if holder is not None:
+                del self.dedup[key]
+                self.tasks[holder].dedup = None
+            return
+        keyless = sorted(id for id, t in self.tasks.items() if t.dedup is None and t.state not in TERMINAL)
+        if not keyless:
+            return
+        t = self.tasks[data.draw(st.sampled_from(keyless))]
+        if holder is not None:
+            with pytest.raises(errors.DuplicateTask):
+                self.seg.dedup_insert(key, t.slot)
+        else:
+            self.seg.dedup_insert(key, t.slot)
+            self.dedup[key] = t.id
+            t.dedup = key
+
+    @rule(data=st.data())
+    def get(self, data: st.DataObject) -> None:
+        id = data.draw(st.sampled_from(list(self.tasks) + self.gone[-3:] + [10**9]))
+        info = self.seg.get(id)
+        t = self.tasks.get(id)
+        if t is None:
+            assert info is None
+        else:
+            assert info is not None
+            assert (info.slot, info.state, info.prio, info.attempt, info.dirty, info.dedup) == (
+                t.slot, t.state, t.prio, t.attempt, t.dirty, t.dedup), STATE_NAMES[t.state]
+
+    @invariant()
+    def structures_agree(self) -> None:
+        self.seg.verify()
+        info = self.seg.info()
+        assert info["free"] == CAP - len(self.tasks)
+        assert info["ring"] == len(self.ring)
+        for code, name in enumerate(STATE_NAMES[1:], start=1):
+            assert info["counts"][name] == sum(1 for t in self.tasks.values() if t.state == code), name
+
+
+TestSegmentModel = SegmentModel.TestCase
+TestSegmentModel.settings = settings(
+    max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", "150")),
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
