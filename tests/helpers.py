@@ -1,0 +1,27 @@
+"""Helpers shared by tests that run real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Dict, Optional
+
+
+def child_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    full = dict(os.environ)
+    full.pop("HEADRACE_FAULT", None)
+    full.update(env or {})
+    return full
+
+
+def run_child(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (a real process) and return its result."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spawn(code: str, *args: object, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """Start `code` with `args` in a fresh interpreter; stdout is piped."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env))

@@ -1,0 +1,121 @@
+"""Real processes pushing and popping one segment concurrently."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine.shm import EV_PENDING, Segment
+
+from helpers import run_child, spawn
+
+PRODUCER = """
+import sys, time
+from engine.shm import Segment, fill_task
+seg = Segment.attach(sys.argv[1])
+first, count, batch = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+arr = seg.tasks(batch)
+todo = list(range(first, first + count))
+while todo:
+    chunk, todo = todo[:batch], todo[batch:]
+    for k, id in enumerate(chunk):
+        fill_task(arr[k], id, prio=id % 5)
+    out, ok = seg.push_batch(arr, len(chunk))
+    full = [id for k, id in enumerate(chunk) if out[k] == -1]  # capacity: retry later
+    assert ok + len(full) == len(chunk), [out[k] for k in range(len(chunk))]
+    if full:
+        todo = full + todo
+        time.sleep(0.001)
+"""
+
+CONSUMER = """
+import json, sys
+from engine.shm import Segment, EV_PENDING, COMPLETED, now_us
+seg = Segment.attach(sys.argv[1])
+total, batch = int(sys.argv[2]), int(sys.argv[3])
+tickets, statuses, recs = seg.tickets(batch), seg.statuses(batch), seg.dirty_records(1024)
+got = []
+idle = 0
+while idle < 40:
+    ev = seg.event(EV_PENDING)
+    _, n = seg.pop_batch(batch, now_us() + 60_000_000, out=tickets)
+    if n == 0:
+        if not seg.wait(EV_PENDING, ev, 0.05):
+            idle += 1
+        continue
+    idle = 0
+    got.extend(tickets[k].id for k in range(n))
+    _, ok = seg.finish_batch(tickets, n, COMPLETED, out=statuses)
+    assert ok == n
+    while True:  # free completed slots so producers never starve
+        _, m, epoch = seg.peek_dirty(1024, out=recs)
+        if m == 0:
+            break
+        try:
+            seg.advance_dirty(m, epoch)
+        except Exception:
+            pass
+json.dump(got, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("producers,consumers", [(1, 1), (2, 2), (2, 1)])
+def test_every_item_comes_out_exactly_once(segname, producers, consumers):
+    per_producer = 20_000
+    seg = Segment.create(segname, 4096)  # far below the item count: slots are recycled
+    procs = [spawn(CONSUMER, segname, per_producer * producers, 64) for _ in range(consumers)]
+    procs += [spawn(PRODUCER, segname, 1 + p * per_producer, per_producer, 100)
+              for p in range(producers)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+    seen = [id for out in outs[:consumers] for id in json.loads(out)]
+    assert len(seen) == len(set(seen)), "an item came out twice"
+    assert sorted(seen) == list(range(1, per_producer * producers + 1)), "an item was lost"
+    seg.verify()
+    assert seg.info()["counts"]["running"] == 0
+    seg.close()
+
+
+def test_waiter_in_another_process_wakes_on_push(segname):
+    seg = Segment.create(segname, 16)
+    ev = seg.event(EV_PENDING)
+    child = spawn("""
+        import sys, time
+        from engine.shm import Segment, EV_PENDING
+        seg = Segment.attach(sys.argv[1])
+        t = time.monotonic()
+        woke = seg.wait(EV_PENDING, int(sys.argv[2]), 10.0)
+        print(woke, time.monotonic() - t)
+    """, segname, ev)
+    time.sleep(0.3)
+    seg.push(1)
+    woke, waited = child.communicate(timeout=30)[0].split()
+    assert woke == "True" and 0.2 < float(waited) < 5.0
+    seg.close()
+
+
+def test_wait_times_out_without_an_event(seg):
+    t = time.monotonic()
+    assert seg.wait(EV_PENDING, seg.event(EV_PENDING), 0.1) is False
+    assert 0.09 < time.monotonic() - t < 2.0
+    assert seg.wait(EV_PENDING, seg.event(EV_PENDING) + 1, 5.0) is True  # already differs
+
+
+def test_notify_counts_even_without_waiters(seg):
+    before = seg.event(EV_PENDING)
+    seg.notify(EV_PENDING)
+    assert seg.event(EV_PENDING) == (before + 1) & 0xFFFFFFFF
+
+
+def test_attach_from_child_sees_parent_state(segname):
+    seg = Segment.create(segname, 16)
+    seg.push(42, prio=9)
+    r = run_child(f"""
+        from engine.shm import Segment
+        s = Segment.attach({segname!r})
+        print(s.get(42).prio, s.generation)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["9", str(seg.generation)]
+    seg.close()
