@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from typing import Dict, Optional
+
+
+#: Children start outside the checkout, so that `python -c` (which puts the
+#: working directory first on sys.path) imports the installed package.
+CHILD_CWD = tempfile.gettempdir()
 
 
 def child_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -17,7 +23,7 @@ def child_env(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 def run_child(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (a real process) and return its result."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(env),
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(env), cwd=CHILD_CWD,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 import engine
+from helpers import CHILD_CWD
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def test_cli_prints_version():
     exe = shutil.which("headrace")
     cmds = [[sys.executable, "-m", "engine"]] + ([[exe]] if exe else [])
     for cmd in cmds:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=CHILD_CWD)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"headrace {engine.__version__}"
 
