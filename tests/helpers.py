@@ -30,4 +30,5 @@ def run_child(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 
 def spawn(code: str, *args: object, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
     """Start `code` with `args` in a fresh interpreter; stdout is piped."""
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env),
+                            cwd=CHILD_CWD)
