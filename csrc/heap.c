@@ -3,7 +3,7 @@
 static inline void put(hr_heap *hp, uint32_t i, hr_hent e)
 {
     hp->a[i] = e;
-    hp->slots[e.slot].hpos = i;
+    hp->pos[e.slot] = i;
 }
 
 static inline void swap(hr_heap *hp, uint32_t i, uint32_t j)
@@ -114,7 +114,7 @@ void hr_mm_push(hr_heap *hp, uint64_t key, uint32_t slot)
 void hr_mm_remove(hr_heap *hp, uint32_t pos)
 {
     uint32_t last = --(*hp->n);
-    hp->slots[hp->a[pos].slot].hpos = HR_NONE;
+    hp->pos[hp->a[pos].slot] = HR_NONE;
     if (pos == last)
         return;
     put(hp, pos, hp->a[last]);
@@ -145,7 +145,7 @@ void hr_mm_heapify(hr_heap *hp)
 {
     uint32_t n = *hp->n;
     for (uint32_t i = 0; i < n; i++)
-        hp->slots[hp->a[i].slot].hpos = i;
+        hp->pos[hp->a[i].slot] = i;
     for (uint32_t i = n / 2; i-- > 0;)
         mm_down(hp, i);
 }
@@ -214,7 +214,7 @@ void hr_bh_push(hr_heap *hp, uint64_t key, uint32_t slot)
 void hr_bh_remove(hr_heap *hp, uint32_t pos)
 {
     uint32_t last = --(*hp->n);
-    hp->slots[hp->a[pos].slot].hpos = HR_NONE;
+    hp->pos[hp->a[pos].slot] = HR_NONE;
     if (pos == last)
         return;
     put(hp, pos, hp->a[last]);
@@ -235,14 +235,14 @@ void hr_bh_rekey(hr_heap *hp, uint32_t pos, uint64_t key)
 {
     hp->a[pos].key = key;
     bh_up(hp, pos);
-    bh_down(hp, hp->slots[hp->a[pos].slot].hpos);
+    bh_down(hp, hp->pos[hp->a[pos].slot]);
 }
 
 void hr_bh_heapify(hr_heap *hp)
 {
     uint32_t n = *hp->n;
     for (uint32_t i = 0; i < n; i++)
-        hp->slots[hp->a[i].slot].hpos = i;
+        hp->pos[hp->a[i].slot] = i;
     for (uint32_t i = n / 2; i-- > 0;)
         bh_down(hp, i);
 }

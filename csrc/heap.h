@@ -1,5 +1,7 @@
-/* Heaps over inline-keyed entries, each keeping every slot's position in
- * `hr_slot.hpos` so that any entry can be removed in O(log n).
+/* Heaps over inline-keyed entries, each keeping every slot's position in a
+ * compact u32 array (`pos`, 4 bytes a slot rather than a field in an 80-byte
+ * record: sifts touch far fewer cache lines), so that any entry can be
+ * removed in O(log n).
  *
  * - The ready heap is a min-max heap: the claim path pops the best (min key)
  *   and the spill path evicts the worst (max key), both in O(log n).
@@ -14,7 +16,7 @@
 typedef struct hr_heap {
     hr_hent *a;
     uint32_t *n;
-    hr_slot *slots;
+    uint32_t *pos;
 } hr_heap;
 
 /* min-max heap */

@@ -43,9 +43,9 @@ enum hr_event_id {
 };
 
 /* One live task.  The slot table is the single source of truth inside the
- * segment: the heaps, the dedup set, the id index, the free list and the
- * dirty ring are all derived from it and are rebuilt from it after a lock
- * holder dies.  `hpos` is derived too (heap position, or free-list link). */
+ * segment: the heaps, the dedup set, the id index, the free list, the
+ * position array and the dirty ring are all derived from it and are rebuilt
+ * from it after a lock holder dies. */
 typedef struct hr_slot {
     uint64_t id;          /* task id, 0 while free */
     uint64_t seq;         /* FIFO sequence within a priority */
@@ -57,12 +57,10 @@ typedef struct hr_slot {
     uint32_t attempt;     /* claims so far; the fencing token */
     uint32_t group;       /* group index, 0 = none */
     uint32_t version;     /* bumped on every change that must reach disk */
-    uint32_t hpos;        /* derived: heap position or free-list next */
     uint8_t state;
     uint8_t prio;         /* 0..255, higher runs first */
     uint8_t dirty;        /* 1 while the slot sits in the dirty ring */
     uint8_t flags;
-    uint32_t _pad;
 } hr_slot;
 
 /* A heap entry keeps its key inline: comparing through the slot table
@@ -124,6 +122,7 @@ typedef struct hr_header {
     uint64_t off_dedup;
     uint64_t off_ids;
     uint64_t off_ring;
+    uint64_t off_pos;      /* u32 per slot: heap position, or free-list next */
     uint64_t checksum;
 
     /* The one process-shared robust mutex. */

@@ -165,7 +165,7 @@ int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
         s->lease_until = lease_until;
         HR_FAULT(HR_FS_HEARTBEAT);
         hr_slot_end(&c);
-        hr_bh_rekey(&c.lease, s->hpos, (uint64_t)lease_until);
+        hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)lease_until);
     }
     hr_unlock(&c);
     return rc;

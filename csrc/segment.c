@@ -12,7 +12,7 @@ void hr_set_lock_spin(uint32_t spins) { lock_spin = spins; }
 static inline uint64_t align64(uint64_t x) { return (x + 63) & ~(uint64_t)63; }
 
 typedef struct layout {
-    uint64_t slots, ready, delay, lease, dedup, ids, ring, total;
+    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, total;
     uint32_t buckets;
 } layout;
 
@@ -32,6 +32,7 @@ static int compute_layout(uint32_t cap, layout *L)
     L->dedup = off;  off = align64(off + (uint64_t)b * sizeof(hr_bucket));
     L->ids = off;    off = align64(off + (uint64_t)b * sizeof(hr_bucket));
     L->ring = off;   off = align64(off + (uint64_t)cap * sizeof(hr_rent));
+    L->pos = off;    off = align64(off + (uint64_t)cap * sizeof(uint32_t));
     L->total = (off + 4095) & ~(uint64_t)4095;
     return HR_OK;
 }
@@ -61,9 +62,10 @@ void hr_ctx_of(void *mem, hr_ctx *c)
     char *b = (char *)mem;
     c->h = h;
     c->s = (hr_slot *)(b + h->off_slots);
-    c->ready = (hr_heap){(hr_hent *)(b + h->off_ready), &h->ready_n, c->s};
-    c->delay = (hr_heap){(hr_hent *)(b + h->off_delay), &h->delay_n, c->s};
-    c->lease = (hr_heap){(hr_hent *)(b + h->off_lease), &h->lease_n, c->s};
+    c->pos = (uint32_t *)(b + h->off_pos);
+    c->ready = (hr_heap){(hr_hent *)(b + h->off_ready), &h->ready_n, c->pos};
+    c->delay = (hr_heap){(hr_hent *)(b + h->off_delay), &h->delay_n, c->pos};
+    c->lease = (hr_heap){(hr_hent *)(b + h->off_lease), &h->lease_n, c->pos};
     c->dedup = (hr_hset){(hr_bucket *)(b + h->off_dedup), h->buckets - 1, &h->dedup_n};
     c->ids = (hr_hset){(hr_bucket *)(b + h->off_ids), h->buckets - 1, &h->ids_n};
     c->ring = (hr_ring){(hr_rent *)(b + h->off_ring), h->capacity, &h->ring_head, &h->ring_len};
@@ -94,6 +96,7 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t 
     h->off_dedup = L.dedup;
     h->off_ids = L.ids;
     h->off_ring = L.ring;
+    h->off_pos = L.pos;
 
     pthread_mutexattr_t a;
     if (pthread_mutexattr_init(&a) != 0)
@@ -142,7 +145,7 @@ int hr_attach(void *mem, uint64_t size, uint32_t uid)
     if (compute_layout(h->capacity, &L) != HR_OK || L.total != h->total_size ||
         L.buckets != h->buckets || L.slots != h->off_slots || L.ready != h->off_ready ||
         L.delay != h->off_delay || L.lease != h->off_lease || L.dedup != h->off_dedup ||
-        L.ids != h->off_ids || L.ring != h->off_ring)
+        L.ids != h->off_ids || L.ring != h->off_ring || L.pos != h->off_pos)
         return HR_E_CORRUPT;
     if (size < h->total_size)
         return HR_E_TRUNCATED;
@@ -166,7 +169,7 @@ static void link_heap(hr_ctx *c, uint32_t i)
     case HR_PENDING: c->ready.a[(*c->ready.n)++] = (hr_hent){hr_ready_key(s), i, 0}; break;
     case HR_DELAYED: c->delay.a[(*c->delay.n)++] = (hr_hent){(uint64_t)s->run_at, i, 0}; break;
     case HR_RUNNING: c->lease.a[(*c->lease.n)++] = (hr_hent){(uint64_t)s->lease_until, i, 0}; break;
-    default: s->hpos = HR_NONE;
+    default: c->pos[i] = HR_NONE;
     }
 }
 
@@ -191,7 +194,7 @@ void hr_rebuild(hr_ctx *c)
         }
         if (s->state == HR_FREE) {
             memset(s, 0, sizeof *s);
-            s->hpos = h->free_head;
+            c->pos[i] = h->free_head;
             h->free_head = i;
             h->nfree++;
             h->count[HR_FREE]++;
@@ -310,10 +313,11 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
         if (k >= 0) {
             nheap[k]++;
             hr_heap *hp = heaps[k];
-            if (s->hpos >= *hp->n || hp->a[s->hpos].slot != i)
-                FAIL("slot %u (state %u) not at its heap position %u", i, s->state, s->hpos);
+            uint32_t at = c->pos[i];
+            if (at >= *hp->n || hp->a[at].slot != i)
+                FAIL("slot %u (state %u) not at its heap position %u", i, s->state, at);
             uint64_t key = k == 0 ? hr_ready_key(s) : k == 1 ? (uint64_t)s->run_at : (uint64_t)s->lease_until;
-            if (hp->a[s->hpos].key != key)
+            if (hp->a[at].key != key)
                 FAIL("heap key of slot %u is stale", i);
         }
     }
@@ -324,7 +328,7 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
         FAIL("%u free slots, header says %u", count[HR_FREE], h->nfree);
     {
         uint32_t n = 0;
-        for (uint32_t i = h->free_head; i != HR_NONE; i = c->s[i].hpos) {
+        for (uint32_t i = h->free_head; i != HR_NONE; i = c->pos[i]) {
             if (i >= cap || c->s[i].state != HR_FREE || ++n > cap)
                 FAIL("free list broken at slot %u", i);
         }

@@ -12,6 +12,7 @@
 typedef struct hr_ctx {
     hr_header *h;
     hr_slot *s;
+    uint32_t *pos;
     hr_heap ready, delay, lease;
     hr_hset dedup, ids;
     hr_ring ring;

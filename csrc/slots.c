@@ -7,9 +7,9 @@ uint32_t hr_slot_alloc(hr_ctx *c)
     uint32_t i = c->h->free_head;
     if (i == HR_NONE)
         return HR_NONE;
-    c->h->free_head = c->s[i].hpos;
+    c->h->free_head = c->pos[i];
     c->h->nfree--;
-    c->s[i].hpos = HR_NONE;
+    c->pos[i] = HR_NONE;
     return i;
 }
 
@@ -21,7 +21,7 @@ void hr_slot_release(hr_ctx *c, uint32_t i)
     c->h->count[s->state]--;
     c->h->count[HR_FREE]++;
     memset(s, 0, sizeof *s);
-    s->hpos = c->h->free_head;
+    c->pos[i] = c->h->free_head;
     hr_slot_end(c);
     c->h->free_head = i;
     c->h->nfree++;
@@ -35,7 +35,7 @@ void hr_heap_link(hr_ctx *c, uint32_t i)
     case HR_PENDING: hr_mm_push(&c->ready, hr_rkey(s), i); break;
     case HR_DELAYED: hr_bh_push(&c->delay, (uint64_t)s->run_at, i); break;
     case HR_RUNNING: hr_bh_push(&c->lease, (uint64_t)s->lease_until, i); break;
-    default: s->hpos = HR_NONE;
+    default: c->pos[i] = HR_NONE;
     }
 }
 
@@ -43,9 +43,9 @@ void hr_heap_unlink(hr_ctx *c, uint32_t i)
 {
     hr_slot *s = &c->s[i];
     switch (s->state) {
-    case HR_PENDING: hr_mm_remove(&c->ready, s->hpos); break;
-    case HR_DELAYED: hr_bh_remove(&c->delay, s->hpos); break;
-    case HR_RUNNING: hr_bh_remove(&c->lease, s->hpos); break;
+    case HR_PENDING: hr_mm_remove(&c->ready, c->pos[i]); break;
+    case HR_DELAYED: hr_bh_remove(&c->delay, c->pos[i]); break;
+    case HR_RUNNING: hr_bh_remove(&c->lease, c->pos[i]); break;
     default: break;
     }
 }

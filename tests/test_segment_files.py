@@ -70,7 +70,7 @@ def test_other_version_is_refused(segname):
         Segment.attach(segname)
 
 
-@pytest.mark.parametrize("offset", [16, 24, 32, 40, 48, 64, 88, 96, 104])
+@pytest.mark.parametrize("offset", [16, 24, 32, 40, 48, 64, 88, 96, 104, 112])
 def test_corrupt_header_fields_are_refused(segname, offset):
     """Sizes, generation, capacity and offsets are all covered by the checksum."""
     Segment.create(segname, 8).close()
@@ -166,18 +166,18 @@ def test_offsets_outside_the_layout_are_refused_even_with_a_valid_checksum(segna
     Segment.create(segname, 8).close()
     path = segment_path(segname)
     with open(path, "rb") as f:
-        head = bytearray(f.read(112))
+        head = bytearray(f.read(120))
     struct.pack_into("<Q", head, 96, 1 << 40)  # off_ring far outside the file
-    struct.pack_into("<Q", head, 104, _fnv1a(bytes(head[8:104])))
+    struct.pack_into("<Q", head, 112, _fnv1a(bytes(head[8:112])))
     _patch(path, 0, bytes(head))
     with pytest.raises(errors.SegmentCorrupt):
         Segment.attach(segname)
     # and the same header with the true offset back is accepted: the checksum check is real
     Segment.create(segname + "x", 8).close()
     with open(segment_path(segname + "x"), "rb") as f:
-        good = f.read(112)
+        good = f.read(120)
     Segment.unlink(segname + "x")
     head[96:104] = good[96:104]
-    struct.pack_into("<Q", head, 104, _fnv1a(bytes(head[8:104])))
+    struct.pack_into("<Q", head, 112, _fnv1a(bytes(head[8:112])))
     _patch(path, 0, bytes(head))
     Segment.attach(segname).close()
