@@ -201,6 +201,7 @@ void hr_rebuild(hr_ctx *c)
             continue;
         }
         h->count[s->state]++;
+        s->dirty = s->dirty ? 1 : 0; /* a verifier killed mid-scan leaves 2 */
         if (s->id == 0 || hr_hs_insert(&c->ids, s->id, 0, i) != HR_OK)
             h->poisoned = 1;
         if (!HR_TERMINAL(s->state) && (s->flags & HR_F_DEDUP) &&
