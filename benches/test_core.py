@@ -17,16 +17,22 @@ What one round measures (times are per round; items/s = items / median):
   ``pop_batch(256)`` + one ``finish_batch``.  Setup drains the ring (frees
   the 256 completed slots) and pushes 256 fresh tasks.  The ring drain is
   *not* in the timed region here; it is in the multi-process benchmark.
-* claim+complete, N processes at 1M live - worker processes (fork) each
-  attach to the segment and loop ``pop_batch(256)`` / ``finish_batch`` /
-  ``peek_dirty(512)`` + ``advance_dirty`` until they together did 200,000
-  items; the parent times from releasing the workers until all reported.
-  Pending count goes 1M -> 800k within a round; setup restores it.  Run with
-  1 worker (baseline), and 2 workers with lock spinning on (default 100
-  trylock rounds), off (``set_lock_spin(0)``: plain robust mutex) and long
-  (100,000 rounds).  extra_info also records each worker's own rate, how
-  evenly the workers' wall times overlapped, their CPU share and the
-  segment's lock counters.
+* N processes at 1M live - 1 worker (baseline) or 2 worker processes
+  (fork) attach to the segment and together do a fixed number of items per
+  round; the parent times from releasing the workers until all reported.
+  Modes: push batched (``push_batch`` of 1000) / single, 200k / 50k items per
+  round, pending 1M -> 1.2M / 1.05M; pop batched (``pop_batch(256)``) /
+  single, 200k / 50k, pending 1M -> 800k / 950k; claim+complete batched
+  (``pop_batch(256)`` / ``finish_batch``) / single (``pop`` + ``finish``),
+  200k / 50k, where after every 256 items a worker also takes the flusher
+  role if free (``peek_dirty(512)`` + ``advance_dirty``: the ring drain *is*
+  timed here).  After reporting, workers undo their round untimed (cancel
+  what they pushed, complete what they popped) and setup restores 1M
+  pending.  Lock spinning is the default (100 trylock rounds); claim+complete
+  single also runs with spinning off (``set_lock_spin(0)``: plain robust
+  mutex), claim+complete batched with off and long (100,000 rounds).
+  extra_info also records each worker's own rate, how evenly the workers'
+  wall times overlapped, their CPU share and the segment's lock counters.
 """
 from __future__ import annotations
 
@@ -209,43 +215,79 @@ def test_claim_complete_batch(benchmark, make_queue, record, live):
     record(POP_BATCH, live, per_call=POP_BATCH)
 
 
-# ---- claim + complete from several processes ---------------------------------
+# ---- push, pop and claim+complete from several processes -----------------------
 
 MP_LIVE = 1_000_000
-MP_ITEMS = 200_000     # per round, split evenly across the workers
 MP_DRAIN = 2 * POP_BATCH
 MP_ROUNDS = 3
+#: Items per round (split evenly across the workers) and items per call, by mode.
+MP_ITEMS = {"push_batch": 200_000, "push_single": 50_000, "pop_batch": 200_000,
+            "pop_single": 50_000, "cc_batch": 200_000, "cc_single": 50_000}
+MP_PER_CALL = {"push_batch": PUSH_BATCH, "pop_batch": POP_BATCH, "cc_batch": POP_BATCH}
+MP_PROCS = [(1, 100), (2, 100)]
+MP_PROC_IDS = ["1proc", "2proc-spin100"]
 
 
-def _cc_worker(name, quota, spin, ready, go, results, flusher):
-    """One worker process: attach, wait for the start signal, claim+complete `quota` items.
+def _mp_worker(name, mode, quota, spin, work, ready, go, cleanup, results, flusher):
+    """One worker process: attach, wait for the start signal, do `quota` items of `mode`.
 
-    After each batch the worker acts as the flusher (peek + advance of the
-    dirty ring, no disk write) if no other worker is doing so: the ring has a
-    single-consumer contract (an advance must follow its own peek), so the
-    role is taken with a non-blocking try of a cross-process lock.
+    Items go in chunks (one batch call, or SINGLE_ITEMS single calls).  In the
+    claim+complete modes, after each chunk the worker acts as the flusher
+    (peek + advance of the dirty ring, no disk write) if no other worker is
+    doing so: the ring has a single-consumer contract (an advance must follow
+    its own peek), so the role is taken with a non-blocking try of a
+    cross-process lock.  After reporting, the worker waits for `cleanup` and
+    then undoes its round untimed (cancels what it pushed, completes what it
+    popped) so the parent's setup can restore `live` pending.
     """
     try:
         shm.set_lock_spin(spin)
         seg = Segment.attach(name)
-        tickets = seg.tickets(POP_BATCH)
-        statuses = seg.statuses(POP_BATCH)
-        recs = seg.dirty_records(MP_DRAIN)
         lease = lease_until()
-        pop_batch, finish_batch = seg.pop_batch, seg.finish_batch
+        ids, payload = work
+        held = seg.tickets(quota) if mode == "pop_batch" else []
+        tickets = seg.tickets(POP_BATCH)
+        statuses = seg.statuses(max(PUSH_BATCH, POP_BATCH))
+        recs = seg.dirty_records(MP_DRAIN)
+        pop, finish, pop_batch, finish_batch = seg.pop, seg.finish, seg.pop_batch, seg.finish_batch
+        push, push_batch = seg.push, seg.push_batch
         peek, advance = seg.peek_dirty, seg.advance_dirty
+
+        def step(done, k):  # k items starting at item `done`; returns items done
+            if mode == "push_batch":
+                return push_batch(payload + done, k, out=statuses)[1]
+            if mode == "push_single":
+                for i, p in zip(ids[done:done + k], payload[done:done + k]):
+                    push(i, prio=p)
+                return k
+            if mode == "pop_batch":
+                return pop_batch(k, lease, out=held + done)[1]
+            if mode == "pop_single":
+                keep = held.append
+                for _ in range(k):
+                    keep(pop(lease))
+                return k - held[-k:].count(None)
+            if mode == "cc_batch":
+                _, n = pop_batch(k, lease, out=tickets)
+                return finish_batch(tickets, n, COMPLETED, out=statuses)[1]
+            ok = 0  # cc_single
+            for _ in range(k):
+                ok += finish(pop(lease))
+            return ok
+
+        chunk = MP_PER_CALL.get(mode, SINGLE_ITEMS)
+        flush = mode.startswith("cc_")
         ready.put(("ready",))
         go.wait()
         t0 = time.perf_counter()
         c0 = time.process_time()
         done = freed = drains = 0
         while done < quota:
-            _, n = pop_batch(min(POP_BATCH, quota - done), lease, out=tickets)
+            n = step(done, min(chunk, quota - done))
             if n == 0:
                 break
-            _, ok = finish_batch(tickets, n, COMPLETED, out=statuses)
-            done += ok
-            if flusher.acquire(False):
+            done += n
+            if flush and flusher.acquire(False):
                 try:
                     _, k, epoch = peek(MP_DRAIN, out=recs)
                     if k:
@@ -257,45 +299,65 @@ def _cc_worker(name, quota, spin, ready, go, results, flusher):
                     flusher.release()
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - c0
-        seg.close()
         results.put(("done", done, elapsed, freed, drains, cpu))
+        cleanup.wait()
+        if mode.startswith("push"):
+            for i in ids[:done]:
+                seg.cancel(i)
+        elif mode == "pop_batch":
+            for off in range(0, done, POP_BATCH):
+                k = min(POP_BATCH, done - off)
+                assert finish_batch(held + off, k, COMPLETED, out=statuses)[1] == k
+        elif mode == "pop_single":
+            for t in held:
+                assert finish(t)
+        seg.close()
     except BaseException as e:  # report, never hang the parent
         results.put(("error", 0, 0.0, repr(e), 0, 0.0))
         ready.put(("error", repr(e)))
         raise
 
 
-@pytest.mark.benchmark(group="claim+complete multiprocess (1M live)")
-@pytest.mark.parametrize("procs,spin", [(1, 100), (2, 100), (2, 0), (2, 100_000)],
-                         ids=["1proc", "2proc-spin100", "2proc-spin0", "2proc-spin100k"])
-def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
+def _run_mp(benchmark, make_queue, record, mode, procs, spin):
+    """Time `procs` forked workers doing MP_ITEMS[mode] items of `mode` at MP_LIVE pending."""
     ctx = mp.get_context("fork")
-    q = make_queue(MP_LIVE, capacity=MP_LIVE + HEADROOM)
-    quota = MP_ITEMS // procs
+    quota = MP_ITEMS[mode] // procs
     total = quota * procs
+    pushes = total if mode.startswith("push") else 0
+    q = make_queue(MP_LIVE, capacity=MP_LIVE + pushes + HEADROOM)
     running = []
     rounds = []
     stats0 = {}
-
     ring_left = []
+    cleanup = [None]
 
     def reap():
         if not running:
             return
+        ring_left.append(q.seg.info()["ring"])  # dirty entries the round left behind
+        cleanup[0].set()  # workers undo their round (untimed), then exit
         for p in running:
-            p.join(30)
+            p.join(60)
             assert p.exitcode == 0, f"worker exit code {p.exitcode}"
         running.clear()
-        ring_left.append(q.seg.info()["ring"])  # dirty entries the workers left behind
 
     def setup():
         reap()
-        q.top_up()  # free what the last round completed, refill to 1M pending
+        q.top_up()  # free what the last round finished/cancelled, refill to `live` pending
         stats0.update(q.seg.info()["stats"])
-        ready, results, go = ctx.SimpleQueue(), ctx.SimpleQueue(), ctx.Event()
+        ready, results, go, cleanup[0] = ctx.SimpleQueue(), ctx.SimpleQueue(), ctx.Event(), ctx.Event()
         flusher = ctx.Lock()
         for _ in range(procs):
-            p = ctx.Process(target=_cc_worker, args=(q.name, quota, spin, ready, go, results, flusher))
+            # Push work is built here, before the fork: fresh ids, random priorities.
+            ids = range(q.next_id, q.next_id + quota) if pushes else range(0)
+            payload = None
+            if mode == "push_batch":
+                payload = q.tasks(quota)
+            elif mode == "push_single":
+                q.next_id += quota
+                payload = list(q.rng.randbytes(quota))
+            p = ctx.Process(target=_mp_worker, args=(q.name, mode, quota, spin, (ids, payload),
+                                                     ready, go, cleanup[0], results, flusher))
             p.start()
             running.append(p)
         for _ in range(procs):
@@ -311,7 +373,7 @@ def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
     try:
         benchmark.pedantic(run, setup=setup, rounds=MP_ROUNDS, warmup_rounds=0, iterations=1)
         reap()
-        rounds_end_stats = [q.seg.info()["stats"]]
+        after = q.seg.info()["stats"]
     finally:
         for p in running:
             if p.is_alive():
@@ -320,9 +382,9 @@ def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
     for out, _ in rounds:
         assert all(m[0] == "done" for m in out), out
         assert sum(m[1] for m in out) == total, out
-    after = rounds_end_stats[0]
     first = rounds[0][1]
     n = len(rounds)
+
     def median(xs):
         xs = sorted(xs)
         return xs[len(xs) // 2]
@@ -335,14 +397,16 @@ def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
     # Busy share: worker CPU time / (workers x longest worker wall time).
     busy = [sum(m[5] for m in out) / (procs * max(m[2] for m in out)) for out, _ in rounds]
     extra = {
+        "mode": mode,
         "procs": procs,
         "spin": spin,
+        "per_call": MP_PER_CALL.get(mode, 1),
         "worker_items_per_s": round(median(per_worker)),
         "worker_wall_min_over_max": round(median(spread), 2),
         "worker_cpu_busy": round(median(busy), 2),
-        # Lock counters over the whole benchmark (rounds + refills), per round.
-        # With spin 0 every acquisition counts as a "sleep" (it goes straight
-        # to pthread_mutex_lock), contended or not.
+        # Lock counters over the whole benchmark (rounds + undo + refills), per
+        # round.  With spin 0 every acquisition counts as a "sleep" (it goes
+        # straight to pthread_mutex_lock), contended or not.
         "lock_spins_won": (after["lock_spins_won"] - first["lock_spins_won"]) // n,
         "lock_sleeps": (after["lock_sleeps"] - first["lock_sleeps"]) // n,
         "ring_left_max": max(ring_left),
@@ -350,3 +414,43 @@ def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
     }
     record(total, MP_LIVE, **extra)
 
+
+mp_procs = pytest.mark.parametrize("procs,spin", MP_PROCS, ids=MP_PROC_IDS)
+
+
+@pytest.mark.benchmark(group="push multiprocess (1M live)")
+@mp_procs
+def test_push_batch_mp(benchmark, make_queue, record, procs, spin):
+    _run_mp(benchmark, make_queue, record, "push_batch", procs, spin)
+
+
+@pytest.mark.benchmark(group="push multiprocess (1M live)")
+@mp_procs
+def test_push_single_mp(benchmark, make_queue, record, procs, spin):
+    _run_mp(benchmark, make_queue, record, "push_single", procs, spin)
+
+
+@pytest.mark.benchmark(group="pop multiprocess (1M live)")
+@mp_procs
+def test_pop_batch_mp(benchmark, make_queue, record, procs, spin):
+    _run_mp(benchmark, make_queue, record, "pop_batch", procs, spin)
+
+
+@pytest.mark.benchmark(group="pop multiprocess (1M live)")
+@mp_procs
+def test_pop_single_mp(benchmark, make_queue, record, procs, spin):
+    _run_mp(benchmark, make_queue, record, "pop_single", procs, spin)
+
+
+@pytest.mark.benchmark(group="claim+complete multiprocess (1M live)")
+@pytest.mark.parametrize("procs,spin", MP_PROCS + [(2, 0)], ids=MP_PROC_IDS + ["2proc-spin0"])
+def test_claim_complete_single_mp(benchmark, make_queue, record, procs, spin):
+    _run_mp(benchmark, make_queue, record, "cc_single", procs, spin)
+
+
+@pytest.mark.benchmark(group="claim+complete multiprocess (1M live)")
+@pytest.mark.parametrize("procs,spin", MP_PROCS + [(2, 0), (2, 100_000)],
+                         ids=MP_PROC_IDS + ["2proc-spin0", "2proc-spin100k"])
+def test_claim_complete_mp(benchmark, make_queue, record, procs, spin):
+    """Batched claim+complete (name kept from before the single-item cases were added)."""
+    _run_mp(benchmark, make_queue, record, "cc_batch", procs, spin)
