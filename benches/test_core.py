@@ -329,12 +329,15 @@ def _run_mp(benchmark, make_queue, record, mode, procs, spin):
     rounds = []
     stats0 = {}
     ring_left = []
+    lock_use = []  # per round: (spins won, sleeps) during the timed part only
     cleanup = [None]
 
     def reap():
         if not running:
             return
-        ring_left.append(q.seg.info()["ring"])  # dirty entries the round left behind
+        info = q.seg.info()
+        ring_left.append(info["ring"])  # dirty entries the round left behind
+        lock_use.append(tuple(info["stats"][k] - stats0[k] for k in ("lock_spins_won", "lock_sleeps")))
         cleanup[0].set()  # workers undo their round (untimed), then exit
         for p in running:
             p.join(60)
@@ -368,21 +371,19 @@ def _run_mp(benchmark, make_queue, record, mode, procs, spin):
     def run(go, results):
         go.set()
         out = [results.get() for _ in range(procs)]
-        rounds.append((out, stats0.copy()))
+        rounds.append(out)
 
     try:
         benchmark.pedantic(run, setup=setup, rounds=MP_ROUNDS, warmup_rounds=0, iterations=1)
         reap()
-        after = q.seg.info()["stats"]
     finally:
         for p in running:
             if p.is_alive():
                 p.kill()
             p.join()
-    for out, _ in rounds:
+    for out in rounds:
         assert all(m[0] == "done" for m in out), out
         assert sum(m[1] for m in out) == total, out
-    first = rounds[0][1]
     n = len(rounds)
 
     def median(xs):
@@ -390,12 +391,12 @@ def _run_mp(benchmark, make_queue, record, mode, procs, spin):
         return xs[len(xs) // 2]
 
     # Each worker's own rate (in-worker timing), median over workers and rounds.
-    per_worker = [m[1] / m[2] for out, _ in rounds for m in out]
+    per_worker = [m[1] / m[2] for out in rounds for m in out]
     # Fairness: shortest / longest worker wall time in a round (1.0 = both
     # worked the whole round; ~0.5 = one ran while the other mostly slept).
-    spread = [min(m[2] for m in out) / max(m[2] for m in out) for out, _ in rounds]
+    spread = [min(m[2] for m in out) / max(m[2] for m in out) for out in rounds]
     # Busy share: worker CPU time / (workers x longest worker wall time).
-    busy = [sum(m[5] for m in out) / (procs * max(m[2] for m in out)) for out, _ in rounds]
+    busy = [sum(m[5] for m in out) / (procs * max(m[2] for m in out)) for out in rounds]
     extra = {
         "mode": mode,
         "procs": procs,
@@ -404,13 +405,14 @@ def _run_mp(benchmark, make_queue, record, mode, procs, spin):
         "worker_items_per_s": round(median(per_worker)),
         "worker_wall_min_over_max": round(median(spread), 2),
         "worker_cpu_busy": round(median(busy), 2),
-        # Lock counters over the whole benchmark (rounds + undo + refills), per
-        # round.  With spin 0 every acquisition counts as a "sleep" (it goes
-        # straight to pthread_mutex_lock), contended or not.
-        "lock_spins_won": (after["lock_spins_won"] - first["lock_spins_won"]) // n,
-        "lock_sleeps": (after["lock_sleeps"] - first["lock_sleeps"]) // n,
+        # Lock counters of the timed part of a round (median over rounds; the
+        # untimed undo and refill are excluded).  With spin 0 every acquisition
+        # counts as a "sleep" (it goes straight to pthread_mutex_lock),
+        # contended or not.
+        "lock_spins_won": median([u[0] for u in lock_use]),
+        "lock_sleeps": median([u[1] for u in lock_use]),
         "ring_left_max": max(ring_left),
-        "drains_per_round": sum(m[4] for out, _ in rounds for m in out) // n,
+        "drains_per_round": sum(m[4] for out in rounds for m in out) // n,
     }
     record(total, MP_LIVE, **extra)
 
