@@ -27,7 +27,6 @@ import pytest
 if os.environ.get("HEADRACE_BENCH_ROOT"):
     sys.path.insert(0, str(Path(os.environ["HEADRACE_BENCH_ROOT"]).resolve()))
 
-from engine import shm  # noqa: E402
 from engine._core import ffi  # noqa: E402
 from engine.shm import COMPLETED, PENDING, Segment, now_us  # noqa: E402
 

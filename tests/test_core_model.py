@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sortedcontainers import SortedList
 
 from engine import errors
@@ -326,7 +326,8 @@ class SegmentModel(RuleBasedStateMachine):
 
 TestSegmentModel = SegmentModel.TestCase
 TestSegmentModel.settings = settings(
-    max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", "150")),
+    # CI can afford a deeper search than an edit-test loop.
+    max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", "500" if os.environ.get("CI") else "150")),
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

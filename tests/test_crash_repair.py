@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from engine import faults
-from engine.shm import COMPLETED, DELAYED, Segment, fill_task, key_hash, now_us
+from engine.shm import DELAYED, Segment, fill_task, key_hash, now_us
 
 from helpers import spawn
 

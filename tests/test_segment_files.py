@@ -129,7 +129,7 @@ def test_other_owner_is_refused(segname):
 
 def test_creator_uid_in_header_is_checked(segname):
     """A segment whose header names another creator is refused even if the file is ours."""
-    from engine._core import ffi, lib
+    from engine._core import lib
 
     s = Segment.create(segname, 8)
     assert lib.hr_attach(s._mem, s.size, os.geteuid() + 1) == lib.HR_E_FOREIGN_OWNER
