@@ -123,6 +123,17 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t 
     return HR_OK;
 }
 
+/* O(1) bounds on the mutable counters, so that a segment scribbled over by
+ * a stray writer is refused instead of sending an index out of the mapping. */
+static int counters_sane(const hr_header *h)
+{
+    uint32_t cap = h->capacity;
+    return h->nfree <= cap && h->ready_n <= cap && h->delay_n <= cap && h->lease_n <= cap &&
+           h->dedup_n <= cap && h->ids_n <= cap && h->ring_len <= cap && h->ring_head < cap &&
+           (h->free_head < cap || h->free_head == HR_NONE) &&
+           (h->undo_idx < cap || h->undo_idx == HR_NONE);
+}
+
 int hr_attach(void *mem, uint64_t size, uint32_t uid)
 {
     if (mem == NULL || size < sizeof(uint64_t) + sizeof(uint32_t))
@@ -151,7 +162,7 @@ int hr_attach(void *mem, uint64_t size, uint32_t uid)
         return HR_E_TRUNCATED;
     if (h->creator_uid != uid)
         return HR_E_FOREIGN_OWNER;
-    if (h->poisoned)
+    if (h->poisoned || !counters_sane(h))
         return HR_E_CORRUPT;
     return HR_OK;
 }
@@ -285,6 +296,8 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
     int rc = HR_OK;
     if (msglen)
         msg[0] = 0;
+    if (!counters_sane(h))
+        FAIL("a header counter points outside the slot table");
     if (h->undo_idx != HR_NONE)
         FAIL("undo journal left open for slot %u", h->undo_idx);
     for (uint32_t i = 0; i < cap; i++) {
