@@ -90,7 +90,7 @@ int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out)
         hr_slot_state(&c, s, HR_RUNNING);
         hr_slot_touch(&c, s, i);
         hr_slot_end(&c);
-        hr_bh_push(&c.lease, (uint64_t)lease_until, i);
+        hr_heap_link(&c, i);
         out[k++] = (hr_ticket){s->id, i, s->attempt};
     }
     c.h->stats.claimed += k;
@@ -239,7 +239,7 @@ int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out)
         hr_slot_state(&c, s, HR_PENDING);
         hr_slot_touch(&c, s, i);
         hr_slot_end(&c);
-        hr_mm_push(&c.ready, hr_rkey(s), i);
+        hr_heap_link(&c, i);
         if (out)
             out[k] = (hr_ticket){s->id, i, s->attempt};
         k++;
@@ -264,7 +264,7 @@ int hr_promote(void *mem, int64_t now, uint32_t max)
         HR_FAULT(HR_FS_PROMOTE);
         hr_slot_state(&c, s, HR_PENDING);
         hr_slot_end(&c);
-        hr_mm_push(&c.ready, hr_rkey(s), i);
+        hr_heap_link(&c, i);
         k++;
     }
     hr_unlock(&c);

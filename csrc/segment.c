@@ -171,17 +171,14 @@ uint64_t hr_generation(void *mem) { return ((hr_header *)mem)->generation; }
 
 /* ---- rebuild and repair ------------------------------------------------- */
 
-uint64_t hr_ready_key(const hr_slot *s);
-
-static void link_heap(hr_ctx *c, uint32_t i)
+/* Append slot i to its heap unordered; the rebuild heapifies afterwards. */
+static void append_heap(hr_ctx *c, uint32_t i)
 {
-    hr_slot *s = &c->s[i];
-    switch (s->state) {
-    case HR_PENDING: c->ready.a[(*c->ready.n)++] = (hr_hent){hr_ready_key(s), i, 0}; break;
-    case HR_DELAYED: c->delay.a[(*c->delay.n)++] = (hr_hent){(uint64_t)s->run_at, i, 0}; break;
-    case HR_RUNNING: c->lease.a[(*c->lease.n)++] = (hr_hent){(uint64_t)s->lease_until, i, 0}; break;
-    default: c->pos[i] = HR_NONE;
-    }
+    hr_heap *hp = hr_heap_of(c, c->s[i].state);
+    if (hp)
+        hp->a[(*hp->n)++] = (hr_hent){hr_heap_key(&c->s[i]), i, 0};
+    else
+        c->pos[i] = HR_NONE;
 }
 
 /* Rebuild every derived structure from the slot table in O(capacity). */
@@ -218,7 +215,7 @@ void hr_rebuild(hr_ctx *c)
         if (!HR_TERMINAL(s->state) && (s->flags & HR_F_DEDUP) &&
             hr_hs_insert(&c->dedup, s->dedup_lo, s->dedup_hi, i) != HR_OK)
             h->poisoned = 1;
-        link_heap(c, i);
+        append_heap(c, i);
         if (s->dirty)
             hr_ring_push(&c->ring, i);
         if (s->seq > maxseq)
@@ -284,15 +281,14 @@ void hr_unlock(hr_ctx *c) { pthread_mutex_unlock(&c->h->lock); }
 
 #define FAIL(...) do { snprintf(msg, msglen, __VA_ARGS__); rc = HR_E_CORRUPT; goto out; } while (0)
 
-static int heap_of_state(uint8_t st) { return st == HR_PENDING ? 0 : st == HR_DELAYED ? 1 : st == HR_RUNNING ? 2 : -1; }
-
 static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
 {
     hr_header *h = c->h;
     uint32_t cap = h->capacity;
     uint32_t count[HR_NSTATES] = {0};
-    uint32_t ndirty = 0, ndedup = 0, nheap[3] = {0, 0, 0};
+    uint32_t ndirty = 0, ndedup = 0;
     hr_heap *heaps[3] = {&c->ready, &c->delay, &c->lease};
+    const uint8_t heap_state[3] = {HR_PENDING, HR_DELAYED, HR_RUNNING};
     int rc = HR_OK;
     if (msglen)
         msg[0] = 0;
@@ -323,15 +319,12 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
             if (f < 0 || c->dedup.t[f].slot1 != i + 1)
                 FAIL("dedup key of slot %u missing from the dedup set", i);
         }
-        int k = heap_of_state(s->state);
-        if (k >= 0) {
-            nheap[k]++;
-            hr_heap *hp = heaps[k];
+        hr_heap *hp = hr_heap_of(c, s->state);
+        if (hp) {
             uint32_t at = c->pos[i];
             if (at >= *hp->n || hp->a[at].slot != i)
                 FAIL("slot %u (state %u) not at its heap position %u", i, s->state, at);
-            uint64_t key = k == 0 ? hr_ready_key(s) : k == 1 ? (uint64_t)s->run_at : (uint64_t)s->lease_until;
-            if (hp->a[at].key != key)
+            if (hp->a[at].key != hr_heap_key(s))
                 FAIL("heap key of slot %u is stale", i);
         }
     }
@@ -350,8 +343,8 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
             FAIL("free list has %u slots, expected %u", n, h->nfree);
     }
     for (int k = 0; k < 3; k++) {
-        if (nheap[k] != *heaps[k]->n)
-            FAIL("heap %d holds %u entries for %u slots", k, *heaps[k]->n, nheap[k]);
+        if (count[heap_state[k]] != *heaps[k]->n)
+            FAIL("heap %d holds %u entries for %u slots", k, *heaps[k]->n, count[heap_state[k]]);
         if (!(k == 0 ? hr_mm_check(heaps[k]) : hr_bh_check(heaps[k])))
             FAIL("heap %d order violated", k);
     }

@@ -1,7 +1,5 @@
 #include "headrace.h"
 
-uint64_t hr_ready_key(const hr_slot *s) { return hr_rkey(s); }
-
 uint32_t hr_slot_alloc(hr_ctx *c)
 {
     uint32_t i = c->h->free_head;
@@ -30,22 +28,20 @@ void hr_slot_release(hr_ctx *c, uint32_t i)
 /* Put slot i into the heap its state calls for. */
 void hr_heap_link(hr_ctx *c, uint32_t i)
 {
-    hr_slot *s = &c->s[i];
-    switch (s->state) {
-    case HR_PENDING: hr_mm_push(&c->ready, hr_rkey(s), i); break;
-    case HR_DELAYED: hr_bh_push(&c->delay, (uint64_t)s->run_at, i); break;
-    case HR_RUNNING: hr_bh_push(&c->lease, (uint64_t)s->lease_until, i); break;
-    default: c->pos[i] = HR_NONE;
-    }
+    hr_heap *hp = hr_heap_of(c, c->s[i].state);
+    if (!hp)
+        c->pos[i] = HR_NONE;
+    else if (hp == &c->ready)
+        hr_mm_push(hp, hr_heap_key(&c->s[i]), i);
+    else
+        hr_bh_push(hp, hr_heap_key(&c->s[i]), i);
 }
 
 void hr_heap_unlink(hr_ctx *c, uint32_t i)
 {
-    hr_slot *s = &c->s[i];
-    switch (s->state) {
-    case HR_PENDING: hr_mm_remove(&c->ready, c->pos[i]); break;
-    case HR_DELAYED: hr_bh_remove(&c->delay, c->pos[i]); break;
-    case HR_RUNNING: hr_bh_remove(&c->lease, c->pos[i]); break;
-    default: break;
-    }
+    hr_heap *hp = hr_heap_of(c, c->s[i].state);
+    if (hp == &c->ready)
+        hr_mm_remove(hp, c->pos[i]);
+    else if (hp)
+        hr_bh_remove(hp, c->pos[i]);
 }

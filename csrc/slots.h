@@ -10,7 +10,28 @@ static inline uint64_t hr_rkey(const hr_slot *s)
 {
     return ((uint64_t)(255u - s->prio) << 56) | (s->seq & ((1ULL << 56) - 1));
 }
-uint64_t hr_ready_key(const hr_slot *s);
+
+/* The heap a slot in `state` lives in (NULL: none), and its key there.
+ * The one place that ties states to heaps: linking, unlinking, the rebuild
+ * and verify all ask here. */
+static inline hr_heap *hr_heap_of(hr_ctx *c, uint8_t state)
+{
+    switch (state) {
+    case HR_PENDING: return &c->ready;
+    case HR_DELAYED: return &c->delay;
+    case HR_RUNNING: return &c->lease;
+    default: return NULL;
+    }
+}
+
+static inline uint64_t hr_heap_key(const hr_slot *s)
+{
+    switch (s->state) {
+    case HR_PENDING: return hr_rkey(s);
+    case HR_DELAYED: return (uint64_t)s->run_at;
+    default: return (uint64_t)s->lease_until;
+    }
+}
 
 /* Journal slot i before changing it; a holder killed before hr_slot_end is
  * rolled back to this copy by the repair. */
