@@ -148,11 +148,9 @@ def make_queue(request: pytest.FixtureRequest):
     errors = []
     for q in made:
         try:
-            q.close()
-        except Exception as e:  # keep unlinking the others
+            q.close()  # verifies, then unlinks whatever happens
+        except Exception as e:  # keep closing the others
             errors.append(e)
-        finally:
-            Segment.unlink(q.name)
     if errors:
         raise errors[0]
 
