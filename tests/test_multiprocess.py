@@ -31,6 +31,7 @@ while todo:
 
 CONSUMER = """
 import json, sys
+from engine import errors
 from engine.shm import Segment, EV_PENDING, COMPLETED, now_us
 seg = Segment.attach(sys.argv[1])
 total, batch = int(sys.argv[2]), int(sys.argv[3])
@@ -54,8 +55,8 @@ while idle < 40:
             break
         try:
             seg.advance_dirty(m, epoch)
-        except Exception:
-            pass
+        except (errors.Stale, errors.InvalidArgument):
+            pass  # the other consumer drained or repaired the ring between our peek and advance
 json.dump(got, sys.stdout)
 """
 
