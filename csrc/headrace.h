@@ -12,5 +12,6 @@
 #include "slots.h"
 #include "wait.h"
 #include "ops.h"
+#include "reqring.h"
 
 #endif

@@ -1,4 +1,5 @@
-/* Shared-memory layout: the header, the slot record and the entry types.
+/* Shared-memory layout: the header, the slot record, the request record and
+ * the entry types.
  *
  * Python owns the mapping.  C only ever sees a `void *` and a size, and
  * every offset below is relative to the start of that mapping, so the same
@@ -12,9 +13,11 @@
 #include <pthread.h>
 
 #define HR_MAGIC 0x4543415244414548ULL /* "HEADRACE", little-endian */
-#define HR_LAYOUT_VERSION 1u
+#define HR_LAYOUT_VERSION 2u
 #define HR_MAX_CAPACITY (1u << 26)     /* 67M slots; keeps every size in range */
 #define HR_NONE 0xFFFFFFFFu            /* "no slot" / "no position" */
+#define HR_REQ_MIN (1u << 12)          /* request area bounds, a power of two */
+#define HR_REQ_MAX (1u << 30)
 
 /* Task states.  FREE marks an unused slot.  >= HR_COMPLETED is terminal. */
 enum hr_state {
@@ -123,6 +126,8 @@ typedef struct hr_header {
     uint64_t off_ids;
     uint64_t off_ring;
     uint64_t off_pos;      /* u32 per slot: heap position, or free-list next */
+    uint64_t off_req;      /* the request area, last in the mapping */
+    uint64_t req_cap;      /* its bytes, a power of two */
     uint64_t checksum;
 
     /* The one process-shared robust mutex. */
@@ -130,6 +135,8 @@ typedef struct hr_header {
 
     /* Mutable state, guarded by `lock`. */
     uint64_t next_seq __attribute__((aligned(64)));
+    uint64_t next_id;      /* next task id to hand out */
+    uint64_t req_tail;     /* where the next request record goes; release-stored */
     uint32_t free_head;
     uint32_t nfree;
     uint32_t ready_n;
@@ -150,8 +157,37 @@ typedef struct hr_header {
     hr_slot undo;
     hr_counters stats;
 
+    /* Oldest unreclaimed request record.  Written by the one consumer,
+     * without the lock (release); producers read it with acquire. */
+    uint64_t req_head __attribute__((aligned(64)));
+
     hr_event events[HR_NEVENTS] __attribute__((aligned(64)));
 } hr_header;
+
+/* A request record in the request area: many producers, one consumer.
+ * Positions are monotonic byte counts; a record sits at pos & (req_cap - 1),
+ * never crosses the end of the area (a PAD record fills the gap instead) and
+ * is a multiple of 32 bytes long.  Its data follows the header. */
+typedef struct hr_req {
+    uint32_t len;     /* total record bytes including this header, a multiple of 32 */
+    uint32_t state;   /* HR_REQ_*; changed with atomic release stores */
+    uint32_t pid;     /* the producer's pid */
+    uint32_t nbytes;  /* data bytes: the request, later the response */
+    uint64_t pos;     /* this record's own position */
+    uint64_t tag;     /* free for the caller; 0 on reserve */
+} hr_req;
+
+/* A producer reserves (RESERVED), writes and publishes (READY); the consumer
+ * answers (ANSWERED); the producer reads the answer (DONE) or gives up
+ * (ABANDONED).  DONE, PAD and ABANDONED records are reclaimable. */
+enum hr_req_state {
+    HR_REQ_RESERVED = 1,
+    HR_REQ_READY = 2,
+    HR_REQ_ANSWERED = 3,
+    HR_REQ_DONE = 4,
+    HR_REQ_PAD = 5,
+    HR_REQ_ABANDONED = 6,
+};
 
 /* What a claim hands out: enough to fence a later complete or fail. */
 typedef struct hr_ticket {
@@ -192,6 +228,10 @@ typedef struct hr_info {
     uint32_t ring_size;
     uint32_t ring_epoch;
     uint64_t next_seq;
+    uint64_t next_id;
+    uint64_t req_head;
+    uint64_t req_tail;
+    uint64_t req_cap;
     hr_counters stats;
 } hr_info;
 

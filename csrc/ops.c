@@ -1,14 +1,5 @@
 #include "headrace.h"
 
-#define LOCKED(c, mem)            \
-    hr_ctx c;                     \
-    hr_ctx_of((mem), &c);         \
-    do {                          \
-        int lrc_ = hr_lock(&c);   \
-        if (lrc_ != HR_OK)        \
-            return lrc_;          \
-    } while (0)
-
 int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first)
 {
     LOCKED(c, mem);

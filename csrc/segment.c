@@ -12,13 +12,15 @@ void hr_set_lock_spin(uint32_t spins) { lock_spin = spins; }
 static inline uint64_t align64(uint64_t x) { return (x + 63) & ~(uint64_t)63; }
 
 typedef struct layout {
-    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, total;
+    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, req, total;
     uint32_t buckets;
 } layout;
 
-static int compute_layout(uint32_t cap, layout *L)
+static int compute_layout(uint32_t cap, uint64_t req_bytes, layout *L)
 {
     if (cap == 0 || cap > HR_MAX_CAPACITY)
+        return HR_E_INVALID;
+    if (req_bytes < HR_REQ_MIN || req_bytes > HR_REQ_MAX || (req_bytes & (req_bytes - 1)))
         return HR_E_INVALID;
     uint32_t b = 16;
     while (b < 2 * cap)
@@ -33,14 +35,15 @@ static int compute_layout(uint32_t cap, layout *L)
     L->ids = off;    off = align64(off + (uint64_t)b * sizeof(hr_bucket));
     L->ring = off;   off = align64(off + (uint64_t)cap * sizeof(hr_rent));
     L->pos = off;    off = align64(off + (uint64_t)cap * sizeof(uint32_t));
+    L->req = off;    off += req_bytes; /* last, so that init can skip zeroing it */
     L->total = (off + 4095) & ~(uint64_t)4095;
     return HR_OK;
 }
 
-uint64_t hr_segment_size(uint32_t capacity)
+uint64_t hr_segment_size(uint32_t capacity, uint64_t req_bytes)
 {
     layout L;
-    return compute_layout(capacity, &L) == HR_OK ? L.total : 0;
+    return compute_layout(capacity, req_bytes, &L) == HR_OK ? L.total : 0;
 }
 
 /* FNV-1a over the immutable part of the header after the magic (which is
@@ -71,16 +74,19 @@ void hr_ctx_of(void *mem, hr_ctx *c)
     c->ring = (hr_ring){(hr_rent *)(b + h->off_ring), h->capacity, &h->ring_head, &h->ring_len};
 }
 
-int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t generation)
+int hr_init(void *mem, uint64_t size, uint32_t capacity, uint64_t req_bytes, uint32_t uid,
+            uint64_t generation)
 {
     layout L;
-    if (mem == NULL || compute_layout(capacity, &L) != HR_OK)
+    if (mem == NULL || compute_layout(capacity, req_bytes, &L) != HR_OK)
         return HR_E_INVALID;
     if (size < L.total)
         return HR_E_TRUNCATED;
     hr_header *h = (hr_header *)mem;
-    /* The mapping is fresh (zero-filled), but a reused file may not be. */
-    memset(mem, 0, L.total);
+    /* The mapping is fresh (zero-filled), but a reused file may not be.  The
+     * request area is only ever read between head and tail, so it is left
+     * alone: zeroing it would fault in every page of it at create. */
+    memset(mem, 0, L.req);
     h->version = HR_LAYOUT_VERSION;
     h->header_size = sizeof(hr_header);
     h->total_size = L.total;
@@ -97,6 +103,8 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t 
     h->off_ids = L.ids;
     h->off_ring = L.ring;
     h->off_pos = L.pos;
+    h->off_req = L.req;
+    h->req_cap = req_bytes;
 
     pthread_mutexattr_t a;
     if (pthread_mutexattr_init(&a) != 0)
@@ -111,6 +119,7 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t 
         return HR_E_LOCK;
 
     h->next_seq = 1;
+    h->next_id = 1;
     h->undo_idx = HR_NONE;
     hr_ctx c;
     hr_ctx_of(mem, &c);
@@ -128,6 +137,10 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t 
 static int counters_sane(const hr_header *h)
 {
     uint32_t cap = h->capacity;
+    uint64_t rh = __atomic_load_n(&h->req_head, __ATOMIC_ACQUIRE);
+    uint64_t rt = __atomic_load_n(&h->req_tail, __ATOMIC_ACQUIRE);
+    if (rh > rt || rt - rh > h->req_cap || (rh | rt) % sizeof(hr_req))
+        return 0;
     return h->nfree <= cap && h->ready_n <= cap && h->delay_n <= cap && h->lease_n <= cap &&
            h->dedup_n <= cap && h->ids_n <= cap && h->ring_len <= cap && h->ring_head < cap &&
            (h->free_head < cap || h->free_head == HR_NONE) &&
@@ -153,10 +166,11 @@ int hr_attach(void *mem, uint64_t size, uint32_t uid)
     if (h->checksum != header_sum(h))
         return HR_E_CORRUPT;
     layout L;
-    if (compute_layout(h->capacity, &L) != HR_OK || L.total != h->total_size ||
+    if (compute_layout(h->capacity, h->req_cap, &L) != HR_OK || L.total != h->total_size ||
         L.buckets != h->buckets || L.slots != h->off_slots || L.ready != h->off_ready ||
         L.delay != h->off_delay || L.lease != h->off_lease || L.dedup != h->off_dedup ||
-        L.ids != h->off_ids || L.ring != h->off_ring || L.pos != h->off_pos)
+        L.ids != h->off_ids || L.ring != h->off_ring || L.pos != h->off_pos ||
+        L.req != h->off_req || h->off_req + h->req_cap > h->total_size)
         return HR_E_CORRUPT;
     if (size < h->total_size)
         return HR_E_TRUNCATED;
@@ -293,7 +307,7 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
     if (msglen)
         msg[0] = 0;
     if (!counters_sane(h))
-        FAIL("a header counter points outside the slot table");
+        FAIL("a header counter points outside the slot table or the request area");
     if (h->undo_idx != HR_NONE)
         FAIL("undo journal left open for slot %u", h->undo_idx);
     for (uint32_t i = 0; i < cap; i++) {
@@ -381,6 +395,7 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
         if (c->s[i].dirty == 2)
             c->s[i].dirty = 1;
     }
+    rc = hr_req_verify(h, msg, msglen);
 out:
     if (rc != HR_OK)
         for (uint32_t i = 0; i < cap; i++)
@@ -416,6 +431,10 @@ int hr_get_info(void *mem, hr_info *out)
     out->ring_size = h->ring_len;
     out->ring_epoch = h->ring_epoch;
     out->next_seq = h->next_seq;
+    out->next_id = h->next_id;
+    out->req_head = __atomic_load_n(&h->req_head, __ATOMIC_ACQUIRE);
+    out->req_tail = h->req_tail;
+    out->req_cap = h->req_cap;
     out->stats = h->stats;
     hr_unlock(&c);
     return HR_OK;

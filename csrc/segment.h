@@ -18,8 +18,9 @@ typedef struct hr_ctx {
     hr_ring ring;
 } hr_ctx;
 
-uint64_t hr_segment_size(uint32_t capacity);
-int hr_init(void *mem, uint64_t size, uint32_t capacity, uint32_t uid, uint64_t generation);
+uint64_t hr_segment_size(uint32_t capacity, uint64_t req_bytes);
+int hr_init(void *mem, uint64_t size, uint32_t capacity, uint64_t req_bytes, uint32_t uid,
+            uint64_t generation);
 int hr_attach(void *mem, uint64_t size, uint32_t uid);
 uint64_t hr_generation(void *mem);
 int hr_verify(void *mem, char *msg, uint32_t msglen);
@@ -30,6 +31,16 @@ void hr_ctx_of(void *mem, hr_ctx *c);
 int hr_lock(hr_ctx *c);
 void hr_unlock(hr_ctx *c);
 void hr_rebuild(hr_ctx *c);
+
+/* Declare ctx `c` over `mem` and take the lock, returning its status on failure. */
+#define LOCKED(c, mem)            \
+    hr_ctx c;                     \
+    hr_ctx_of((mem), &c);         \
+    do {                          \
+        int lrc_ = hr_lock(&c);   \
+        if (lrc_ != HR_OK)        \
+            return lrc_;          \
+    } while (0)
 
 static inline void hr_cpu_relax(void)
 {

@@ -2,19 +2,138 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib
+import json
+import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from . import __version__
+from . import __version__, errors
+
+#: Exit codes.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _open(path: str) -> Any:
+    from .api import Queue
+    if not os.path.isfile(path):
+        raise errors.StoreError(f"no database at {path}")
+    return Queue(path)
+
+
+def _when(us: Optional[float]) -> str:
+    if us is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(us).isoformat(sep=" ", timespec="milliseconds")
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run
+    return run(tasks=a.tasks, processes=a.processes, path=a.path, batch=a.batch)
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from .api import Queue
+    mod_name, _, attr = a.app.partition(":")
+    if not mod_name or not attr:
+        print(f"headrace worker: expected MODULE:QUEUE, got {a.app!r}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.path.insert(0, os.getcwd())
+    q = getattr(importlib.import_module(mod_name), attr)
+    if not isinstance(q, Queue):
+        print(f"headrace worker: {a.app} is a {type(q).__name__}, not an engine.Queue", file=sys.stderr)
+        return EXIT_USAGE
+    return q.run_workers(processes=a.processes, grace=a.grace)
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    with _open(a.path) as q:
+        s = q.stats()
+    if a.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return EXIT_OK
+    c = s["counts"]
+    print(f"{a.path}")
+    for k in ("waiting", "pending", "delayed", "running", "completed", "dead", "cancelled"):
+        print(f"  {k:<10} {c[k]:>12,}")
+    print(f"  submitted  {s['submitted']:>12,}   spilled to disk {s['spilled']:,}")
+    print(f"  in memory  {s['in_memory']:>12,} of {s['capacity']:,} slots; {s['unflushed']:,} changes not yet written")
+    print(f"  claims {s['claimed']:,}, fenced {s['fenced']:,}, expired leases {s['expired']:,}, "
+          f"lock repairs {s['repairs']:,}; writer {'running' if s['writer_alive'] else 'stopped'}")
+    return EXIT_OK
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    with _open(a.path) as q:
+        t = q.get(a.tid)
+    if t is None:
+        print(f"no task {a.tid} in {a.path}", file=sys.stderr)
+        return EXIT_FAILED
+    d: Dict[str, Any] = dict(t.__dict__)
+    if a.json:
+        print(json.dumps(d, indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    for k in ("created", "started", "finished"):
+        d[k] = _when(d[k])
+    for k, v in d.items():
+        print(f"{k:>13}: {v}")
+    return EXIT_OK
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    with _open(a.path) as q:
+        q.verify()
+    print(f"{a.path}: segment invariants hold")
+    return EXIT_OK
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="headrace", description="headrace task queue engine")
-    parser.add_argument("--version", action="version", version=f"headrace {__version__}")
-    parser.parse_args(argv)
-    print(f"headrace {__version__}")
-    return 0
+    p = argparse.ArgumentParser(prog="headrace", description="headrace task queue engine")
+    p.add_argument("--version", action="version", version=f"headrace {__version__}")
+    sub = p.add_subparsers(dest="cmd")
+
+    d = sub.add_parser("demo", help="run a real pipeline end to end and print a summary")
+    d.add_argument("--tasks", type=int, default=200_000)
+    d.add_argument("--processes", type=int, default=2)
+    d.add_argument("--batch", type=int, default=1000)
+    d.add_argument("--path", default=None, help="database file (default: a temporary one)")
+    d.set_defaults(fn=cmd_demo)
+
+    w = sub.add_parser("worker", help="run worker processes for MODULE:QUEUE until SIGTERM/SIGINT")
+    w.add_argument("app")
+    w.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    w.add_argument("--grace", type=float, default=None, help="seconds running tasks get to finish")
+    w.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("stats", help="counts by state")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    i = sub.add_parser("inspect", help="one task")
+    i.add_argument("path")
+    i.add_argument("tid", type=int)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    v = sub.add_parser("verify", help="check the segment's invariants")
+    v.add_argument("path")
+    v.set_defaults(fn=cmd_verify)
+
+    a = p.parse_args(argv)
+    if a.cmd is None:
+        print(f"headrace {__version__}")
+        p.print_help()
+        return EXIT_OK
+    try:
+        return a.fn(a)
+    except errors.EngineError as e:
+        print(f"headrace {a.cmd}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

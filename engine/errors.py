@@ -18,6 +18,10 @@ class InvalidArgument(EngineError, ValueError):
     """An argument is out of range or of the wrong kind."""
 
 
+class PayloadTooLarge(InvalidArgument):
+    """A serialised payload is larger than the configured limit."""
+
+
 class CapacityFull(EngineError):
     """The shared-memory slot table has no free slot."""
 
@@ -84,6 +88,34 @@ class SegmentNotReady(SegmentError):
 
 class SegmentPermission(SegmentError, PermissionError):
     """The segment belongs to another user or is open to others."""
+
+
+class StoreError(EngineError):
+    """The database cannot be opened, read or written."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is not a headrace database or is damaged."""
+
+
+class SchemaMismatch(StoreError):
+    """The database was written by a newer headrace."""
+
+
+class WriterUnavailable(EngineError):
+    """The writer process cannot be started or did not answer in time."""
+
+
+class SubmitFailed(EngineError):
+    """The writer could not commit a submit; nothing of that chunk was stored."""
+
+
+class TaskFailed(EngineError):
+    """The task ended dead or cancelled instead of completed."""
+
+
+class UnknownTask(EngineError, LookupError):
+    """No task function is registered under this name."""
 
 
 _REBUILD = "delete it (headrace rebuilds the segment from the database) and retry"

@@ -26,6 +26,7 @@ SITES: Dict[str, int] = {
     "advance": lib.HR_FS_ADVANCE,
     "dedup_insert": lib.HR_FS_DEDUP_INSERT,
     "dedup_delete": lib.HR_FS_DEDUP_DELETE,
+    "req_reserve": lib.HR_FS_REQ_RESERVE,
     "repair": lib.HR_FS_REPAIR,
 }
 

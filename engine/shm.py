@@ -6,6 +6,8 @@ checks its structures in place; this module maps it, validates ownership and
 turns C status codes into exceptions through :mod:`engine.errors`.
 
 Times are integers in microseconds since the epoch (:func:`now_us`).
+The request area (``req_*`` methods) carries submits from any number of
+producer processes to the one writer, which answers each record in place.
 Batch calls take and return cffi arrays, so the hot path builds no
 per-item Python objects.
 """
@@ -45,6 +47,23 @@ EV_FINISH: int = lib.HR_EV_FINISH
 F_DEDUP: int = lib.HR_F_DEDUP
 MAX_CAPACITY: int = lib.HR_MAX_CAPACITY
 LAYOUT_VERSION: int = lib.HR_LAYOUT_VERSION
+
+# Request record states.  A producer reserves, writes and publishes (READY);
+# the writer answers (ANSWERED); the producer reads the answer and marks the
+# record DONE, or gives up on it (ABANDONED).  DONE, PAD and ABANDONED
+# records are reclaimed by the writer.
+REQ_RESERVED: int = lib.HR_REQ_RESERVED
+REQ_READY: int = lib.HR_REQ_READY
+REQ_ANSWERED: int = lib.HR_REQ_ANSWERED
+REQ_DONE: int = lib.HR_REQ_DONE
+REQ_PAD: int = lib.HR_REQ_PAD
+REQ_ABANDONED: int = lib.HR_REQ_ABANDONED
+#: Bytes of a request record header; records are whole multiples of it.
+REQ_HEADER = 32
+#: Default size of the request area; a power of two in REQ_MIN..REQ_MAX.
+DEFAULT_REQ_BYTES = 64 << 20
+REQ_MIN: int = lib.HR_REQ_MIN
+REQ_MAX: int = lib.HR_REQ_MAX
 
 #: Where segments live; /dev/shm keeps them in memory on Linux.
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -101,6 +120,22 @@ class SlotInfo(NamedTuple):
         return STATE_NAMES[self.state]
 
 
+class ReqHeader(NamedTuple):
+    """A snapshot of one request record's header."""
+
+    pos: int
+    len: int
+    state: int
+    pid: int
+    nbytes: int
+    tag: int
+
+
+_E_FULL: int = lib.HR_E_FULL
+_E_NOT_FOUND: int = lib.HR_E_NOT_FOUND
+_E_STATE: int = lib.HR_E_STATE
+
+
 def _slot_info(slot: int, r: Any) -> SlotInfo:
     dedup = (r.dedup_lo, r.dedup_hi) if r.flags & F_DEDUP else None
     return SlotInfo(slot, r.id, r.state, r.prio, r.seq, r.attempt, r.run_at, r.lease_until,
@@ -127,16 +162,32 @@ class Segment:
         self._ticket = ffi.new("hr_ticket *")
         self._i32 = ffi.new("int32_t[1]")
         self._msg = ffi.new("char[]", 512)
+        # The buffers above are shared by every call on this object, and cffi
+        # releases the GIL during a C call: methods that use them must not run
+        # in two threads at once.  heartbeat (a lease thread), the id counter
+        # and the req_* methods (producer threads) allocate per call instead.
 
     # ---- lifecycle -------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str, capacity: int, *, directory: Optional[str] = None) -> "Segment":
-        """Create and initialise a new segment of `capacity` slots (mode 0600)."""
+    def create(cls, name: str, capacity: int, *, req_bytes: int = DEFAULT_REQ_BYTES,
+               directory: Optional[str] = None, generation: Optional[int] = None) -> "Segment":
+        """Create and initialise a new segment of `capacity` slots (mode 0600).
+
+        `req_bytes` sizes the request area (a power of two in 4 KiB..1 GiB);
+        `generation` replaces the random generation number when given.
+        """
         if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 < capacity <= MAX_CAPACITY:
             raise errors.InvalidArgument(f"capacity must be an int in 1..{MAX_CAPACITY}, got {capacity!r}")
+        if (not isinstance(req_bytes, int) or isinstance(req_bytes, bool) or not REQ_MIN <= req_bytes <= REQ_MAX
+                or req_bytes & (req_bytes - 1)):
+            raise errors.InvalidArgument(
+                f"req_bytes must be a power of two in {REQ_MIN}..{REQ_MAX}, got {req_bytes!r}")
+        if generation is not None and (not isinstance(generation, int) or isinstance(generation, bool)
+                                       or not 0 <= generation < 1 << 64):
+            raise errors.InvalidArgument(f"generation must be a 64-bit unsigned int, got {generation!r}")
         path = segment_path(name, directory)
-        size = lib.hr_segment_size(capacity)
+        size = lib.hr_segment_size(capacity, req_bytes)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -155,8 +206,9 @@ class Segment:
             raise errors.SegmentError(f"cannot create segment {path} of {size} bytes: {e}") from e
         os.close(fd)
         seg = cls(path, mm, size)
-        generation = int.from_bytes(os.urandom(8), "little") >> 1 or 1
-        rc = lib.hr_init(seg._mem, size, capacity, os.geteuid(), generation)
+        if generation is None:
+            generation = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        rc = lib.hr_init(seg._mem, size, capacity, req_bytes, os.geteuid(), generation)
         if rc < 0:
             seg.close()
             _unlink_quiet(path)
@@ -208,14 +260,15 @@ class Segment:
             return seg
 
     @classmethod
-    def open(cls, name: str, capacity: int, *, directory: Optional[str] = None) -> "Segment":
-        """Attach to segment `name`, creating it with `capacity` if absent."""
+    def open(cls, name: str, capacity: int, *, req_bytes: int = DEFAULT_REQ_BYTES,
+             directory: Optional[str] = None) -> "Segment":
+        """Attach to segment `name`, creating it with `capacity` and `req_bytes` if absent."""
         try:
             return cls.attach(name, directory=directory)
         except errors.SegmentNotFound:
             pass
         try:
-            return cls.create(name, capacity, directory=directory)
+            return cls.create(name, capacity, req_bytes=req_bytes, directory=directory)
         except errors.SegmentExists:
             return cls.attach(name, directory=directory)
 
@@ -324,7 +377,7 @@ class Segment:
 
     def heartbeat(self, ticket: Ticket, lease_until: int) -> bool:
         """Extend a running attempt's lease; False if the attempt was fenced."""
-        t = self._ticket
+        t = ffi.new("hr_ticket *")  # not self._ticket: a lease thread heartbeats while finish runs
         t.id, t.slot, t.attempt = ticket
         rc = lib.hr_heartbeat(self._mem, t, lease_until)
         if rc == lib.HR_E_STALE:
@@ -416,6 +469,134 @@ class Segment:
         """
         return check(lib.hr_dirty_advance(self._mem, n, epoch), "advance_dirty")
 
+    # ---- task ids --------------------------------------------------------------
+
+    def reserve_ids(self, n: int) -> int:
+        """Hand out `n` consecutive task ids; returns the first."""
+        first = ffi.new("uint64_t *")
+        check(lib.hr_reserve_ids(self._mem, n, first), "reserve_ids")
+        return int(first[0])
+
+    def raise_next_id(self, v: int) -> None:
+        """Make the next id handed out at least `v` (never lowers it)."""
+        check(lib.hr_raise_next_id(self._mem, v), "raise_next_id")
+
+    # ---- the request area --------------------------------------------------------
+    #
+    # Positions are monotonic byte counts.  A producer: pos = req_reserve(n)
+    # (None while the area is full: wait on EV_COMMIT and retry), req_write,
+    # req_publish; wait on EV_COMMIT until req_get(pos).state is REQ_ANSWERED,
+    # req_read the answer, then req_set_state(pos, REQ_DONE).  The writer walks
+    # records with req_next from the head, answers them with req_answer, and
+    # frees what is finished with req_reclaim.  Outputs are allocated per
+    # call (about 0.1 us), so producer threads may share one Segment.
+
+    def req_reserve(self, nbytes: int) -> Optional[int]:
+        """Reserve a record for `nbytes` of request data; its position, or None if full.
+
+        Full also nudges the writer (EV_WRITER) so that it reclaims finished records.
+        """
+        pos = ffi.new("uint64_t *")
+        try:
+            rc = lib.hr_req_reserve(self._mem, nbytes, os.getpid(), pos)
+        except (OverflowError, TypeError):
+            msg = f"req_reserve: nbytes must be an unsigned 32-bit int, got {nbytes!r}"
+            raise errors.InvalidArgument(msg) from None
+        if rc == _E_FULL:
+            lib.hr_notify(self._mem, EV_WRITER)
+            return None
+        if rc < 0:
+            check(rc, f"req_reserve of {nbytes} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
+        return int(pos[0])
+
+    def _req_cap(self) -> int:
+        return self.info()["req_cap"]
+
+    def _req_data(self, pos: int, what: str) -> Tuple[int, int]:
+        """(offset in the mapping, capacity) of the data of the record at `pos`."""
+        off = ffi.new("uint64_t *")
+        rc = lib.hr_req_data(self._mem, pos, off)
+        if rc < 0:
+            check(rc, f"{what} of request {pos}")
+        return int(off[0]), rc
+
+    def req_write(self, pos: int, data: bytes) -> None:
+        """Copy `data` into the data area of the record at `pos`."""
+        off, room = self._req_data(pos, "req_write")
+        n = len(data)
+        if n > room:
+            raise errors.InvalidArgument(f"req_write: {n} bytes do not fit in request {pos} ({room} bytes)")
+        self._mm[off:off + n] = data
+
+    def req_read(self, pos: int, nbytes: int) -> bytes:
+        """The first `nbytes` of the record's data."""
+        off, room = self._req_data(pos, "req_read")
+        if not 0 <= nbytes <= room:
+            raise errors.InvalidArgument(f"req_read: request {pos} holds at most {room} bytes, not {nbytes}")
+        return self._mm[off:off + nbytes]
+
+    def req_publish(self, pos: int) -> None:
+        """Mark the record READY and wake the writer."""
+        check(lib.hr_req_set_state(self._mem, pos, REQ_READY), f"req_publish of request {pos}")
+        lib.hr_notify(self._mem, EV_WRITER)
+
+    def req_answer(self, pos: int, data: bytes) -> bool:
+        """Write the answer in place of the request and mark the record ANSWERED.
+
+        Only a READY record is answered: False if its producer abandoned it
+        meanwhile (the record stays ABANDONED and is reclaimable).  No
+        wake-up: the writer notifies EV_COMMIT once per batch.
+        """
+        self.req_write(pos, data)
+        check(lib.hr_req_set_nbytes(self._mem, pos, len(data)), f"req_answer of request {pos}")
+        rc = lib.hr_req_cas_state(self._mem, pos, REQ_READY, REQ_ANSWERED)
+        if rc == _E_STATE:
+            h = self.req_get(pos)
+            if h is not None and h.state == REQ_ABANDONED:
+                return False
+            raise errors.InvalidState(f"req_answer: request {pos} is in state "
+                                      f"{h.state if h else None}, not READY")
+        check(rc, f"req_answer of request {pos}")
+        return True
+
+    def req_set_state(self, pos: int, state: int) -> None:
+        """Store `state` (any REQ_* but REQ_PAD) into the record at `pos`."""
+        check(lib.hr_req_set_state(self._mem, pos, state), f"req_set_state of request {pos}")
+
+    def req_cas_state(self, pos: int, expect: int, state: int) -> bool:
+        """Move the record from `expect` to `state` atomically; False if it was not in `expect`."""
+        rc = lib.hr_req_cas_state(self._mem, pos, expect, state)
+        if rc == _E_STATE:
+            return False
+        check(rc, f"req_cas_state of request {pos}")
+        return True
+
+    def req_get(self, pos: int) -> Optional[ReqHeader]:
+        """The header of the record at `pos`; None at or after the tail."""
+        return self._req_header(lib.hr_req_get, pos, f"req_get of request {pos}")
+
+    def req_next(self, pos: int) -> Optional[ReqHeader]:
+        """The first non-pad record at or after `pos`; None at the tail."""
+        return self._req_header(lib.hr_req_next, pos, f"req_next from {pos}")
+
+    def _req_header(self, fn: Any, pos: int, what: str) -> Optional[ReqHeader]:
+        r = ffi.new("hr_req *")
+        rc = fn(self._mem, pos, r)
+        if rc == _E_NOT_FOUND:
+            return None
+        check(rc, what)
+        return ReqHeader(r.pos, r.len, r.state, r.pid, r.nbytes, r.tag)
+
+    def req_reclaim(self, upto: int) -> int:
+        """Writer only: free finished records before `upto`; returns the new head."""
+        return check(lib.hr_req_reclaim(self._mem, upto), "req_reclaim")
+
+    def req_bounds(self) -> Tuple[int, int]:
+        """(head, tail): the oldest unreclaimed record and where the next one goes."""
+        b = ffi.new("uint64_t[2]")
+        lib.hr_req_bounds(self._mem, b, b + 1)
+        return int(b[0]), int(b[1])
+
     # ---- wake-ups ------------------------------------------------------------
 
     def event(self, ev: int) -> int:
@@ -455,6 +636,10 @@ class Segment:
             "ring": int(i.ring_size),
             "ring_epoch": int(i.ring_epoch),
             "next_seq": int(i.next_seq),
+            "next_id": int(i.next_id),
+            "req_head": int(i.req_head),
+            "req_tail": int(i.req_tail),
+            "req_cap": int(i.req_cap),
             "stats": {f: int(getattr(s, f)) for f in (
                 "repairs", "fenced", "claimed", "finished", "inserted", "expired", "evicted",
                 "lock_spins_won", "lock_sleeps")},

@@ -65,6 +65,7 @@ OPS = {
     "advance": "r, n, e = seg.peek_dirty(8); seg.advance_dirty(n, e)",
     "dedup_insert": "seg.dedup_insert(KEY2, seg.get(12).slot)",
     "dedup_delete": "seg.dedup_delete(KEY)",
+    "req_reserve": "seg.req_reserve(100)",
 }
 
 CHILD = """

@@ -27,9 +27,15 @@ def test_cli_prints_version():
     exe = shutil.which("headrace")
     cmds = [[sys.executable, "-m", "engine"]] + ([[exe]] if exe else [])
     for cmd in cmds:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=CHILD_CWD)
+        r = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60, cwd=CHILD_CWD)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == f"headrace {engine.__version__}"
+        # Bare, it names itself and lists the commands, the main job first.
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=CHILD_CWD)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0] == f"headrace {engine.__version__}"
+        for sub in ("demo", "worker", "stats", "inspect", "verify"):
+            assert sub in r.stdout
 
 
 def _source_copy(dst: pathlib.Path) -> pathlib.Path:

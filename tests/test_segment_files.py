@@ -70,9 +70,9 @@ def test_other_version_is_refused(segname):
         Segment.attach(segname)
 
 
-@pytest.mark.parametrize("offset", [16, 24, 32, 40, 48, 64, 88, 96, 104, 112])
+@pytest.mark.parametrize("offset", [16, 24, 32, 40, 48, 64, 88, 96, 104, 112, 120, 128])
 def test_corrupt_header_fields_are_refused(segname, offset):
-    """Sizes, generation, capacity and offsets are all covered by the checksum."""
+    """Sizes, generation, capacity, offsets and the request area are all covered by the checksum."""
     Segment.create(segname, 8).close()
     path = segment_path(segname)
     with open(path, "rb") as f:
@@ -154,6 +154,9 @@ def test_bad_names_and_capacities(segname):
             Segment.create(segname, cap)
 
 
+CHECKSUM = 128  # after off_req (112) and req_cap (120)
+
+
 def _fnv1a(data: bytes) -> int:
     x = 0xCBF29CE484222325
     for b in data:
@@ -166,19 +169,19 @@ def test_offsets_outside_the_layout_are_refused_even_with_a_valid_checksum(segna
     Segment.create(segname, 8).close()
     path = segment_path(segname)
     with open(path, "rb") as f:
-        head = bytearray(f.read(120))
+        head = bytearray(f.read(CHECKSUM + 8))
     struct.pack_into("<Q", head, 96, 1 << 40)  # off_ring far outside the file
-    struct.pack_into("<Q", head, 112, _fnv1a(bytes(head[8:112])))
+    struct.pack_into("<Q", head, CHECKSUM, _fnv1a(bytes(head[8:CHECKSUM])))
     _patch(path, 0, bytes(head))
     with pytest.raises(errors.SegmentCorrupt):
         Segment.attach(segname)
     # and the same header with the true offset back is accepted: the checksum check is real
     Segment.create(segname + "x", 8).close()
     with open(segment_path(segname + "x"), "rb") as f:
-        good = f.read(120)
+        good = f.read(CHECKSUM + 8)
     Segment.unlink(segname + "x")
     head[96:104] = good[96:104]
-    struct.pack_into("<Q", head, 112, _fnv1a(bytes(head[8:112])))
+    struct.pack_into("<Q", head, CHECKSUM, _fnv1a(bytes(head[8:CHECKSUM])))
     _patch(path, 0, bytes(head))
     Segment.attach(segname).close()
 
@@ -189,14 +192,14 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _GOOD_HEADER: dict = {}
-_LOCK_AT = 128      # the mutex sits on the first cache line after the immutable fields
+_LOCK_AT = 192      # the mutex sits on the first cache line after the immutable fields
 _HEADER_END = 1024  # the header, mutable counters and event words all sit below this
 
 
 def _good_header() -> bytes:
     if not _GOOD_HEADER:
         name = f"fuzz-template-{os.getpid()}"
-        Segment.create(name, 8).close()
+        Segment.create(name, 8, req_bytes=4096).close()  # a small file, written once per example
         with open(segment_path(name), "rb") as f:
             _GOOD_HEADER["bytes"] = f.read()
         Segment.unlink(name)
@@ -224,6 +227,10 @@ def _attach_bytes(segname: str, data: bytes) -> None:
         seg.peek_worst()
         seg.pop(1)
         seg.expire(2**62)
+        head, _ = seg.req_bounds()
+        seg.req_next(head)
+        seg.req_reserve(100)
+        seg.req_reclaim(2**62)
         seg.verify()
     except errors.EngineError:
         pass
@@ -259,7 +266,7 @@ def test_counters_outside_the_table_are_refused_at_attach(segname):
         seg.push(id)
     seg.close()
     path = segment_path(segname)
-    READY_N = 208  # after the 64-byte-aligned mutex: next_seq (8), free_head, nfree, ready_n
+    READY_N = 288  # after the 64-byte-aligned mutex: next_seq, next_id, req_tail, free_head, nfree, ready_n
     with open(path, "rb") as f:
         f.seek(READY_N)
         assert struct.unpack("<I", f.read(4))[0] == 3, "header layout moved; update READY_N"

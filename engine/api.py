@@ -1,0 +1,595 @@
+"""The public API: :class:`Queue`, task definitions, submits and inspection."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar,
+                    Union, overload)
+
+import apsw
+
+from . import config, errors, paths, protocol, shm
+from .shm import Segment, key_hash
+from .store import Reader
+
+#: Seconds `Queue()` waits for a writer to come up (a rebuild of a large
+#: backlog happens inside this window).
+WRITER_START_TIMEOUT = 120.0
+#: Seconds a waiting producer lets pass before it checks that the writer lives.
+WRITER_CHECK_INTERVAL = 0.25
+#: Longest task name.
+MAX_NAME = 512
+
+SERIALIZERS = {"json": 0, "pickle": 1}
+STATE_NAMES = shm.STATE_NAMES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _json_default(value: Any) -> Any:
+    raise TypeError(f"cannot serialise {_short(value)} (of type {type(value).__name__}) as JSON; "
+                    "pass JSON values, or open the queue with serializer='pickle' for trusted code")
+
+
+def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+    """Serialise a call's arguments; TypeError names a value that cannot be."""
+    if ser == 0:
+        return json.dumps([list(args), dict(kwargs)], separators=(",", ":"), default=_json_default).encode()
+    try:
+        return pickle.dumps((tuple(args), dict(kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise TypeError(f"cannot pickle the arguments {_short((args, kwargs))}: {e}") from e
+
+
+def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
+    """The (args, kwargs) that :func:`dumps` wrote."""
+    if ser == 0:
+        args, kwargs = json.loads(body)
+        return tuple(args), kwargs
+    return pickle.loads(body)
+
+
+@dataclass
+class Job:
+    """One task to submit in a batch (see :meth:`Queue.submit_batch`)."""
+
+    name: str
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    dedup_key: Optional[Union[str, bytes]] = None
+    max_attempts: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one submitted job."""
+
+    kind: str  # "inserted", "duplicate", "superseded" or "rejected"
+    id: Optional[int]
+    replaced: Optional[int] = None
+    error: Optional[BaseException] = None
+
+
+class BatchOutcome:
+    """Per-job outcomes of :meth:`Queue.submit_batch`, in input order."""
+
+    def __init__(self, outcomes: List[Outcome]) -> None:
+        self.outcomes = outcomes
+
+    def __len__(self) -> int:
+        return len(self.outcomes)
+
+    def __iter__(self) -> Any:
+        return iter(self.outcomes)
+
+    @property
+    def inserted(self) -> List[int]:
+        """Ids of new tasks (superseding ones included)."""
+        return [o.id for o in self.outcomes if o.kind in ("inserted", "superseded")]  # type: ignore[misc]
+
+    @property
+    def duplicates(self) -> List[int]:
+        """Ids of the live tasks that skipped jobs matched."""
+        return [o.id for o in self.outcomes if o.kind == "duplicate"]  # type: ignore[misc]
+
+    @property
+    def superseded(self) -> List[Tuple[int, int]]:
+        """(new id, replaced id) pairs."""
+        return [(o.id, o.replaced) for o in self.outcomes if o.kind == "superseded"]  # type: ignore[misc]
+
+    @property
+    def rejected(self) -> List[Tuple[int, BaseException]]:
+        """(input index, error) pairs."""
+        return [(i, o.error) for i, o in enumerate(self.outcomes) if o.kind == "rejected"]  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return (f"BatchOutcome(inserted={len(self.inserted)}, duplicates={len(self.duplicates)}, "
+                f"superseded={len(self.superseded)}, rejected={len(self.rejected)})")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as :meth:`Queue.get` sees it."""
+
+    id: int
+    name: str
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    created: float
+    started: Optional[float]
+    finished: Optional[float]
+    dedup: bool
+    spilled: bool
+    result: Any = None
+    error: Optional[str] = None
+
+
+class Task:
+    """A function registered with :meth:`Queue.task`."""
+
+    def __init__(self, queue: "Queue", fn: Callable[..., Any], name: str, priority: int,
+                 max_attempts: int) -> None:
+        self.queue = queue
+        self.fn = fn
+        self.name = name
+        self.priority = priority
+        self.max_attempts = max_attempts
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function here and now."""
+        return self.fn(*args, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> int:
+        """Submit a call; returns the task id once it is durable."""
+        return self.queue.submit(self.name, args=args, kwargs=kwargs, priority=self.priority,
+                                 max_attempts=self.max_attempts)
+
+    def job(self, *args: Any, **kwargs: Any) -> Job:
+        """A :class:`Job` for :meth:`Queue.submit_batch`."""
+        return Job(self.name, args, kwargs, priority=self.priority, max_attempts=self.max_attempts)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+class Queue:
+    """A durable task queue stored in SQLite at `path`, its live set in shared memory.
+
+    Many processes may open the same path; they share one segment and one
+    writer process, which the first of them starts.
+    """
+
+    #: Attempts a task gets unless its definition says otherwise.
+    DEFAULT_MAX_ATTEMPTS = 3
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], *, capacity: Optional[int] = None,
+                 sync: str = "normal", serializer: str = "json", **tuning: Any) -> None:
+        if serializer not in SERIALIZERS:
+            raise errors.InvalidArgument(f"serializer must be 'json' or 'pickle', got {serializer!r}")
+        if sync not in ("normal", "full"):
+            raise errors.InvalidArgument(f"sync must be 'normal' or 'full', got {sync!r}")
+        if capacity is not None:
+            tuning["capacity"] = capacity
+        self.settings = config.settings(**tuning)
+        self._tuning = tuning
+        self.sync = sync
+        self.serializer = serializer
+        self._ser = SERIALIZERS[serializer]
+        # Every alias (relative, through symlinks) names one writer lock and
+        # one segment.  Hard links are not supported, as in SQLite itself.
+        self.path = os.path.realpath(os.fspath(path))
+        self.tasks: Dict[str, Task] = {}
+        self._seg: Optional[Segment] = None
+        self._seg_ino = 0
+        self._reader: Optional[Reader] = None
+        self._clients_fd = -1
+        self._open_files()
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- opening -----------------------------------------------------------------
+
+    def _open_files(self) -> None:
+        d = os.path.dirname(self.path)
+        if not os.path.isdir(d):
+            raise errors.StoreError(f"cannot open database {self.path}: directory {d} does not exist")
+        try:
+            os.close(paths.open_private(self.path))
+            self._clients_fd = paths.open_private(paths.clients_path(self.path))
+        except OSError as e:
+            raise errors.StoreError(f"cannot open database {self.path}: {e.strerror or e}") from e
+        # Blocks only while a writer finishes its final flush.
+        fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
+
+    def _writer_args(self) -> List[str]:
+        return ["--sync", self.sync, "--settings", json.dumps(self._tuning)]
+
+    def _connect(self) -> None:
+        """Attach to the segment of a live writer, starting one if needed."""
+        deadline = time.monotonic() + WRITER_START_TIMEOUT
+        spawned_at = -1e9
+        pause = 0.002
+        while True:
+            seg = self._try_attach()
+            if seg is not None:
+                if self._seg is not None:
+                    self._seg.close()
+                self._seg = seg
+                self._seg_ino = os.stat(seg.path).st_ino
+                return
+            if not paths.writer_alive(self.path) and time.monotonic() - spawned_at > 5.0:
+                paths.spawn_writer(self.path, self._writer_args())
+                spawned_at = time.monotonic()
+            if time.monotonic() > deadline:
+                raise errors.WriterUnavailable(
+                    f"no writer came up for {self.path} within {WRITER_START_TIMEOUT:.0f} s; "
+                    f"see {paths.log_path(self.path)}")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _try_attach(self) -> Optional[Segment]:
+        """The segment, if a writer serves it under the database's generation."""
+        if not paths.writer_alive(self.path):
+            return None
+        try:
+            gen = self.reader.meta_get("generation")
+        except (apsw.SQLError, apsw.BusyError, apsw.CantOpenError):
+            self._drop_reader()  # the schema is not there yet
+            return None
+        if gen is None:
+            return None
+        try:
+            seg = Segment.attach(paths.segment_name(self.path))
+        except errors.SegmentNotFound:
+            return None
+        if seg.generation != int(gen):
+            seg.close()
+            return None
+        return seg
+
+    @property
+    def reader(self) -> Reader:
+        if self._reader is None:
+            self._reader = Reader(self.path)
+        return self._reader
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    @property
+    def seg(self) -> Segment:
+        if self._seg is None:
+            raise errors.EngineError(f"queue {self.path} is closed")
+        return self._seg
+
+    def _after_fork(self) -> None:
+        """In a forked child: never touch the parent's SQLite connection."""
+        _FORK_KEEP.append(self._reader)
+        self._reader = None
+
+    def close(self) -> None:
+        """Detach; the last process to close lets the writer flush and exit."""
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+        self._drop_reader()
+        if self._clients_fd >= 0:
+            os.close(self._clients_fd)
+            self._clients_fd = -1
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.path}>"
+
+    # ---- tasks ----------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: F) -> Task: ...
+
+    @overload
+    def task(self, *, name: Optional[str] = None, priority: int = 0,
+             max_attempts: Optional[int] = None) -> Callable[[F], Task]: ...
+
+    def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None, priority: int = 0,
+             max_attempts: Optional[int] = None) -> Any:
+        """Register a task function; its name is ``module.qualname`` unless `name` is given."""
+        _check_priority(priority)
+        attempts = self.DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
+        _check_attempts(attempts)
+
+        def register(f: Callable[..., Any]) -> Task:
+            tname = name or f"{f.__module__}.{f.__qualname__}"
+            _check_name(tname)
+            t = Task(self, f, tname, priority, attempts)
+            self.tasks[tname] = t
+            return t
+        return register(fn) if fn is not None else register
+
+    # ---- submitting ----------------------------------------------------------------------
+
+    def submit(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None, *,
+               priority: int = 0, dedup_key: Optional[Union[str, bytes]] = None, on_duplicate: str = "skip",
+               max_attempts: Optional[int] = None) -> int:
+        """Submit one task; returns its id once it is committed.
+
+        With a `dedup_key` that a live task holds: ``skip`` returns that
+        task's id, ``supersede`` cancels it and inserts this one, ``reject``
+        raises :class:`errors.DuplicateTask`.
+        """
+        mode = _mode(on_duplicate)
+        item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, shm.now_us())
+        out = self._send_items([item], mode)[0]
+        if out.kind == "rejected":
+            raise out.error  # type: ignore[misc]
+        return out.id  # type: ignore[return-value]
+
+    def submit_batch(self, jobs: Iterable[Job], *, on_duplicate: str = "skip") -> BatchOutcome:
+        """Submit many jobs: one transaction per chunk, one wake-up per chunk.
+
+        A job that fails validation or serialisation is rejected on its own
+        (its outcome carries the error); the others are submitted.
+        """
+        mode = _mode(on_duplicate)
+        created = shm.now_us()
+        outcomes: List[Optional[Outcome]] = []
+        valid: List[Tuple[int, protocol.Item]] = []
+        for k, job in enumerate(jobs):
+            try:
+                if not isinstance(job, Job):
+                    raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
+                item = self._item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
+                                  job.max_attempts, created)
+            except (TypeError, ValueError, errors.EngineError) as e:
+                outcomes.append(Outcome("rejected", None, error=e))
+                continue
+            outcomes.append(None)
+            valid.append((k, item))
+        if valid:
+            sent = self._send_items([it for _, it in valid], mode)
+            for (k, _), o in zip(valid, sent):
+                outcomes[k] = o
+        return BatchOutcome(outcomes)  # type: ignore[arg-type]
+
+    def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
+              dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int) -> protocol.Item:
+        _check_name(name)
+        _check_priority(priority)
+        if max_attempts is None:
+            t = self.tasks.get(name)
+            max_attempts = t.max_attempts if t else self.DEFAULT_MAX_ATTEMPTS
+        _check_attempts(max_attempts)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"args must be a tuple or list, got {_short(args)}")
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, got {_short(kwargs)}")
+        body = dumps(self._ser, args, kwargs)
+        if len(body) > self.settings.max_payload:
+            raise errors.PayloadTooLarge(f"the payload of {name} is {len(body)} bytes; "
+                                         f"the limit is {self.settings.max_payload} (setting max_payload)")
+        dedup = None
+        if dedup_key is not None:
+            if not isinstance(dedup_key, (str, bytes)):
+                raise errors.InvalidArgument(f"dedup_key must be str or bytes, got {_short(dedup_key)}")
+            lo, hi = key_hash(name, dedup_key)
+            dedup = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+        return (0, name, body, self._ser, priority, dedup, 0, max_attempts, None, created)
+
+    def _send_items(self, items: List[protocol.Item], mode: int) -> List[Outcome]:
+        """Assign ids, send in chunks, and turn the answers into outcomes."""
+        seg = self.seg
+        first = seg.reserve_ids(len(items))
+        items = [(first + k,) + it[1:] for k, it in enumerate(items)]
+        out: List[Outcome] = []
+        limit = self.seg.info()["req_cap"] // 4
+        start = 0
+        while start < len(items):
+            end, size = start, 0
+            while end < len(items) and end - start < self.settings.chunk and (end == start or size < limit):
+                size += len(items[end][2]) + len(items[end][1]) + 64
+                end += 1
+            if end > start + 1 and size > limit:
+                end -= 1
+            out.extend(self._send_chunk(items[start:end], mode))
+            start = end
+        return out
+
+    def _send_chunk(self, items: List[protocol.Item], mode: int) -> List[Outcome]:
+        data = protocol.encode_request(mode, items)
+        while True:
+            seg = self.seg
+            pos = self._reserve(len(data), len(items))
+            seg.req_write(pos, data)
+            seg.req_publish(pos)
+            answer = self._await_answer(pos)
+            if answer is not None:
+                break
+            # The segment was rebuilt under us: send again; the writer
+            # checks which of these ids it already stored.
+            data = protocol.encode_request(mode | protocol.REPLAY, items)
+        kinds, flat = protocol.decode_answer(answer)
+        res = []
+        for k, it in enumerate(items):
+            kind = kinds[k]
+            tid, other = flat[2 * k], flat[2 * k + 1]
+            if kind == protocol.REJECTED:
+                err = errors.DuplicateTask(f"a live task {tid} of {it[1]} holds this dedup key "
+                                           f"(on_duplicate='reject')")
+                err.existing_id = tid  # type: ignore[attr-defined]
+                res.append(Outcome("rejected", None, error=err))
+            elif kind == protocol.SUPERSEDED:
+                res.append(Outcome("superseded", tid, replaced=other))
+            else:
+                res.append(Outcome(protocol.KIND_NAMES[kind], tid))
+        return res
+
+    def _reserve(self, nbytes: int, nitems: int) -> int:
+        need = max(nbytes, protocol.answer_room(nitems))
+        while True:
+            seg = self.seg
+            seen = seg.event(shm.EV_COMMIT)
+            pos = seg.req_reserve(need)
+            if pos is not None:
+                return pos
+            seg.notify(shm.EV_WRITER)  # the writer reclaims space as it answers
+            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
+                self._check_writer()
+
+    def _await_answer(self, pos: int) -> Optional[bytes]:
+        """The writer's answer to record `pos`, or None if the segment it is
+        in was replaced (the request must go again)."""
+        while True:
+            seg = self.seg  # a reconnect may have replaced the mapping
+            seen = seg.event(shm.EV_COMMIT)
+            h = seg.req_get(pos)
+            if h is not None and h.state == shm.REQ_ANSWERED:
+                data = seg.req_read(pos, h.nbytes)
+                seg.req_set_state(pos, shm.REQ_DONE)
+                return data
+            if h is None or h.state == shm.REQ_ABANDONED:
+                raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}")
+            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
+                if self._check_writer():
+                    return None
+
+    def _check_writer(self) -> bool:
+        """Restart a dead writer and follow a rebuilt segment; True if the segment changed."""
+        old = self.seg.generation
+        self._refresh()
+        return self.seg.generation != old
+
+    def _refresh(self) -> None:
+        """Restart a dead writer; follow a segment that was rebuilt."""
+        if not paths.writer_alive(self.path) or not self._segment_current():
+            self._connect()
+
+    def _segment_current(self) -> bool:
+        try:
+            return os.stat(self.seg.path).st_ino == self._seg_ino
+        except FileNotFoundError:
+            return False
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def claim(self, max: int = 64, timeout: Optional[float] = 1.0) -> List[Any]:
+        """Claim up to `max` tasks, waiting up to `timeout` seconds; [] if none came."""
+        from .workers import claim
+        return claim(self, max, timeout)
+
+    def run_workers(self, processes: int = 1, *, grace: Optional[float] = None) -> int:
+        """Run `processes` supervised worker processes until SIGTERM or SIGINT; returns 0."""
+        from .workers import Supervisor
+        return Supervisor(self, processes, grace=grace).run()
+
+    # ---- inspection ------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """Counts by state plus totals (completed counts flushed and unflushed work)."""
+        info = self.seg.info()
+        seg_counts = info["counts"]
+        try:
+            totals = self.reader.counters()
+            spilled = self.reader.spill_count()
+        except apsw.Error:
+            totals, spilled = {}, 0
+        counts = {
+            "waiting": seg_counts["waiting"],
+            "pending": seg_counts["pending"] + spilled,
+            "delayed": seg_counts["delayed"],
+            "running": seg_counts["running"],
+        }
+        for s in ("completed", "dead", "cancelled"):
+            counts[s] = totals.get(s, 0) + seg_counts[s]
+        return {
+            "counts": counts,
+            "submitted": totals.get("submitted", 0),
+            "spilled": spilled,
+            "capacity": info["capacity"],
+            "in_memory": info["capacity"] - info["free"],
+            "unflushed": info["ring"],
+            "claimed": info["stats"]["claimed"],
+            "fenced": info["stats"]["fenced"],
+            "expired": info["stats"]["expired"],
+            "repairs": info["stats"]["repairs"],
+            "generation": info["generation"],
+            "writer_alive": paths.writer_alive(self.path),
+        }
+
+    def get(self, tid: int) -> Optional[TaskInfo]:
+        """What is known about task `tid`, or None if there is no such task."""
+        rec = self.reader.task(tid)
+        if rec is None:
+            return None
+        hist = rec["history"]
+        state = "pending"
+        attempts = 0
+        started = finished = None
+        for attempt, st, at, _info in hist:
+            attempts = max(attempts, attempt)
+            state = STATE_NAMES[st]
+            if st == shm.RUNNING:
+                started = at / 1e6
+            if st in shm.TERMINAL:
+                finished = at / 1e6
+        live = self.seg.get(tid)
+        if live is not None:
+            state = live.state_name
+            attempts = max(attempts, live.attempt)
+        return TaskInfo(id=tid, name=rec["name"], state=state, priority=rec["priority"], attempts=attempts,
+                        max_attempts=rec["max_attempts"], created=rec["created"] / 1e6, started=started,
+                        finished=finished, dedup=rec["dedup"] is not None,
+                        spilled=rec["spilled"] and live is None)
+
+    def verify(self) -> None:
+        """Check the segment's invariants; raises SegmentCorrupt naming the first broken one."""
+        self.seg.verify()
+
+
+_FORK_KEEP: List[Any] = []
+
+
+def _mode(on_duplicate: str) -> int:
+    try:
+        return protocol.ON_DUPLICATE[on_duplicate]
+    except (KeyError, TypeError):
+        raise errors.InvalidArgument(
+            f"on_duplicate must be 'skip', 'supersede' or 'reject', got {_short(on_duplicate)}") from None
+
+
+def _check_priority(priority: Any) -> None:
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 255:
+        raise errors.InvalidArgument(f"priority must be an int in 0..255, got {_short(priority)}")
+
+
+def _check_attempts(n: Any) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1_000_000:
+        raise errors.InvalidArgument(f"max_attempts must be an int in 1..1000000, got {_short(n)}")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise errors.InvalidArgument(f"a task name must be a non-empty str of at most {MAX_NAME} "
+                                     f"characters, got {_short(name)}")

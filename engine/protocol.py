@@ -1,0 +1,71 @@
+"""The bytes a producer hands the writer through the segment's request area,
+and the answer the writer writes back in place.
+
+A request is one chunk of a submit: ``marshal`` of ``(on_duplicate, items)``.
+marshal is fast and only ever reads records that a process of the same user
+wrote in full (the area is mode 0600 and a record is read only once its
+producer published it).  An answer packs, per item, a kind byte and two
+64-bit ids, so it never needs more room than :func:`answer_room` reserves.
+"""
+from __future__ import annotations
+
+import marshal
+import struct
+from array import array
+from typing import List, Optional, Sequence, Tuple
+
+from . import errors
+
+ON_DUPLICATE = {"skip": 0, "supersede": 1, "reject": 2}
+#: Set in the mode when the producer sends a request again after the
+#: segment was rebuilt: the writer then checks which ids are already stored.
+REPLAY = 0x100
+
+# Outcome kinds, as the answer encodes them.
+INSERTED, DUPLICATE, SUPERSEDED, REJECTED = 0, 1, 2, 3
+KIND_NAMES = ("inserted", "duplicate", "superseded", "rejected")
+
+#: One job as it travels: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created)
+Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int]
+
+_HEAD = struct.Struct("<I")
+_ERROR = 0xFFFFFFFF
+
+
+def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
+    return marshal.dumps((on_duplicate, list(items)))
+
+
+def decode_request(data: bytes) -> Tuple[int, List[Item]]:
+    mode, items = marshal.loads(data)
+    return mode, items
+
+
+def answer_room(n: int) -> int:
+    """Bytes an answer for `n` items may take."""
+    return _HEAD.size + 17 * n + 256
+
+
+def encode_answer(kinds: Sequence[int], ids: Sequence[int], others: Sequence[int]) -> bytes:
+    flat = array("q")
+    for a, b in zip(ids, others):
+        flat.append(a)
+        flat.append(b)
+    return _HEAD.pack(len(kinds)) + bytes(kinds) + flat.tobytes()
+
+
+def encode_error(message: str) -> bytes:
+    raw = message.encode("utf-8", "replace")[:200]
+    return _HEAD.pack(_ERROR) + raw
+
+
+def decode_answer(data: bytes) -> Tuple[bytes, array]:
+    """(kinds, flat ids) where item k's id is flat[2k] and its other id flat[2k+1]."""
+    (n,) = _HEAD.unpack_from(data)
+    if n == _ERROR:
+        raise errors.SubmitFailed("the writer could not commit this submit, nothing of it was stored: "
+                                  + data[_HEAD.size:].decode("utf-8", "replace").rstrip("\0"))
+    kinds = data[_HEAD.size:_HEAD.size + n]
+    flat = array("q")
+    flat.frombytes(data[_HEAD.size + n:_HEAD.size + n + 16 * n])
+    return kinds, flat

@@ -1,0 +1,91 @@
+"""The writer's timed duties: leases, delayed tasks, refills, answers nobody
+will read, WAL checkpoints, and noticing that no client is left."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import apsw
+
+from . import paths, shm
+from .shm import now_us
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .writer import Writer
+
+#: Seconds between checks for a client-less database.
+EXIT_CHECK_INTERVAL = 0.25
+#: Most expired leases handled in one pass.
+EXPIRE_BATCH = 4096
+
+
+class Upkeep:
+    """Runs each duty when its interval has passed."""
+
+    def __init__(self, writer: "Writer") -> None:
+        self.w = writer
+        now = time.monotonic()
+        self.next_pass = now
+        self.next_checkpoint = now + writer.cfg.checkpoint_interval
+        self.next_exit_check = now + EXIT_CHECK_INTERVAL
+        self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
+        self.expired = 0
+
+    def maybe_run(self) -> None:
+        now = time.monotonic()
+        if now < self.next_pass:
+            return
+        self.next_pass = now + self.w.cfg.upkeep_interval
+        self.run_once()
+        if now >= self.next_checkpoint:
+            self.next_checkpoint = now + self.w.cfg.checkpoint_interval
+            self.checkpoint()
+
+    def run_once(self) -> None:
+        seg = self.w.seg
+        t = now_us()
+        while True:
+            _, n = seg.expire(t, EXPIRE_BATCH, self.expire_buf)
+            self.expired += n
+            if n < EXPIRE_BATCH:
+                break
+        seg.promote(t)
+        self.w.rebalance()
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """Free request records whose producer read its answer or died waiting."""
+        seg = self.w.seg
+        head, _ = seg.req_bounds()
+        pos = head
+        while pos < self.w.scan:
+            h = seg.req_next(pos)
+            if h is None or h.pos >= self.w.scan:
+                break
+            if h.state == shm.REQ_ANSWERED and not paths.pid_alive(h.pid):
+                seg.req_set_state(h.pos, shm.REQ_ABANDONED)
+            elif h.state not in (shm.REQ_DONE, shm.REQ_ABANDONED):
+                break
+            pos = h.pos + h.len
+        seg.req_reclaim(self.w.scan)
+
+    def checkpoint(self) -> None:
+        """PASSIVE on a timer; TRUNCATE once the WAL outgrows its bound."""
+        store = self.w.store
+        try:
+            if store.wal_bytes() > self.w.cfg.wal_truncate_bytes:
+                store.checkpoint(truncate=True)
+            else:
+                store.checkpoint()
+        except apsw.BusyError:
+            pass  # a reader holds an old snapshot; the next pass tries again
+        except apsw.Error as e:
+            print(f"headrace writer: checkpoint failed: {e}", file=sys.stderr)
+
+    def due_exit_check(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_exit_check:
+            return False
+        self.next_exit_check = now + EXIT_CHECK_INTERVAL
+        return True

@@ -1,0 +1,313 @@
+"""Workers: claiming from the segment, running task functions, reporting
+outcomes there, and the supervisor that keeps N worker processes alive.
+
+A worker never writes the database: it changes the task's slot and the
+writer flushes the change.  It reads payloads through a read-only
+connection.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+from . import errors, shm
+from .api import loads
+from .shm import Ticket, now_us
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import Queue
+
+#: Named exit codes of worker processes.
+EXIT_OK = 0
+EXIT_CRASHED = 1
+#: Seconds between the supervisor's checks on its children and the writer.
+SUPERVISE_INTERVAL = 0.1
+#: Seconds an idle claim waits before it checks that its segment is current.
+IDLE_CHECK = 0.5
+
+
+class ClaimedJob:
+    """A claimed attempt of one task; report it with :meth:`complete` or :meth:`fail`."""
+
+    __slots__ = ("queue", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
+                 "done")
+
+    def __init__(self, queue: "Queue", ticket: Ticket, name: str, args: tuple, kwargs: dict,
+                 max_attempts: int, created_us: int) -> None:
+        self.queue = queue
+        self.ticket = ticket
+        self.id = ticket.id
+        self.attempt = ticket.attempt
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.max_attempts = max_attempts
+        self.created = created_us / 1e6
+        self.done = False
+
+    def complete(self, result: None = None) -> bool:
+        """Mark the task completed; False if this attempt was fenced (it is stale).
+
+        Storing return values is not supported yet, so `result` must be None.
+        """
+        if result is not None:
+            raise errors.InvalidArgument("storing task results is not supported yet; complete() takes no result")
+        self.done = True
+        return self.queue.seg.finish(self.ticket, shm.COMPLETED)
+
+    def fail(self, error: Optional[BaseException] = None, retry: bool = True) -> bool:
+        """Report a failed attempt: back to pending while attempts remain and
+        `retry` is true, else dead.  False if this attempt was fenced."""
+        state = shm.PENDING if retry and self.attempt < self.max_attempts else shm.DEAD
+        self.done = True
+        return self.queue.seg.finish(self.ticket, state)
+
+    def heartbeat(self) -> bool:
+        """Renew this attempt's lease; False if it was fenced."""
+        return self.queue.seg.heartbeat(self.ticket, now_us() + int(self.queue.settings.lease * 1e6))
+
+    def __repr__(self) -> str:
+        return f"<ClaimedJob {self.id} {self.name} attempt {self.attempt}>"
+
+
+def claim(q: "Queue", max: int, timeout: Optional[float]) -> List[ClaimedJob]:
+    """Claim up to `max` best pending tasks, waiting up to `timeout` seconds."""
+    if not isinstance(max, int) or isinstance(max, bool) or not 1 <= max <= 1 << 20:
+        raise errors.InvalidArgument(f"max must be an int in 1..{1 << 20}, got {max!r}")
+    if timeout is not None and not timeout >= 0:
+        raise errors.InvalidArgument(f"timeout must be None or >= 0, got {timeout!r}")
+    lease_us = int(q.settings.lease * 1e6)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    next_check = time.monotonic() + IDLE_CHECK
+    buf = _tickets(q, max)
+    while True:
+        seg = q.seg
+        seen = seg.event(shm.EV_PENDING)
+        _, n = seg.pop_batch(max, now_us() + lease_us, buf)
+        if n:
+            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)])
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return []
+        if now >= next_check:
+            next_check = now + IDLE_CHECK
+            q._refresh()
+            continue
+        wait = IDLE_CHECK if deadline is None else min(IDLE_CHECK, deadline - now)
+        seg.wait(shm.EV_PENDING, seen, wait)
+
+
+def _tickets(q: "Queue", n: int) -> Any:
+    cache: Dict[int, Any] = q.__dict__.setdefault("_ticket_bufs", {})
+    buf = cache.get(n)
+    if buf is None:
+        buf = cache[n] = shm.Segment.tickets(n)
+    return buf
+
+
+def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
+    rows = q.reader.jobs([t.id for t in tickets])
+    jobs = []
+    for t in tickets:
+        row = rows.get(t.id)
+        if row is None:  # cannot happen: a task reaches the segment only after its commit
+            print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
+            q.seg.finish(t, shm.PENDING)
+            continue
+        name, ser, max_attempts, created, body = row
+        try:
+            args, kwargs = loads(ser, body)
+        except Exception as e:
+            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({e}); it is dead",
+                  file=sys.stderr)
+            q.seg.finish(t, shm.DEAD)
+            continue
+        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created))
+    return jobs
+
+
+def execute(q: "Queue", job: ClaimedJob) -> bool:
+    """Run one claimed job and report its outcome; True if it completed."""
+    task = q.tasks.get(job.name)
+    if task is None:
+        err = errors.UnknownTask(f"no task named {job.name!r} is registered in this worker "
+                                 f"(known: {', '.join(sorted(q.tasks)) or 'none'})")
+        print(f"headrace worker: task {job.id}: {err}; it is dead", file=sys.stderr)
+        job.fail(err, retry=False)
+        return False
+    try:
+        task.fn(*job.args, **job.kwargs)
+    except Exception as e:
+        print(f"headrace worker: task {job.id} ({job.name}) attempt {job.attempt} failed: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        job.fail(e)
+        return False
+    job.complete()
+    return True
+
+
+class _Leases(threading.Thread):
+    """Renews the leases of the jobs this worker holds, so that a lease only
+    runs out when the worker is gone."""
+
+    def __init__(self, q: "Queue") -> None:
+        super().__init__(daemon=True, name="headrace-leases")
+        self.q = q
+        self.held: Dict[int, ClaimedJob] = {}
+        self.lock = threading.Lock()
+        self.quit = threading.Event()
+
+    def hold(self, jobs: List[ClaimedJob]) -> None:
+        with self.lock:
+            for j in jobs:
+                self.held[j.id] = j
+
+    def drop(self, job: ClaimedJob) -> None:
+        with self.lock:
+            self.held.pop(job.id, None)
+
+    def run(self) -> None:
+        period = max(0.05, self.q.settings.lease / 3)
+        while not self.quit.wait(period):
+            with self.lock:
+                jobs = list(self.held.values())
+            for j in jobs:
+                if not j.done:
+                    j.heartbeat()
+
+
+def work(q: "Queue", stopping: Callable[[], bool]) -> None:
+    """Claim and run jobs until `stopping()`; jobs claimed but not started go back."""
+    leases = _Leases(q)
+    leases.start()
+    batch = q.settings.claim_batch
+    try:
+        while not stopping():
+            jobs = claim(q, batch, IDLE_CHECK)
+            leases.hold(jobs)
+            for i, job in enumerate(jobs):
+                if stopping():
+                    for rest in jobs[i:]:
+                        q.seg.finish(rest.ticket, shm.PENDING)
+                        leases.drop(rest)
+                    break
+                execute(q, job)
+                leases.drop(job)
+    finally:
+        leases.quit.set()
+
+
+class Supervisor:
+    """Keeps `processes` worker processes running until SIGTERM or SIGINT,
+    then drains: no new claims, running jobs finish within the grace period."""
+
+    def __init__(self, q: "Queue", processes: int, grace: Optional[float] = None) -> None:
+        if not isinstance(processes, int) or isinstance(processes, bool) or not 1 <= processes <= 1024:
+            raise errors.InvalidArgument(f"processes must be an int in 1..1024, got {processes!r}")
+        self.q = q
+        self.n = processes
+        self.grace = q.settings.grace if grace is None else grace
+        self.children: Dict[int, int] = {}  # pid -> index
+        self.stop = False
+        self.replaced = 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop = True
+
+    def run(self) -> int:
+        sigs = {signal.SIGTERM, signal.SIGINT}
+        # Signals stay blocked while children are forked; each child unblocks
+        # them once its own handlers are in place.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        old = {s: signal.getsignal(s) for s in sigs}
+        try:
+            for i in range(self.n):
+                self._spawn(i, old_mask)
+            for s in sigs:
+                signal.signal(s, self._on_signal)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        try:
+            next_writer_check = 0.0
+            while not self.stop:
+                time.sleep(SUPERVISE_INTERVAL)
+                self._reap(respawn=not self.stop, mask=old_mask)
+                now = time.monotonic()
+                if now >= next_writer_check:
+                    next_writer_check = now + 0.5
+                    self.q._refresh()
+            self._drain()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return EXIT_OK
+
+    def _spawn(self, index: int, mask: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            self.children[pid] = index
+            return
+        code = EXIT_CRASHED
+        try:
+            flag = {"stop": False}
+
+            def on_term(signum: int, frame: Any) -> None:
+                flag["stop"] = True
+            signal.signal(signal.SIGTERM, on_term)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self.q._after_fork()
+            work(self.q, lambda: flag["stop"])
+            code = EXIT_OK
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _reap(self, respawn: bool, mask: Any = None) -> None:
+        for pid in list(self.children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if not done:
+                continue
+            index = self.children.pop(pid)
+            if respawn:
+                self.replaced += 1
+                print(f"headrace: worker {index} (pid {pid}) died with status {status}; replacing it",
+                      file=sys.stderr)
+                self._spawn(index, mask)
+
+    def _drain(self) -> None:
+        for pid in self.children:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while self.children and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self._reap(respawn=False)
+        for pid in list(self.children):
+            print(f"headrace: worker pid {pid} did not finish within {self.grace} s; killing it", file=sys.stderr)
+            _signal(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.clear()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+

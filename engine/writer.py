@@ -1,0 +1,543 @@
+"""The writer: the one process that writes the database.
+
+It holds ``PATH.lock`` for its whole life.  Each turn of its loop it takes
+whatever producers have published in the request area and whatever workers
+have reported in the dirty ring, writes both in one transaction, commits,
+and only then places the new tasks in the segment, answers the producers
+(group commit: one commit covers every waiter it includes) and advances the
+ring.  Between turns it runs upkeep (:mod:`engine.upkeep`).
+
+Run it as ``python -m engine.writer PATH`` (``Queue`` starts it for you).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import apsw
+
+from . import config, errors, paths, protocol, shm
+from .shm import Segment, now_us
+from .store import SQLiteStore, TaskRow
+from .upkeep import Upkeep
+
+#: Ids handed out by a rebuilt segment start this far above any seen before,
+#: so that a producer replaying a request from the old segment never meets
+#: an id that someone else was given since.
+ID_GAP = 1 << 32
+#: Most spilled tasks one rebalance moves into the segment.
+SWAP_MAX = 4096
+#: Exit codes.
+EXIT_OK = 0
+EXIT_LOCKED = 0  # another writer runs: not an error
+EXIT_FAILED = 2
+EXIT_STORE = paths.EXIT_STORE  # the database cannot be opened
+
+_TERMINAL_NAMES = {shm.COMPLETED: "completed", shm.DEAD: "dead", shm.CANCELLED: "cancelled"}
+
+
+def _rank(prio: int, seq: int) -> Tuple[int, int]:
+    """Sort key: smaller runs first."""
+    return 255 - prio, seq
+
+
+def dedup_split(d: bytes) -> Tuple[int, int]:
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:16], "little")
+
+
+class Writer:
+    """One writer for one database; :meth:`run` until no client is left."""
+
+    def __init__(self, db: str, cfg: config.Settings, sync: str = "normal") -> None:
+        self.db = db
+        self.cfg = cfg
+        self.stop = False
+        self.lock_fd = paths.open_private(paths.lock_path(db))
+        if not paths.try_flock(self.lock_fd, exclusive=True):
+            os.close(self.lock_fd)
+            raise errors.WriterUnavailable("another writer holds the lock")
+        os.ftruncate(self.lock_fd, 0)
+        os.write(self.lock_fd, f"{os.getpid()}\n".encode())
+        self.clients_fd = paths.open_private(paths.clients_path(db))
+        self.store = SQLiteStore(db, sync)
+        self.name = paths.segment_name(db)
+        self.seg, rebuilt = self._open_segment()
+        clean = self.store.meta_get("clean", 0)
+        with self.store.transaction():
+            self.store.meta_set("clean", 0)
+        if not rebuilt and not clean:
+            self._reconcile()
+        self.spill_n = self.store.spill_count()
+        self.spill_top = self._spill_rank()
+        head, tail = self.seg.req_bounds()
+        self.scan = head
+        # A record published before this writer started may have been
+        # committed by the last one, which died before it answered.
+        self.replay_before = tail
+        self.dirty_buf = Segment.dirty_records(cfg.flush_rows)
+        self.last_flush = time.monotonic()
+        self.upkeep = Upkeep(self)
+        shm.set_wait_spin(cfg.writer_spin_us)
+
+    # ---- the segment ------------------------------------------------------------
+
+    def _open_segment(self) -> Tuple[Segment, bool]:
+        gen = self.store.meta_get("generation")
+        old_next_id = 0
+        try:
+            seg = Segment.attach(self.name)
+        except errors.SegmentNotFound:
+            seg = None
+        except errors.SegmentError as e:
+            print(f"headrace writer: segment unusable ({e}); rebuilding it from the database", file=sys.stderr)
+            seg = None
+        if seg is not None:
+            try:
+                if gen is not None and seg.generation == int(gen):
+                    seg.verify()
+                    return seg, False
+                old_next_id = seg.info()["next_id"]
+            except errors.SegmentError as e:
+                print(f"headrace writer: segment fails verification ({e}); rebuilding it", file=sys.stderr)
+            seg.close()
+        return self._rebuild(old_next_id), True
+
+    def _rebuild(self, old_next_id: int) -> Segment:
+        """A new segment holding every live task, swapped in atomically."""
+        tmp = f"{self.name}.new{os.getpid()}"
+        Segment.unlink(tmp)
+        seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
+        fill = self._fill_target(seg.capacity)
+        live = self.store.live()
+        batch: List[Any] = []
+        spilled: List[Tuple[int, int, int]] = []
+        max_seq = placed = 0
+        for row in live:
+            max_seq = max(max_seq, row[2])
+            if placed < fill:
+                batch.append(row)
+                placed += 1
+                if len(batch) >= 4096:
+                    self._place(seg, batch)
+                    batch = []
+            else:
+                spilled.append((row[1], row[2], row[0]))
+        self._place(seg, batch)
+        first = seg.reserve_seq(0)
+        if max_seq >= first:
+            seg.reserve_seq(max_seq - first + 1)
+        seg.raise_next_id(max(self.store.max_id(), old_next_id) + ID_GAP)
+        with self.store.transaction():
+            self.store.spill_reset(spilled)
+            self.store.meta_set("generation", seg.generation)
+        os.rename(seg.path, shm.segment_path(self.name))
+        seg.path = shm.segment_path(self.name)
+        return seg
+
+    def _fill_target(self, capacity: int) -> int:
+        """Slots a refill fills up to; the rest stays free for new high-priority work."""
+        return max(1, capacity - int(capacity * self.cfg.refill_free / 2))
+
+    @staticmethod
+    def _place(seg: Segment, rows: Sequence[Any]) -> List[Any]:
+        """Insert live rows (id, prio, seq, run_at, dedup, attempt) as pending;
+        returns the rows that did not fit."""
+        if not rows:
+            return []
+        t = Segment.tasks(len(rows))
+        for k, (tid, prio, seq, _run_at, dedup, attempt) in enumerate(rows):
+            shm.fill_task(t[k], tid, prio=prio, seq=seq, dedup=dedup_split(dedup) if dedup else None,
+                          attempt=attempt)
+        out, _ = seg.push_batch(t, len(rows))
+        return [rows[k] for k in range(len(rows)) if out[k] == shm.lib.HR_E_FULL]
+
+    def _reconcile(self) -> None:
+        """After a crash with the segment intact: every live task is in the
+        segment or in the spill store, never in neither."""
+        rows = [(r[1], r[2], r[0]) for r in self.store.live() if self.seg.get(r[0]) is None]
+        with self.store.transaction():
+            self.store.spill_reset(rows)
+
+    def _spill_rank(self) -> Optional[Tuple[int, int]]:
+        best = self.store.spill_best()
+        return None if best is None else _rank(*best)
+
+    # ---- one turn ------------------------------------------------------------------
+
+    def _gather(self) -> List[Tuple[Any, int, list]]:
+        """Published requests from the scan position, up to one chunk of items."""
+        recs: List[Tuple[Any, int, list]] = []
+        n = 0
+        pos = self.scan
+        seg = self.seg
+        while True:
+            h = seg.req_next(pos)
+            if h is None:
+                break
+            if h.state == shm.REQ_READY:
+                mode, items = protocol.decode_request(seg.req_read(h.pos, h.nbytes))
+                if recs and n + len(items) > self.cfg.chunk:
+                    pos = h.pos
+                    break
+                recs.append((h, mode, items))
+                n += len(items)
+            elif h.state == shm.REQ_RESERVED:
+                if paths.pid_alive(h.pid):
+                    pos = h.pos
+                    break  # its producer is still writing it
+                seg.req_set_state(h.pos, shm.REQ_ABANDONED)
+            pos = h.pos + h.len
+        self.scan = pos
+        return recs
+
+    def turn(self, force_flush: bool = False) -> bool:
+        """Commit what has arrived; returns whether there was anything."""
+        recs = self._gather()
+        seg = self.seg
+        dirty_n, epoch = 0, 0
+        now = time.monotonic()
+        due = recs or force_flush or now - self.last_flush >= self.cfg.flush_interval
+        if due and seg.info()["ring"]:
+            _, dirty_n, epoch = seg.peek_dirty(self.cfg.flush_rows, self.dirty_buf)
+        if not recs and not dirty_n:
+            return False
+        plan = _Plan()
+        try:
+            with self.store.transaction():
+                for h, mode, items in recs:
+                    self._decide(plan, h, mode, items)
+                self._write_new(plan)
+                if dirty_n:
+                    self._write_dirty(dirty_n)
+                self._fault("commit")
+        except (apsw.Error, OSError) as e:
+            msg = f"{type(e).__name__}: {e}"
+            print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
+            for h, _, _ in recs:
+                seg.req_answer(h.pos, protocol.encode_error(msg))
+            if recs:
+                seg.notify(shm.EV_COMMIT)
+            self.spill_n = self.store.spill_count()
+            self.spill_top = self._spill_rank()
+            time.sleep(0.05)
+            return True
+        self._fault("committed")
+        # Committed: now the segment may show it.
+        for tid in plan.cancel_live:
+            try:
+                seg.cancel(tid)
+            except (errors.TaskNotFound, errors.InvalidState):
+                pass
+        leftover = self._place(seg, plan.place)
+        if leftover:  # cannot happen while only the writer allocates; keep them anyway
+            with self.store.transaction():
+                self._spill([(r[1], r[2], r[0]) for r in leftover])
+        if plan.swap:
+            self.rebalance()  # before answering: a claim after the submit sees the best task
+        for h, answer in plan.answers:
+            seg.req_answer(h.pos, answer)
+        if plan.answers:
+            seg.notify(shm.EV_COMMIT)
+        if dirty_n:
+            self.last_flush = now
+            try:
+                seg.advance_dirty(dirty_n, epoch)
+            except errors.Stale:
+                pass  # the ring was rebuilt by a repair; the next peek sees it all again
+        return True
+
+    def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
+        """Authoritative dedup for one request; fills the plan and its answer."""
+        n = len(items)
+        kinds = bytearray(n)
+        ids = [0] * n
+        others = [0] * n
+        replay: Any = ()
+        if mode & protocol.REPLAY or h.pos < self.replay_before:
+            replay = set(self.store.existing([it[0] for it in items]))
+        mode &= ~protocol.REPLAY
+        last: Dict[bytes, int] = {}
+        for k, it in enumerate(items):
+            if it[5] is not None:
+                last[it[5]] = k
+        for k, it in enumerate(items):
+            tid, dedup = it[0], it[5]
+            if dedup is not None and last[dedup] != k:
+                continue  # an earlier twin in this batch: the last one wins
+            if tid in replay:
+                kinds[k], ids[k] = protocol.INSERTED, tid
+                continue
+            if dedup is not None:
+                old = self._live_holder(plan, dedup)
+                if old is not None:
+                    if mode == protocol.ON_DUPLICATE["skip"]:
+                        kinds[k], ids[k] = protocol.DUPLICATE, old
+                        continue
+                    if mode == protocol.ON_DUPLICATE["reject"]:
+                        kinds[k], ids[k] = protocol.REJECTED, old
+                        continue
+                    self._supersede(plan, old)
+                    kinds[k], ids[k], others[k] = protocol.SUPERSEDED, tid, old
+                else:
+                    kinds[k], ids[k] = protocol.INSERTED, tid
+                plan.keys[dedup] = tid
+            else:
+                kinds[k], ids[k] = protocol.INSERTED, tid
+            plan.new.append(it)
+        for k, it in enumerate(items):
+            dedup = it[5]
+            if dedup is not None and last[dedup] != k:
+                w = last[dedup]
+                kinds[k], ids[k] = protocol.DUPLICATE, ids[w]
+        plan.answers.append((h, protocol.encode_answer(kinds, ids, others)))
+
+    def _live_holder(self, plan: "_Plan", dedup: bytes) -> Optional[int]:
+        tid = plan.keys.get(dedup)
+        if tid is not None:
+            return tid
+        slot = self.seg.dedup_lookup(dedup_split(dedup))
+        if slot is not None:
+            return self.seg.read_slot(slot).id
+        if self.spill_n:
+            return self.store.spill_find_dedup(dedup)
+        return None
+
+    def _supersede(self, plan: "_Plan", old: int) -> None:
+        for i, it in enumerate(plan.new):
+            if it[0] == old:  # inserted earlier in this same turn: never stored at all
+                del plan.new[i]
+                return
+        if self.seg.get(old) is not None:
+            plan.cancel_live.append(old)
+        else:  # spilled
+            self.store.spill_remove([old])
+            self.store.record_outcomes([(old, 0, shm.CANCELLED, now_us(), None)])
+            self.store.bump({"cancelled": 1})
+
+    def _write_new(self, plan: "_Plan") -> None:
+        """Insert this turn's new tasks; the best-ranked that fit go to the
+        segment after the commit, the rest to the spill store now."""
+        new = plan.new
+        if not new:
+            return
+        first = self.seg.reserve_seq(len(new))
+        rows: List[TaskRow] = []
+        for k, (tid, name, body, ser, prio, dedup, run_at, max_att, group, created) in enumerate(new):
+            rows.append((tid, name, prio, first + k, created, run_at, dedup, group, max_att, ser, body))
+        self.store.insert_tasks(rows)
+        self.store.bump({"submitted": len(rows), "submit_txns": 1})
+        top = self.spill_top
+        ahead = [r for r in rows if top is None or _rank(r[2], r[3]) < top]
+        if len(ahead) < len(rows):
+            behind = {r[0] for r in ahead}
+            spill = [(r[2], r[3], r[0]) for r in rows if r[0] not in behind]
+        else:
+            spill = []
+        free = self.seg.info()["free"]
+        if len(ahead) > free:
+            ahead.sort(key=lambda r: _rank(r[2], r[3]))
+            spill.extend((r[2], r[3], r[0]) for r in ahead[free:])
+            ahead = ahead[:free]
+            plan.swap = True  # some may outrank what the segment holds
+        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0) for r in ahead)
+        if spill:
+            self._spill(spill)
+
+    def _spill(self, rows: List[Tuple[int, int, int]]) -> None:
+        self.store.spill_add(rows)
+        self.spill_n += len(rows)
+        best = min(_rank(p, s) for p, s, _ in rows)
+        if self.spill_top is None or best < self.spill_top:
+            self.spill_top = best
+
+    def _write_dirty(self, n: int) -> None:
+        buf = self.dirty_buf
+        at = now_us()
+        rows = []
+        done: Dict[str, int] = {}
+        for k in range(n):
+            r = buf[k].rec
+            rows.append((r.id, r.attempt, r.state, at, None))
+            name = _TERMINAL_NAMES.get(r.state)
+            if name:
+                done[name] = done.get(name, 0) + 1
+        self.store.record_outcomes(rows)
+        self.store.bump(done)
+
+    # ---- spill and refill -------------------------------------------------------------
+
+    def rebalance(self) -> None:
+        """Keep every spilled task ranked below every pending one in the
+        segment (swapping when a spilled one outranks the segment's worst),
+        and refill the segment from the spill store as it drains."""
+        if not self.spill_n:
+            return
+        seg = self.seg
+        info = seg.info()
+        cap, free = info["capacity"], info["free"]
+        tops = self.store.spill_ranks(SWAP_MAX)
+        take = 0
+        if free >= cap * self.cfg.refill_free or info["counts"]["pending"] == 0:
+            take = min(len(tops), free, max(1, self._fill_target(cap) - (cap - free)))
+        free -= take
+        evicted: List[Tuple[int, int, int]] = []
+        for r in tops[take:]:
+            w = seg.peek_worst()
+            if w is None or not r < _rank(w.prio, w.seq):
+                break
+            if free > 0:
+                free -= 1
+            else:
+                try:
+                    e = seg.evict_worst()
+                except errors.SlotBusy:
+                    break  # its change must reach disk first; the next pass tries again
+                if e is None:
+                    break
+                evicted.append((e.prio, e.seq, e.id))
+            take += 1
+        if not take:
+            return
+        with self.store.transaction():
+            if evicted:
+                self.store.spill_add(evicted)
+            rows = self.store.spill_take(take)
+        rows = [r for r in rows if seg.get(r[0]) is None]
+        self._place(seg, rows)
+        self.spill_n = self.store.spill_count()
+        self.spill_top = self._spill_rank()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _fault(self, site: str) -> None:
+        spec = os.environ.get("HEADRACE_WRITER_FAULT", "")
+        if spec:
+            name, _, hit = spec.partition(":")
+            if name == site:
+                self._fault_hits = getattr(self, "_fault_hits", 0) + 1
+                if self._fault_hits >= int(hit or 1):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    def idle(self) -> bool:
+        head, tail = self.seg.req_bounds()
+        return self.seg.info()["ring"] == 0 and self.seg.req_next(self.scan) is None
+
+    def no_clients(self) -> bool:
+        if paths.try_flock(self.clients_fd, exclusive=True):
+            return True
+        return False
+
+    def run(self) -> int:
+        cfg = self.cfg
+        seg = self.seg
+        idle_since: Optional[float] = None
+        while True:
+            seen = seg.event(shm.EV_WRITER)
+            busy = self.turn()
+            self.upkeep.maybe_run()
+            if self.stop:
+                break
+            if busy:
+                idle_since = None
+                continue
+            if self.upkeep.due_exit_check():
+                if self.no_clients():
+                    if idle_since is None:
+                        idle_since = time.monotonic()
+                    fcntl.flock(self.clients_fd, fcntl.LOCK_UN)
+                    if time.monotonic() - idle_since >= cfg.idle_exit:
+                        # Hold the clients lock: a new client waits for us to
+                        # finish, then starts a fresh writer.
+                        if paths.try_flock(self.clients_fd, exclusive=True):
+                            break
+                else:
+                    idle_since = None
+            timeout = cfg.flush_interval if seg.info()["ring"] else cfg.upkeep_interval
+            seg.wait(shm.EV_WRITER, seen, timeout)
+        self.shutdown()
+        return EXIT_OK
+
+    def shutdown(self) -> None:
+        """Write everything outstanding, mark the database clean, checkpoint."""
+        for _ in range(1000):
+            if not self.turn(force_flush=True):
+                break
+        with self.store.transaction():
+            self.store.meta_set("clean", 1)
+        try:
+            self.store.checkpoint(truncate=True)
+        except apsw.Error:
+            pass
+        self.store.close()
+        # Nothing in the segment is needed any more (the database holds it
+        # all), and a segment left behind would outlive a deleted database.
+        Segment.unlink(self.name)
+        self.seg.close()
+
+
+class _Plan:
+    """What one turn will write and then do."""
+
+    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap")
+
+    def __init__(self) -> None:
+        self.new: List[Any] = []
+        self.keys: Dict[bytes, int] = {}
+        self.place: List[Any] = []
+        self.answers: List[Tuple[Any, bytes]] = []
+        self.cancel_live: List[int] = []
+        self.swap = False
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.writer")
+    ap.add_argument("db")
+    ap.add_argument("--daemon", action="store_true", help="detach (fork) before running")
+    ap.add_argument("--sync", default="normal")
+    ap.add_argument("--settings", default="{}", help="JSON of engine.config settings")
+    a = ap.parse_args(argv)
+    cfg = config.settings(**json.loads(a.settings))
+    db = os.path.abspath(a.db)
+    if a.daemon:
+        # Fail here, where the starting process sees the exit code, on a
+        # database that cannot be opened; then detach.
+        try:
+            SQLiteStore(db, a.sync).close()
+        except errors.StoreError as e:
+            print(f"headrace writer: {e}", file=sys.stderr)
+            return EXIT_STORE
+        _daemonize()
+    try:
+        w = Writer(db, cfg, a.sync)
+    except errors.WriterUnavailable:
+        return EXIT_LOCKED
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILED
+
+    def on_signal(signum: int, frame: Any) -> None:
+        w.stop = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return w.run()
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

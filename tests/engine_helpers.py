@@ -1,0 +1,138 @@
+"""Helpers for end-to-end tests: real writer, worker and producer processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import psutil
+
+from helpers import CHILD_CWD, child_env
+
+#: A worker program: tasks append "arg pid attempt" lines to a log file.
+WORKER_APP = r'''
+import os, sys, time
+import engine
+
+db, log, procs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tuning = eval(sys.argv[4]) if len(sys.argv) > 4 else {}
+q = engine.Queue(db, **tuning)
+
+def _log(line):
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, (line + "\n").encode())
+    os.close(fd)
+
+@q.task(name="t.record")
+def record(i, sleep=0.0):
+    _log(f"start {i} {os.getpid()}")
+    if sleep:
+        time.sleep(sleep)
+    _log(f"done {i} {os.getpid()}")
+
+@q.task(name="t.boom", max_attempts=2)
+def boom(i):
+    _log(f"boom {i} {os.getpid()}")
+    raise RuntimeError(f"boom {i}")
+
+print("ready", flush=True)
+sys.exit(q.run_workers(processes=procs, grace=float(tuning.get("grace", 30.0))))
+'''
+
+#: A producer program: submits ids [lo, hi) one by one or in batches and
+#: prints each acknowledged id as soon as its submit returned.
+PRODUCER_APP = r'''
+import sys
+import engine
+
+db, lo, hi, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+q = engine.Queue(db)
+i = lo
+while i < hi:
+    if batch <= 1:
+        tid = q.submit("t.record", args=(i,))
+        print(i, tid, flush=True)
+        i += 1
+    else:
+        end = min(hi, i + batch)
+        out = q.submit_batch([engine.Job("t.record", args=(k,)) for k in range(i, end)])
+        for k, o in zip(range(i, end), out.outcomes):
+            assert o.kind == "inserted", o
+            print(k, o.id, flush=True)
+        i = end
+q.close()
+'''
+
+
+def start_workers(db: str, log: str, processes: int = 2, tuning: Optional[Dict] = None) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", WORKER_APP, db, log, str(processes), repr(tuning or {})],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                         cwd=CHILD_CWD)
+    line = p.stdout.readline()  # type: ignore[union-attr]
+    assert line.strip() == "ready", (line, p.stderr.read() if p.poll() is not None else "")  # type: ignore[union-attr]
+    # The supervisor has its handlers once its workers exist.
+    sup = psutil.Process(p.pid)
+    wait_for(lambda: len(sup.children()) >= processes or p.poll() is not None, what="worker processes")
+    return p
+
+
+def start_producer(db: str, lo: int, hi: int, batch: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PRODUCER_APP, db, str(lo), str(hi), str(batch)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            cwd=CHILD_CWD)
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    if p.poll() is None:
+        p.send_signal(sig)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+
+
+def read_log(log: str) -> List[List[str]]:
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def done_counts(log: str) -> Dict[int, int]:
+    out: Dict[int, int] = {}
+    for parts in read_log(log):
+        if parts[0] == "done":
+            out[int(parts[1])] = out.get(int(parts[1]), 0) + 1
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def writer_pid(db: str) -> Optional[int]:
+    try:
+        with open(db + ".lock") as f:
+            txt = f.read().strip()
+        return int(txt) if txt else None
+    except (OSError, ValueError):
+        return None
+
+
+def kill_writer(db: str) -> Optional[int]:
+    pid = writer_pid(db)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pid

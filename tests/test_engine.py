@@ -1,0 +1,466 @@
+"""The engine end to end, with a real writer process and real workers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import engine
+from engine import errors, paths, shm
+from engine_helpers import (done_counts, kill_writer, read_log, start_producer, start_workers, stop,
+                            wait_for, writer_pid)
+from helpers import CHILD_CWD, child_env
+
+
+def _order(q: engine.Queue, n: int):
+    """Claim `n` tasks one at a time, as a single worker would, completing each."""
+    out = []
+    while len(out) < n:
+        jobs = q.claim(max=1, timeout=10)
+        assert jobs, f"only {len(out)} of {n} tasks came out"
+        j = jobs[0]
+        out.append(j.args[0])
+        assert j.complete()
+    return out
+
+
+def test_submit_is_durable_and_claimable(db):
+    with engine.Queue(db) as q:
+        tid = q.submit("t.x", args=(1, "a"), kwargs={"k": [1, 2]})
+        # Durable on return: another connection already reads it.
+        rec = engine.store.Reader(db).task(tid)
+        assert rec is not None and rec["name"] == "t.x"
+        [job] = q.claim(max=5, timeout=5)
+        assert (job.id, job.args, job.kwargs, job.attempt) == (tid, (1, "a"), {"k": [1, 2]}, 1)
+        assert job.complete()
+        wait_for(lambda: q.stats()["counts"]["completed"] == 1 and q.stats()["unflushed"] == 0)
+        info = q.get(tid)
+        assert info.state == "completed" and info.attempts == 1
+
+
+def test_priority_and_fifo_across_single_and_batch_submits(db):
+    with engine.Queue(db) as q:
+        expect = []
+        q.submit("t", args=("s0-p1",), priority=1)
+        q.submit_batch([engine.Job("t", args=(f"b0-{i}-p1",), priority=1) for i in range(3)])
+        q.submit("t", args=("s1-p9",), priority=9)
+        q.submit_batch([engine.Job("t", args=(f"b1-{i}-p{p}",), priority=p) for i, p in enumerate([0, 9, 1])])
+        q.submit("t", args=("s2-p0",), priority=0)
+        q.submit("t", args=("s3-p255",), priority=255)
+        expect = ["s3-p255", "s1-p9", "b1-1-p9", "s0-p1", "b0-0-p1", "b0-1-p1", "b0-2-p1", "b1-2-p1",
+                  "b1-0-p0", "s2-p0"]
+        assert _order(q, len(expect)) == expect
+
+
+def test_priority_order_through_a_worker_process(db, tmp_path):
+    log = str(tmp_path / "log")
+    with engine.Queue(db) as q:
+        prios = [(i * 37) % 11 for i in range(200)]
+        q.submit_batch([engine.Job("t.record", args=(i,), priority=p) for i, p in enumerate(prios)])
+        w = start_workers(db, log, processes=1, tuning={"claim_batch": 1})
+        try:
+            wait_for(lambda: len(done_counts(log)) == 200, what="200 tasks done")
+        finally:
+            assert stop(w) == 0
+    ran = [int(p[1]) for p in read_log(log) if p[0] == "start"]
+    assert ran == sorted(range(200), key=lambda i: (-prios[i], i))
+
+
+def test_batch_outcomes_dedup_rules(db):
+    with engine.Queue(db) as q:
+        a = q.submit("t", args=(1,), dedup_key="a")
+        assert q.submit("t", args=(2,), dedup_key="a") == a  # skip: the live task's id
+        with pytest.raises(errors.DuplicateTask) as ei:
+            q.submit("t", args=(3,), dedup_key="a", on_duplicate="reject")
+        assert ei.value.existing_id == a
+        out = q.submit_batch([
+            engine.Job("t", args=("x1",), dedup_key="x"),
+            engine.Job("t", args=("a-new",), dedup_key="a"),
+            engine.Job("t", args=("x2",), dedup_key="x"),   # last wins inside the batch
+            engine.Job("t", args=("plain",)),
+        ], on_duplicate="supersede")
+        kinds = [o.kind for o in out.outcomes]
+        assert kinds == ["duplicate", "superseded", "inserted", "inserted"]
+        x2 = out.outcomes[2].id
+        assert out.outcomes[0].id == x2
+        assert out.superseded == [(out.outcomes[1].id, a)]
+        assert out.inserted == [out.outcomes[1].id, x2, out.outcomes[3].id]
+        assert out.duplicates == [x2]
+        # The superseded task is cancelled; the rest run, x1 never does.
+        got = sorted(map(str, _order(q, 3)))
+        assert got == ["a-new", "plain", "x2"]
+        assert q.claim(max=5, timeout=0.2) == []
+        wait_for(lambda: q.get(a).state == "cancelled", what="superseded task cancelled")
+        out = q.submit_batch([engine.Job("t", args=(9,), dedup_key="a"), engine.Job("t", args=(10,), dedup_key="z")],
+                             on_duplicate="reject")
+        # "a-new" completed, so its key is free again.
+        assert [o.kind for o in out.outcomes] == ["inserted", "inserted"]
+        out = q.submit_batch([engine.Job("t", args=(11,), dedup_key="z")], on_duplicate="reject")
+        assert out.outcomes[0].kind == "rejected" and isinstance(out.outcomes[0].error, errors.DuplicateTask)
+        assert out.rejected[0][0] == 0
+
+
+def test_mixed_batch_rejects_bad_items_and_keeps_the_rest(db):
+    class Opaque:
+        def __repr__(self):
+            return "<Opaque thing>"
+
+    with engine.Queue(db) as q:
+        out = q.submit_batch([
+            engine.Job("t", args=(1,)),
+            engine.Job("t", args=(Opaque(),)),
+            engine.Job("t", args=(2,), priority=256),
+            engine.Job("t", args=(3,), priority=-1),
+            engine.Job("", args=(4,)),
+            engine.Job("t", args=(5,)),
+            "not a job",
+        ])
+        kinds = [o.kind for o in out.outcomes]
+        assert kinds == ["inserted", "rejected", "rejected", "rejected", "rejected", "inserted", "rejected"]
+        errs = [o.error for o in out.outcomes]
+        assert isinstance(errs[1], TypeError) and "<Opaque thing>" in str(errs[1])
+        assert isinstance(errs[2], errors.InvalidArgument) and "256" in str(errs[2])
+        assert isinstance(errs[2], ValueError)
+        assert isinstance(errs[4], errors.InvalidArgument)
+        assert sorted(_order(q, 2)) == [1, 5]
+
+
+def test_single_submit_bad_input_raises_typed_errors(db):
+    with engine.Queue(db) as q:
+        with pytest.raises(TypeError, match=r"\{1, 2\}"):
+            q.submit("t", args=({1, 2},))
+        with pytest.raises(errors.InvalidArgument, match="300"):
+            q.submit("t", priority=300)
+        with pytest.raises(errors.InvalidArgument, match="True"):
+            q.submit("t", priority=True)
+        with pytest.raises(errors.InvalidArgument, match="on_duplicate"):
+            q.submit("t", on_duplicate="maybe")
+        with pytest.raises(errors.PayloadTooLarge):
+            q.submit("t", args=("x" * (q.settings.max_payload + 1),))
+        tid = q.submit("t", args=(1,))
+        assert [j.id for j in q.claim(max=5, timeout=5)] == [tid]
+
+
+def test_pickle_serializer_is_opt_in(db):
+    with engine.Queue(db, serializer="pickle") as q:
+        tid = q.submit("t", args=({1, 2}, b"raw"))
+        [j] = q.claim(max=1, timeout=5)
+        assert j.id == tid and j.args == ({1, 2}, b"raw")
+    with pytest.raises(errors.InvalidArgument):
+        engine.Queue(db, serializer="yaml")
+
+
+def test_chunking_one_transaction_and_one_wakeup_per_chunk(db):
+    with engine.Queue(db, capacity=40000) as q:
+        before = q.reader.counters().get("submit_txns", 0)
+        ev = q.seg.event(shm.EV_PENDING)
+        out = q.submit_batch([engine.Job("t", args=(i,)) for i in range(25_000)])
+        assert len(out.inserted) == 25_000
+        assert q.reader.counters()["submit_txns"] - before == 3   # 10k + 10k + 5k
+        assert q.seg.event(shm.EV_PENDING) - ev == 3               # one wake-up per chunk
+        # FIFO within the priority across the chunks.
+        jobs = q.claim(max=25_000, timeout=5)
+        assert [j.args[0] for j in jobs] == list(range(25_000))
+
+
+def test_two_paths_to_one_file_share_one_segment_and_writer(db, tmp_path):
+    link = str(tmp_path / "alias.db")
+    with engine.Queue(db) as q1:
+        os.symlink(db, link)
+        with engine.Queue(link) as q2:
+            assert q1.seg.path == q2.seg.path
+            rel = os.path.relpath(db)
+            with engine.Queue(rel) as q3:
+                assert q3.seg.path == q1.seg.path
+            tid = q2.submit("t", args=(1,))
+            [j] = q1.claim(max=1, timeout=5)
+            assert j.id == tid
+        assert paths.writer_alive(db)
+
+
+def test_database_path_errors(tmp_path):
+    with pytest.raises(errors.StoreError, match="does not exist"):
+        engine.Queue(str(tmp_path / "missing" / "q.db"))
+    with pytest.raises(errors.StoreError):
+        engine.Queue("/proc/headrace-test.db")  # unwritable, even for root
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(errors.StoreError):
+        engine.Queue(str(f / "q.db"))
+
+
+def test_foreign_file_is_refused(db):
+    with open(db, "wb") as f:
+        f.write(b"this is not a database" * 100)
+    with pytest.raises(errors.EngineError):
+        engine.Queue(db)
+
+
+def test_end_to_end_two_producers_two_workers_exactly_once(db, tmp_path):
+    log = str(tmp_path / "log")
+    n = 3000
+    with engine.Queue(db):
+        w = start_workers(db, log, processes=2)
+        try:
+            p1 = start_producer(db, 0, n // 2, batch=1)
+            p2 = start_producer(db, n // 2, n, batch=100)
+            out1, err1 = p1.communicate(timeout=120)
+            out2, err2 = p2.communicate(timeout=120)
+            assert p1.returncode == 0, err1
+            assert p2.returncode == 0, err2
+            acked = {int(line.split()[0]) for line in (out1 + out2).splitlines()}
+            assert acked == set(range(n))
+            wait_for(lambda: len(done_counts(log)) == n, timeout=120, what="all tasks done")
+            time.sleep(0.3)
+        finally:
+            assert stop(w) == 0
+    counts = done_counts(log)
+    assert set(counts) == set(range(n))
+    assert set(counts.values()) == {1}, "a task ran twice without any crash"
+    pids = {p[2] for p in read_log(log)}
+    assert len(pids) == 2, "both worker processes took work"
+
+
+def test_sigterm_drains_running_task_then_exits_zero(db, tmp_path):
+    log = str(tmp_path / "log")
+    with engine.Queue(db) as q:
+        w = start_workers(db, log, processes=1, tuning={"grace": 10.0})
+        q.submit("t.record", args=(7, 1.5))
+        wait_for(lambda: any(p[0] == "start" for p in read_log(log)), what="task started")
+        t0 = time.monotonic()
+        assert stop(w, signal.SIGTERM) == 0
+        assert time.monotonic() - t0 >= 1.0  # waited for the task
+        assert done_counts(log) == {7: 1}
+        wait_for(lambda: q.stats()["counts"]["completed"] == 1, what="completion flushed")
+
+
+def test_sigint_drains_too(db, tmp_path):
+    log = str(tmp_path / "log")
+    w = start_workers(db, log, processes=2)
+    assert stop(w, signal.SIGINT) == 0
+
+
+def test_killed_worker_tasks_run_again_and_worker_is_replaced(db, tmp_path):
+    log = str(tmp_path / "log")
+    with engine.Queue(db) as q:
+        w = start_workers(db, log, processes=2, tuning={"lease": 1.0, "claim_batch": 4})
+        try:
+            q.submit_batch([engine.Job("t.record", args=(i, 0.3)) for i in range(12)])
+            wait_for(lambda: any(p[0] == "start" for p in read_log(log)), what="a task started")
+            victim = int(read_log(log)[0][2])
+            held = {int(p[1]) for p in read_log(log) if p[0] == "start" and int(p[2]) == victim}
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: set(done_counts(log)) == set(range(12)), timeout=60, what="every task done")
+            # The victim's tasks ran again on another process.
+            for i in held:
+                assert any(p[0] == "done" and int(p[1]) == i and int(p[2]) != victim for p in read_log(log))
+            assert len({p[2] for p in read_log(log)}) >= 2
+        finally:
+            rc = stop(w)
+        err = w.stderr.read()
+        assert rc == 0
+        assert "replacing it" in err
+        wait_for(lambda: q.stats()["counts"]["completed"] == 12, what="completions flushed")
+
+
+def test_unknown_task_fails_clearly_and_worker_lives(db, tmp_path):
+    log = str(tmp_path / "log")
+    with engine.Queue(db) as q:
+        w = start_workers(db, log, processes=1)
+        try:
+            bad = q.submit("no.such.task", args=(1,))
+            good = q.submit("t.record", args=(2,))
+            wait_for(lambda: done_counts(log) == {2: 1}, what="the good task ran")
+            wait_for(lambda: q.get(bad).state == "dead", what="the unknown task is dead")
+            assert q.get(good).state in ("completed", "running")
+        finally:
+            assert stop(w) == 0
+        assert "no task named 'no.such.task'" in w.stderr.read()
+
+
+def test_failing_task_retries_up_to_max_attempts_then_dead(db, tmp_path):
+    log = str(tmp_path / "log")
+    with engine.Queue(db) as q:
+        w = start_workers(db, log, processes=1)
+        try:
+            tid = q.submit("t.boom", args=(1,), max_attempts=2)
+            wait_for(lambda: q.get(tid).state == "dead", what="dead after 2 attempts")
+        finally:
+            assert stop(w) == 0
+        assert [p[0] for p in read_log(log)] == ["boom", "boom"]
+        assert q.get(tid).attempts == 2
+
+
+def test_writer_killed_under_load_loses_no_acknowledged_submit(db, tmp_path):
+    log = str(tmp_path / "log")
+    n = 4000
+    with engine.Queue(db):
+        producers = [start_producer(db, 0, n // 2, batch=1), start_producer(db, n // 2, n, batch=50)]
+        killed = set()
+        deadline = time.monotonic() + 60
+        while any(p.poll() is None for p in producers) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            pid = kill_writer(db)
+            if pid:
+                killed.add(pid)
+        outs = [p.communicate(timeout=120) for p in producers]
+        for p, (_, err) in zip(producers, outs):
+            assert p.returncode == 0, err
+        acked = {}
+        for out, _ in outs:
+            for line in out.splitlines():
+                i, tid = map(int, line.split())
+                acked[i] = tid
+        assert set(acked) == set(range(n))
+        assert len(killed) >= 2, "the writer was never killed while producers ran"
+        # It came back: every acknowledged id is stored and runs.
+        w = start_workers(db, log, processes=2)
+        try:
+            wait_for(lambda: set(done_counts(log)) == set(range(n)), timeout=120, what="all acknowledged tasks ran")
+        finally:
+            assert stop(w) == 0
+        assert writer_pid(db) not in killed
+
+
+def test_simulated_reboot_recovers_acknowledged_unfinished_tasks(db):
+    q = engine.Queue(db, lease=60.0)
+    ids = q.submit_batch([engine.Job("t", args=(i,), priority=i % 3) for i in range(300)]).inserted
+    running = q.claim(max=50, timeout=5)
+    assert len(running) == 50
+    done = q.claim(max=50, timeout=5)
+    for j in done:
+        assert j.complete()
+    wait_for(lambda: q.stats()["unflushed"] == 0, what="flush")
+    stale = running[0]
+    # Every process dies, and the segment goes with the "reboot".
+    kill_writer(db)
+    wait_for(lambda: not paths.writer_alive(db), what="writer dead")
+    seg_path = q.seg.path
+    q.close()
+    os.unlink(seg_path)
+    q = engine.Queue(db, lease=60.0)
+    try:
+        done_ids = {j.id for j in done}
+        left = set(ids) - done_ids
+        jobs = q.claim(max=1000, timeout=5)
+        got = {j.id for j in jobs}
+        assert got == left
+        # Attempts are fenced: a task that was running gets a new attempt,
+        # and the stale attempt's completion is ignored.
+        again = {j.id: j for j in jobs}[stale.id]
+        assert again.attempt > stale.attempt
+        stale.queue = q  # the same stale attempt, reported through the new segment
+        assert not stale.complete()
+        # Order survived: best priority first, FIFO within it.
+        rank = {tid: (-(i % 3), i) for i, tid in enumerate(ids)}
+        assert [j.id for j in jobs] == sorted(got, key=rank.__getitem__)
+    finally:
+        q.close()
+
+
+def test_backlog_three_times_capacity_drains_in_priority_order(db):
+    cap = 64
+    with engine.Queue(db, capacity=cap) as q:
+        prios = [(i * 7919) % 13 for i in range(3 * cap)]
+        q.submit_batch([engine.Job("t", args=(i,), priority=p) for i, p in enumerate(prios)])
+        s = q.stats()
+        assert s["spilled"] > 0 and s["in_memory"] <= cap
+        # A new high-priority task still runs before every spilled one.
+        q.submit("t", args=("urgent",), priority=200)
+        got = _order(q, 3 * cap + 1)
+        assert got[0] == "urgent"
+        assert got[1:] == sorted(range(3 * cap), key=lambda i: (-prios[i], i))
+        assert q.stats()["spilled"] == 0
+
+
+def test_spill_keeps_dedup(db):
+    with engine.Queue(db, capacity=8) as q:
+        q.submit_batch([engine.Job("t", args=(i,), priority=9) for i in range(8)])
+        low = q.submit("t", args=("low",), priority=0, dedup_key="k")
+        assert q.get(low).spilled
+        assert q.submit("t", args=("again",), dedup_key="k") == low
+        new = q.submit("t", args=("new",), dedup_key="k", on_duplicate="supersede")
+        assert new != low
+        wait_for(lambda: q.get(low).state == "cancelled", what="spilled task superseded")
+        assert sorted(map(str, _order(q, 9))) == sorted([str(i) for i in range(8)] + ["new"])
+
+
+def test_one_writer_even_when_many_open_at_once(db):
+    code = "import sys, engine; q = engine.Queue(sys.argv[1]); q.submit('t'); print('ok'); q.close()"
+    ps = [subprocess.Popen([sys.executable, "-c", code, db], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=child_env(), cwd=CHILD_CWD) for _ in range(4)]
+    for p in ps:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.strip() == "ok", err
+    with engine.Queue(db) as q:
+        assert q.stats()["submitted"] == 4
+        pid = writer_pid(db)
+        kill_writer(db)
+        q.submit("t")   # the next process that needs a writer restarts it
+        assert writer_pid(db) != pid and paths.writer_alive(db)
+
+
+def test_writer_exits_after_last_client_closes(db):
+    q = engine.Queue(db, idle_exit=0.2)
+    q.submit("t")
+    assert paths.writer_alive(db)
+    seg_path = q.seg.path
+    q.close()
+    wait_for(lambda: not paths.writer_alive(db), timeout=20, what="writer exit")
+    assert not os.path.exists(seg_path)
+    with engine.Queue(db) as q:  # the next open rebuilds from the database
+        [j] = q.claim(max=5, timeout=5)
+        assert j.name == "t"
+
+
+def test_cli_stats_inspect_worker(db, tmp_path):
+    app = tmp_path / "cliapp.py"
+    app.write_text(
+        "import os, engine\n"
+        f"q = engine.Queue({db!r})\n"
+        "@q.task(name='cli.touch')\n"
+        "def touch(p):\n"
+        "    open(p, 'a').write('x')\n")
+    mark = str(tmp_path / "mark")
+    with engine.Queue(db) as q:
+        tid = q.submit("cli.touch", args=(mark,))
+        w = subprocess.Popen([sys.executable, "-m", "engine", "worker", "cliapp:q", "--processes", "1"],
+                             cwd=str(tmp_path), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            wait_for(lambda: os.path.exists(mark), what="the CLI worker ran the task")
+        finally:
+            assert stop(w) == 0
+        wait_for(lambda: q.get(tid).state == "completed", what="completion flushed")
+    r = subprocess.run([sys.executable, "-m", "engine", "stats", db, "--json"], capture_output=True, text=True,
+                       env=child_env(), cwd=CHILD_CWD, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["counts"]["completed"] == 1 and s["submitted"] == 1
+    r = subprocess.run([sys.executable, "-m", "engine", "stats", db], capture_output=True, text=True,
+                       env=child_env(), cwd=CHILD_CWD, timeout=60)
+    assert "completed" in r.stdout and r.returncode == 0
+    r = subprocess.run([sys.executable, "-m", "engine", "inspect", db, str(tid), "--json"], capture_output=True,
+                       text=True, env=child_env(), cwd=CHILD_CWD, timeout=60)
+    t = json.loads(r.stdout)
+    assert t["state"] == "completed" and t["name"] == "cli.touch" and t["attempts"] == 1
+    r = subprocess.run([sys.executable, "-m", "engine", "inspect", db, "999999"], capture_output=True, text=True,
+                       env=child_env(), cwd=CHILD_CWD, timeout=60)
+    assert r.returncode == 1 and "no task 999999" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine", "stats", str(tmp_path / "nope.db")], capture_output=True,
+                       text=True, env=child_env(), cwd=CHILD_CWD, timeout=60)
+    assert r.returncode == 1 and "no database" in r.stderr
+
+
+def test_demo_runs_and_verifies(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "engine", "demo", "--tasks", "3000", "--processes", "2",
+                        "--path", str(tmp_path / "demo.db")], capture_output=True, text=True, env=child_env(),
+                       cwd=CHILD_CWD, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted 3,000, completed 3,000, lost 0" in r.stdout
+    assert "enqueue -> done" in r.stdout and "p99" in r.stdout
