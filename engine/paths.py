@@ -91,7 +91,7 @@ def spawn_writer(db: str, args: List[str]) -> None:
         # for the intermediate process, which exits at once.
         p = subprocess.Popen([sys.executable, "-m", "engine.writer", "--daemon", db, *args],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-                             start_new_session=True, env=_writer_env())
+                             start_new_session=True, env=_writer_env(), cwd="/")
         rc = p.wait(timeout=30)
     finally:
         os.close(log)
@@ -116,7 +116,8 @@ def _last_line(path: str) -> str:
 
 def _writer_env() -> Optional[dict]:
     env = dict(os.environ)
-    # Make the package importable the way this process imported it.
+    # The writer imports the very package this process imported (it runs
+    # from "/", so no checkout in the working directory can shadow it).
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
