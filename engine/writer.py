@@ -55,14 +55,11 @@ def dedup_split(d: bytes) -> Tuple[int, int]:
 class Writer:
     """One writer for one database; :meth:`run` until no client is left."""
 
-    def __init__(self, db: str, cfg: config.Settings, sync: str = "normal") -> None:
+    def __init__(self, db: str, cfg: config.Settings, sync: str = "normal", lock_fd: int = -1) -> None:
         self.db = db
         self.cfg = cfg
         self.stop = False
-        self.lock_fd = paths.open_private(paths.lock_path(db))
-        if not paths.try_flock(self.lock_fd, exclusive=True):
-            os.close(self.lock_fd)
-            raise errors.WriterUnavailable("another writer holds the lock")
+        self.lock_fd = lock_fd if lock_fd >= 0 else take_lock(db)
         os.ftruncate(self.lock_fd, 0)
         os.write(self.lock_fd, f"{os.getpid()}\n".encode())
         self.clients_fd = paths.open_private(paths.clients_path(db))
@@ -496,6 +493,15 @@ class _Plan:
         self.swap = False
 
 
+def take_lock(db: str) -> int:
+    """The writer lock of `db`, held until the returned fd is closed (or we die)."""
+    fd = paths.open_private(paths.lock_path(db))
+    if not paths.try_flock(fd, exclusive=True):
+        os.close(fd)
+        raise errors.WriterUnavailable("another writer holds the lock")
+    return fd
+
+
 def _daemonize() -> None:
     if os.fork() > 0:
         os._exit(0)
@@ -511,19 +517,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     cfg = config.settings(**json.loads(a.settings))
     db = os.path.abspath(a.db)
-    if a.daemon:
-        # Fail here, where the starting process sees the exit code, on a
-        # database that cannot be opened; then detach.
-        try:
-            SQLiteStore(db, a.sync).close()
-        except errors.StoreError as e:
-            print(f"headrace writer: {e}", file=sys.stderr)
-            return EXIT_STORE
-        _daemonize()
     try:
-        w = Writer(db, cfg, a.sync)
+        lock_fd = take_lock(db)  # the forked daemon inherits it
     except errors.WriterUnavailable:
         return EXIT_LOCKED
+    # Fail here, where the starting process sees the exit code, on a
+    # database that cannot be opened; then detach.
+    try:
+        SQLiteStore(db, a.sync).close()
+    except errors.StoreError as e:
+        print(f"headrace writer: {e}", file=sys.stderr)
+        return EXIT_STORE
+    if a.daemon:
+        _daemonize()
+    try:
+        w = Writer(db, cfg, a.sync, lock_fd)
     except Exception:
         traceback.print_exc()
         return EXIT_FAILED
