@@ -40,10 +40,13 @@ def _json_default(value: Any) -> Any:
                     "pass JSON values, or open the queue with serializer='pickle' for trusted code")
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), default=_json_default).encode
+
+
 def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
     """Serialise a call's arguments; TypeError names a value that cannot be."""
     if ser == 0:
-        return json.dumps([list(args), dict(kwargs)], separators=(",", ":"), default=_json_default).encode()
+        return _JSON((args, kwargs)).encode()
     try:
         return pickle.dumps((tuple(args), dict(kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
@@ -193,10 +196,13 @@ class Queue:
         # one segment.  Hard links are not supported, as in SQLite itself.
         self.path = os.path.realpath(os.fspath(path))
         self.tasks: Dict[str, Task] = {}
+        self._names: Dict[str, int] = {}  # validated task names -> their default max_attempts
+        self._max_payload = self.settings.max_payload
         self._seg: Optional[Segment] = None
         self._seg_ino = 0
         self._reader: Optional[Reader] = None
         self._clients_fd = -1
+        shm.set_wait_spin(self.settings.wait_spin_us)  # per process
         self._open_files()
         try:
             self._connect()
@@ -326,6 +332,7 @@ class Queue:
             _check_name(tname)
             t = Task(self, f, tname, priority, attempts)
             self.tasks[tname] = t
+            self._names.pop(tname, None)
             return t
         return register(fn) if fn is not None else register
 
@@ -376,20 +383,28 @@ class Queue:
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int) -> protocol.Item:
-        _check_name(name)
-        _check_priority(priority)
-        if max_attempts is None:
+        default_attempts = self._names.get(name)
+        if default_attempts is None:
+            _check_name(name)
             t = self.tasks.get(name)
-            max_attempts = t.max_attempts if t else self.DEFAULT_MAX_ATTEMPTS
-        _check_attempts(max_attempts)
-        if not isinstance(args, (list, tuple)):
+            default_attempts = t.max_attempts if t else self.DEFAULT_MAX_ATTEMPTS
+            self._names[name] = default_attempts
+        if priority.__class__ is not int or not 0 <= priority <= 255:
+            _check_priority(priority)
+        if max_attempts is None:
+            max_attempts = default_attempts
+        else:
+            _check_attempts(max_attempts)
+        if args.__class__ is not tuple and not isinstance(args, list):
             raise TypeError(f"args must be a tuple or list, got {_short(args)}")
-        if not isinstance(kwargs, Mapping):
+        if kwargs.__class__ is not dict and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a mapping, got {_short(kwargs)}")
+        if kwargs and not all(k.__class__ is str for k in kwargs):
+            raise TypeError(f"kwargs keys must be str, got {_short(list(kwargs))}")
         body = dumps(self._ser, args, kwargs)
-        if len(body) > self.settings.max_payload:
+        if len(body) > self._max_payload:
             raise errors.PayloadTooLarge(f"the payload of {name} is {len(body)} bytes; "
-                                         f"the limit is {self.settings.max_payload} (setting max_payload)")
+                                         f"the limit is {self._max_payload} (setting max_payload)")
         dedup = None
         if dedup_key is not None:
             if not isinstance(dedup_key, (str, bytes)):

@@ -54,6 +54,14 @@ def encode_answer(kinds: Sequence[int], ids: Sequence[int], others: Sequence[int
     return _HEAD.pack(len(kinds)) + bytes(kinds) + flat.tobytes()
 
 
+def encode_inserted(ids: Sequence[int]) -> bytes:
+    """The answer when every item was inserted under its own id."""
+    n = len(ids)
+    flat = array("q", bytes(16 * n))
+    flat[0::2] = array("q", ids)
+    return _HEAD.pack(n) + bytes(n) + flat.tobytes()
+
+
 def encode_error(message: str) -> bytes:
     raw = message.encode("utf-8", "replace")[:200]
     return _HEAD.pack(_ERROR) + raw

@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import stat
+import struct
 import tempfile
 import time
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
@@ -162,6 +163,7 @@ class Segment:
         self._ticket = ffi.new("hr_ticket *")
         self._i32 = ffi.new("int32_t[1]")
         self._msg = ffi.new("char[]", 512)
+        self._info = ffi.new("hr_info *")
         # The buffers above are shared by every call on this object, and cffi
         # releases the GIL during a C call: methods that use them must not run
         # in two threads at once.  heartbeat (a lease thread), the id counter
@@ -623,6 +625,12 @@ class Segment:
         rc = lib.hr_verify(self._mem, self._msg, len(self._msg))
         check(rc, f"segment {self.path}", ffi.string(self._msg).decode() or None)
 
+    def raw_info(self) -> Any:
+        """The ``hr_info`` counters as a cffi struct (reused by the next call): the cheap form of :meth:`info`."""
+        i = self._info
+        check(lib.hr_get_info(self._mem, i), "info")
+        return i
+
     def info(self) -> Dict[str, Any]:
         """Counters and sizes, read under the lock."""
         i = ffi.new("hr_info *")
@@ -644,6 +652,32 @@ class Segment:
                 "repairs", "fenced", "claimed", "finished", "inserted", "expired", "evicted",
                 "lock_spins_won", "lock_sleeps")},
         }
+
+
+# hr_task as bytes: id, seq, run_at, dedup_lo, dedup_hi, aux, group, attempt, prio, state, flags.
+_TASK = struct.Struct("<QQqQQQIIBBB5x")
+_KEY = struct.Struct("<QQ")
+assert _TASK.size == ffi.sizeof("hr_task")
+
+
+def pack_tasks(rows: Any) -> Tuple[Any, int]:
+    """An ``hr_task[]`` from rows of (id, prio, seq, state, run_at, dedup, attempt),
+    where dedup is the 16-byte key or None; for the writer's bulk inserts.
+    The C side validates every record again."""
+    pack = _TASK.pack
+    key = _KEY.unpack
+    parts = []
+    for tid, prio, seq, state, run_at, dedup, attempt in rows:
+        if dedup is None:
+            parts.append(pack(tid, seq, run_at, 0, 0, 0, 0, attempt, prio, state, 0))
+        else:
+            lo, hi = key(dedup)
+            parts.append(pack(tid, seq, run_at, lo, hi, 0, 0, attempt, prio, state, F_DEDUP))
+    n = len(parts)
+    arr = ffi.new("hr_task[]", n)
+    if n:
+        ffi.memmove(arr, b"".join(parts), n * _TASK.size)
+    return arr, n
 
 
 def fill_task(t: Any, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,

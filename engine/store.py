@@ -32,8 +32,8 @@ BUSY_TIMEOUT_MS = 10_000
 PENDING, DELAYED, WAITING, RUNNING, COMPLETED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6, 7
 TERMINAL_MIN = COMPLETED
 
-#: One row of ``tasks`` joined with its payload, as the writer inserts it.
-TaskRow = Tuple[int, str, int, int, int, int, Optional[bytes], Optional[str], int, int, bytes]
+#: One row of ``tasks``: (id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser)
+TaskRow = Tuple[int, str, int, int, int, int, Optional[bytes], Optional[str], int, int]
 #: (id, attempt, state, at_us, info)
 OutcomeRow = Tuple[int, int, int, int, Optional[bytes]]
 #: What the segment needs to hold a live task:
@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS spill(
 CREATE INDEX IF NOT EXISTS spill_id ON spill(id);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 """
+
+
+_INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?)")
+_INSERT_PAYLOAD = "INSERT INTO payloads(id,body) VALUES(?,?)"
 
 
 # ---- connection settings: each a named function applied on connect ---------
@@ -140,8 +145,8 @@ class Store:
         """A context manager: one atomic commit."""
         raise NotImplementedError
 
-    def insert_tasks(self, rows: Sequence[TaskRow]) -> None:
-        """Append new tasks and their payloads."""
+    def insert_tasks(self, rows: Sequence[TaskRow], bodies: Sequence[Tuple[int, bytes]]) -> None:
+        """Append new tasks and their (id, payload) rows."""
         raise NotImplementedError
 
     def existing(self, ids: Sequence[int]) -> List[int]:
@@ -199,6 +204,10 @@ class Store:
         """Add to running totals."""
         raise NotImplementedError
 
+    def recount(self) -> None:
+        """Recompute the running totals from the tables (after a crash)."""
+        raise NotImplementedError
+
 
 class SQLiteStore(Store):
     """The embedded default: one SQLite file in WAL mode, written by one process."""
@@ -208,6 +217,7 @@ class SQLiteStore(Store):
         self.conn = connect(path, [set_busy_timeout, set_wal, set_synchronous(sync),
                                    disable_autocheckpoint, set_cache])
         self._prepare()
+        self._txn = _Txn(self.conn)
 
     def _prepare(self) -> None:
         c = self.conn
@@ -231,16 +241,19 @@ class SQLiteStore(Store):
 
     # ---- transactions ---------------------------------------------------------
 
-    def transaction(self) -> Any:
-        return self.conn
+    def transaction(self) -> "_Txn":
+        return self._txn
 
     # ---- writes --------------------------------------------------------------
 
-    def insert_tasks(self, rows: Sequence[TaskRow]) -> None:
+    def insert_tasks(self, rows: Sequence[TaskRow], bodies: Sequence[Tuple[int, bytes]]) -> None:
         c = self.conn
-        c.executemany("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser) "
-                      "VALUES(?,?,?,?,?,?,?,?,?,?)", [r[:10] for r in rows])
-        c.executemany("INSERT INTO payloads(id,body) VALUES(?,?)", [(r[0], r[10]) for r in rows])
+        if len(rows) == 1:  # the one-by-one submit: execute is cheaper than executemany
+            c.execute(_INSERT_TASK, rows[0])
+            c.execute(_INSERT_PAYLOAD, bodies[0])
+            return
+        c.executemany(_INSERT_TASK, rows)
+        c.executemany(_INSERT_PAYLOAD, bodies)
 
     def existing(self, ids: Sequence[int]) -> List[int]:
         out = []
@@ -316,6 +329,14 @@ class SQLiteStore(Store):
             "INSERT INTO counters(name, n) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET n = n + excluded.n",
             [(k, v) for k, v in counts.items() if v])
 
+    def recount(self) -> None:
+        c = self.conn
+        totals = {"submitted": c.execute("SELECT count(*) FROM tasks").fetchall()[0][0]}
+        for state, name in ((COMPLETED, "completed"), (DEAD, "dead"), (CANCELLED, "cancelled")):
+            totals[name] = c.execute("SELECT count(DISTINCT id) FROM outcomes WHERE state = ?",
+                                     (state,)).fetchall()[0][0]
+        c.executemany("INSERT OR REPLACE INTO counters(name, n) VALUES(?, ?)", list(totals.items()))
+
     # ---- checkpoints (the writer owns them) ----------------------------------------
 
     def checkpoint(self, truncate: bool = False) -> Tuple[int, int]:
@@ -327,6 +348,24 @@ class SQLiteStore(Store):
             return os.path.getsize(self.path + "-wal")
         except OSError:
             return 0
+
+
+class _Txn:
+    """BEGIN ... COMMIT, or ROLLBACK on an exception (cheaper than a savepoint)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        elif not self.conn.get_autocommit():
+            self.conn.execute("ROLLBACK")
 
 
 class Reader:

@@ -53,6 +53,7 @@ class Upkeep:
         seg.promote(t)
         self.w.rebalance()
         self.reclaim()
+        self.w.write_totals()
 
     def reclaim(self) -> None:
         """Free request records whose producer read its answer or died waiting."""

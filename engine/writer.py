@@ -71,6 +71,12 @@ class Writer:
             self.store.meta_set("clean", 0)
         if not rebuilt and not clean:
             self._reconcile()
+        if not clean:
+            with self.store.transaction():
+                self.store.recount()
+        #: Totals committed but not yet added to the counters table (upkeep
+        #: writes them; a crash loses them and the next start recounts).
+        self.totals: Dict[str, int] = {}
         self.spill_n = self.store.spill_count()
         self.spill_top = self._spill_rank()
         head, tail = self.seg.req_bounds()
@@ -148,12 +154,12 @@ class Writer:
         returns the rows that did not fit."""
         if not rows:
             return []
-        t = Segment.tasks(len(rows))
-        for k, (tid, prio, seq, _run_at, dedup, attempt) in enumerate(rows):
-            shm.fill_task(t[k], tid, prio=prio, seq=seq, dedup=dedup_split(dedup) if dedup else None,
-                          attempt=attempt)
-        out, _ = seg.push_batch(t, len(rows))
-        return [rows[k] for k in range(len(rows)) if out[k] == shm.lib.HR_E_FULL]
+        t, n = shm.pack_tasks([(tid, prio, seq, shm.PENDING, 0, dedup, attempt)
+                               for tid, prio, seq, _run_at, dedup, attempt in rows])
+        out, ok = seg.push_batch(t, n)
+        if ok == n:
+            return []
+        return [rows[k] for k in range(n) if out[k] == shm.lib.HR_E_FULL]
 
     def _reconcile(self) -> None:
         """After a crash with the segment intact: every live task is in the
@@ -201,7 +207,7 @@ class Writer:
         dirty_n, epoch = 0, 0
         now = time.monotonic()
         due = recs or force_flush or now - self.last_flush >= self.cfg.flush_interval
-        if due and seg.info()["ring"]:
+        if due and seg.raw_info().ring_size:
             _, dirty_n, epoch = seg.peek_dirty(self.cfg.flush_rows, self.dirty_buf)
         if not recs and not dirty_n:
             return False
@@ -212,7 +218,7 @@ class Writer:
                     self._decide(plan, h, mode, items)
                 self._write_new(plan)
                 if dirty_n:
-                    self._write_dirty(dirty_n)
+                    self._write_dirty(plan, dirty_n)
                 self._fault("commit")
         except (apsw.Error, OSError) as e:
             msg = f"{type(e).__name__}: {e}"
@@ -226,6 +232,8 @@ class Writer:
             time.sleep(0.05)
             return True
         self._fault("committed")
+        for k, v in plan.counts.items():
+            self.totals[k] = self.totals.get(k, 0) + v
         # Committed: now the segment may show it.
         for tid in plan.cancel_live:
             try:
@@ -253,6 +261,10 @@ class Writer:
     def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
         """Authoritative dedup for one request; fills the plan and its answer."""
         n = len(items)
+        if not mode & protocol.REPLAY and h.pos >= self.replay_before and not any(it[5] for it in items):
+            plan.new.extend(items)  # no dedup key, no replay: every job is new
+            plan.answers.append((h, protocol.encode_inserted([it[0] for it in items])))
+            return
         kinds = bytearray(n)
         ids = [0] * n
         others = [0] * n
@@ -316,7 +328,7 @@ class Writer:
         else:  # spilled
             self.store.spill_remove([old])
             self.store.record_outcomes([(old, 0, shm.CANCELLED, now_us(), None)])
-            self.store.bump({"cancelled": 1})
+            plan.count("cancelled")
 
     def _write_new(self, plan: "_Plan") -> None:
         """Insert this turn's new tasks; the best-ranked that fit go to the
@@ -325,21 +337,22 @@ class Writer:
         if not new:
             return
         first = self.seg.reserve_seq(len(new))
-        rows: List[TaskRow] = []
-        for k, (tid, name, body, ser, prio, dedup, run_at, max_att, group, created) in enumerate(new):
-            rows.append((tid, name, prio, first + k, created, run_at, dedup, group, max_att, ser, body))
-        self.store.insert_tasks(rows)
-        self.store.bump({"submitted": len(rows), "submit_txns": 1})
+        # Item: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created)
+        rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3])
+                               for k, it in enumerate(new)]
+        self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
+        plan.count("submitted", len(rows))
+        plan.count("submit_txns")
         top = self.spill_top
-        ahead = [r for r in rows if top is None or _rank(r[2], r[3]) < top]
-        if len(ahead) < len(rows):
+        if top is None:
+            ahead, spill = rows, []
+        else:
+            ahead = [r for r in rows if _rank(r[2], r[3]) < top]
             behind = {r[0] for r in ahead}
             spill = [(r[2], r[3], r[0]) for r in rows if r[0] not in behind]
-        else:
-            spill = []
-        free = self.seg.info()["free"]
+        free = self.seg.raw_info().nfree
         if len(ahead) > free:
-            ahead.sort(key=lambda r: _rank(r[2], r[3]))
+            ahead = sorted(ahead, key=lambda r: _rank(r[2], r[3]))
             spill.extend((r[2], r[3], r[0]) for r in ahead[free:])
             ahead = ahead[:free]
             plan.swap = True  # some may outrank what the segment holds
@@ -354,7 +367,7 @@ class Writer:
         if self.spill_top is None or best < self.spill_top:
             self.spill_top = best
 
-    def _write_dirty(self, n: int) -> None:
+    def _write_dirty(self, plan: "_Plan", n: int) -> None:
         buf = self.dirty_buf
         at = now_us()
         rows = []
@@ -366,9 +379,17 @@ class Writer:
             if name:
                 done[name] = done.get(name, 0) + 1
         self.store.record_outcomes(rows)
-        self.store.bump(done)
+        for name, k in done.items():
+            plan.count(name, k)
 
     # ---- spill and refill -------------------------------------------------------------
+
+    def write_totals(self) -> None:
+        """Add the committed totals to the counters table."""
+        if self.totals:
+            with self.store.transaction():
+                self.store.bump(self.totals)
+            self.totals = {}
 
     def rebalance(self) -> None:
         """Keep every spilled task ranked below every pending one in the
@@ -422,10 +443,6 @@ class Writer:
                 if self._fault_hits >= int(hit or 1):
                     os.kill(os.getpid(), signal.SIGKILL)
 
-    def idle(self) -> bool:
-        head, tail = self.seg.req_bounds()
-        return self.seg.info()["ring"] == 0 and self.seg.req_next(self.scan) is None
-
     def no_clients(self) -> bool:
         if paths.try_flock(self.clients_fd, exclusive=True):
             return True
@@ -456,7 +473,7 @@ class Writer:
                             break
                 else:
                     idle_since = None
-            timeout = cfg.flush_interval if seg.info()["ring"] else cfg.upkeep_interval
+            timeout = cfg.flush_interval if seg.raw_info().ring_size else cfg.upkeep_interval
             seg.wait(shm.EV_WRITER, seen, timeout)
         self.shutdown()
         return EXIT_OK
@@ -467,6 +484,8 @@ class Writer:
             if not self.turn(force_flush=True):
                 break
         with self.store.transaction():
+            self.store.bump(self.totals)
+            self.totals = {}
             self.store.meta_set("clean", 1)
         try:
             self.store.checkpoint(truncate=True)
@@ -482,7 +501,7 @@ class Writer:
 class _Plan:
     """What one turn will write and then do."""
 
-    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap")
+    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
@@ -491,6 +510,10 @@ class _Plan:
         self.answers: List[Tuple[Any, bytes]] = []
         self.cancel_live: List[int] = []
         self.swap = False
+        self.counts: Dict[str, int] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
 
 
 def take_lock(db: str) -> int:
@@ -540,11 +563,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         w.stop = True
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    prof_path = os.environ.get("HEADRACE_WRITER_PROFILE")  # a developer's aid: cProfile stats file
+    prof = None
+    if prof_path:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     try:
         return w.run()
     except Exception:
         traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(prof_path)
 
 
 if __name__ == "__main__":
