@@ -222,6 +222,16 @@ def _core_id() -> str:
 _SESSION: Dict[str, str] = {}
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The `slow` cases (1M and 10M backlogs) run only when asked for with ``-m slow``."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session) -> None:
     _SESSION["core"] = _core_id()
     _SESSION["self_check"] = _core_self_check()

@@ -325,6 +325,8 @@ class SQLiteStore(Store):
         self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))
 
     def bump(self, counts: Dict[str, int]) -> None:
+        if not counts:
+            return
         self.conn.executemany(
             "INSERT INTO counters(name, n) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET n = n + excluded.n",
             [(k, v) for k, v in counts.items() if v])

@@ -186,8 +186,10 @@ def work(q: "Queue", stopping: Callable[[], bool]) -> None:
     leases = _Leases(q)
     leases.start()
     batch = q.settings.claim_batch
+    parent = os.getppid()
     try:
-        while not stopping():
+        # A worker whose supervisor died (reparented) stops too.
+        while not stopping() and os.getppid() == parent:
             jobs = claim(q, batch, IDLE_CHECK)
             leases.hold(jobs)
             for i, job in enumerate(jobs):

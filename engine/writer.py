@@ -218,7 +218,7 @@ class Writer:
                     self._decide(plan, h, mode, items)
                 self._write_new(plan)
                 if dirty_n:
-                    self._write_dirty(plan, dirty_n)
+                    self._write_dirty(dirty_n)
                 self._fault("commit")
         except (apsw.Error, OSError) as e:
             msg = f"{type(e).__name__}: {e}"
@@ -367,7 +367,7 @@ class Writer:
         if self.spill_top is None or best < self.spill_top:
             self.spill_top = best
 
-    def _write_dirty(self, plan: "_Plan", n: int) -> None:
+    def _write_dirty(self, n: int) -> None:
         buf = self.dirty_buf
         at = now_us()
         rows = []
@@ -379,8 +379,9 @@ class Writer:
             if name:
                 done[name] = done.get(name, 0) + 1
         self.store.record_outcomes(rows)
-        for name, k in done.items():
-            plan.count(name, k)
+        # In the same transaction: a flushed slot is freed right after the
+        # commit, and stats must not see it leave before the total grows.
+        self.store.bump(done)
 
     # ---- spill and refill -------------------------------------------------------------
 

@@ -43,25 +43,27 @@ sys.exit(q.run_workers(processes=procs, grace=float(tuning.get("grace", 30.0))))
 '''
 
 #: A producer program: submits ids [lo, hi) one by one or in batches and
-#: prints each acknowledged id as soon as its submit returned.
+#: writes each acknowledged "index id" to its ack file as soon as its submit
+#: returned (a file, not a pipe, so that nobody has to read it meanwhile).
 PRODUCER_APP = r'''
 import sys
 import engine
 
-db, lo, hi, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+db, lo, hi, batch, ack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 q = engine.Queue(db)
+out_file = open(ack, "w", buffering=1)
 i = lo
 while i < hi:
     if batch <= 1:
         tid = q.submit("t.record", args=(i,))
-        print(i, tid, flush=True)
+        out_file.write(f"{i} {tid}\n")
         i += 1
     else:
         end = min(hi, i + batch)
         out = q.submit_batch([engine.Job("t.record", args=(k,)) for k in range(i, end)])
         for k, o in zip(range(i, end), out.outcomes):
             assert o.kind == "inserted", o
-            print(k, o.id, flush=True)
+            out_file.write(f"{k} {o.id}\n")
         i = end
 q.close()
 '''
@@ -80,9 +82,25 @@ def start_workers(db: str, log: str, processes: int = 2, tuning: Optional[Dict] 
 
 
 def start_producer(db: str, lo: int, hi: int, batch: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PRODUCER_APP, db, str(lo), str(hi), str(batch)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-                            cwd=CHILD_CWD)
+    """A producer process; its acknowledgements go to ``p.ack`` (see :func:`acked`)."""
+    ack = f"{db}.ack-{lo}-{hi}"
+    p = subprocess.Popen([sys.executable, "-c", PRODUCER_APP, db, str(lo), str(hi), str(batch), ack],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
+                         cwd=CHILD_CWD)
+    p.ack = ack  # type: ignore[attr-defined]
+    return p
+
+
+def acked(p: subprocess.Popen) -> Dict[int, int]:
+    """index -> task id for every submit producer `p` saw return."""
+    out: Dict[int, int] = {}
+    if os.path.exists(p.ack):  # type: ignore[attr-defined]
+        with open(p.ack) as f:  # type: ignore[attr-defined]
+            for line in f:
+                if line.endswith("\n"):
+                    i, tid = map(int, line.split())
+                    out[i] = tid
+    return out
 
 
 def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
