@@ -461,3 +461,31 @@ def test_demo_runs_and_verifies(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted 3,000, completed 3,000, lost 0" in r.stdout
     assert "enqueue -> done" in r.stdout and "p99" in r.stdout
+
+
+def test_a_task_completed_within_one_flush_costs_one_outcome_row(db):
+    """Transitions coalesce: the writer writes a slot's current state, so a
+    claim and a completion inside one flush interval append one row."""
+    with engine.Queue(db, flush_interval=2.0) as q:
+        ids = q.submit_batch([engine.Job("t", args=(i,)) for i in range(200)]).inserted
+        jobs = q.claim(max=200, timeout=5)
+        assert len(jobs) == 200
+        for j in jobs:
+            assert j.complete()
+        wait_for(lambda: q.stats()["unflushed"] == 0, timeout=20, what="flush")
+        rows = list(q.reader.conn.execute("SELECT id, state FROM outcomes"))
+        assert sorted(r[0] for r in rows) == sorted(ids)
+        assert {r[1] for r in rows} == {shm.COMPLETED}
+
+
+def test_writer_owns_checkpoints(db, tmp_path):
+    # PASSIVE on a timer: the WAL's pages reach the main file (autocheckpoint is off).
+    with engine.Queue(db, checkpoint_interval=0.05) as q:
+        q.submit_batch([engine.Job("t", args=("x" * 500,)) for _ in range(5000)])
+        wait_for(lambda: os.path.getsize(db) > 5000 * 500, what="a checkpoint into the main file")
+        assert os.path.getsize(db + "-wal") > 0  # PASSIVE leaves the WAL file's size alone
+    # TRUNCATE once the WAL outgrows its bound.
+    db2 = str(tmp_path / "t.db")
+    with engine.Queue(db2, checkpoint_interval=0.05, wal_truncate_bytes=4096) as q:
+        q.submit_batch([engine.Job("t", args=("x" * 500,)) for _ in range(5000)])
+        wait_for(lambda: os.path.getsize(db2 + "-wal") == 0, what="a TRUNCATE checkpoint")
