@@ -37,7 +37,14 @@ def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
 
 
 def decode_request(data: bytes) -> Tuple[int, List[Item]]:
-    mode, items = marshal.loads(data)
+    """(mode, items); ValueError for bytes that are not a request."""
+    try:
+        mode, items = marshal.loads(data)
+    except (EOFError, TypeError) as e:
+        raise ValueError(f"undecodable: {e}") from None
+    if not isinstance(mode, int) or not isinstance(items, list) or not all(
+            isinstance(it, tuple) and len(it) == 10 for it in items):
+        raise ValueError("not a list of submit items")
     return mode, items
 
 

@@ -185,7 +185,15 @@ class Writer:
             if h is None:
                 break
             if h.state == shm.REQ_READY:
-                mode, items = protocol.decode_request(seg.req_read(h.pos, h.nbytes))
+                try:
+                    mode, items = protocol.decode_request(seg.req_read(h.pos, h.nbytes))
+                except Exception as e:  # never let one bad record stop the writer
+                    print(f"headrace writer: request {h.pos} from pid {h.pid} is malformed ({e}); "
+                          "refusing it", file=sys.stderr)
+                    seg.req_answer(h.pos, protocol.encode_error(f"malformed request: {e}"))
+                    seg.notify(shm.EV_COMMIT)
+                    pos = h.pos + h.len
+                    continue
                 if recs and n + len(items) > self.cfg.chunk:
                     pos = h.pos
                     break
