@@ -41,6 +41,7 @@ def _json_default(value: Any) -> Any:
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), default=_json_default).encode
+_JSON_LOADS = json.JSONDecoder().decode
 
 
 def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
@@ -56,7 +57,7 @@ def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
 def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
     """The (args, kwargs) that :func:`dumps` wrote."""
     if ser == 0:
-        args, kwargs = json.loads(body)
+        args, kwargs = _JSON_LOADS(body.decode())
         return tuple(args), kwargs
     return pickle.loads(body)
 
