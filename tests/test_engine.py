@@ -299,16 +299,21 @@ def test_failing_task_retries_up_to_max_attempts_then_dead(db, tmp_path):
 
 def test_writer_killed_under_load_loses_no_acknowledged_submit(db, tmp_path):
     log = str(tmp_path / "log")
-    n = 10000
+    n = 30000
     with engine.Queue(db):
         producers = [start_producer(db, 0, n // 2, batch=1), start_producer(db, n // 2, n, batch=50)]
         killed = set()
         deadline = time.monotonic() + 60
-        while any(p.poll() is None for p in producers) and time.monotonic() < deadline and len(killed) < 5:
-            time.sleep(0.3)
-            pid = kill_writer(db)
-            if pid:
+        progress = 0
+        # Kill each writer once it is serving again and producers made progress.
+        while any(p.poll() is None for p in producers) and time.monotonic() < deadline and len(killed) < 3:
+            time.sleep(0.05)
+            done = sum(len(acked(p)) for p in producers)
+            pid = writer_pid(db)
+            if pid and pid not in killed and paths.writer_alive(db) and done >= progress + 200:
+                kill_writer(db)
                 killed.add(pid)
+                progress = done
         for p in producers:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err
