@@ -87,6 +87,8 @@ class Writer:
         self.dirty_buf = Segment.dirty_records(cfg.flush_rows)
         self.last_flush = time.monotonic()
         self.upkeep = Upkeep(self)
+        site, _, hit = os.environ.get("HEADRACE_WRITER_FAULT", "").partition(":")
+        self._fault_site, self._fault_at, self._fault_hits = site, int(hit or 1), 0
         shm.set_wait_spin(cfg.writer_spin_us)
 
     # ---- the segment ------------------------------------------------------------
@@ -444,13 +446,13 @@ class Writer:
     # ---- lifecycle ---------------------------------------------------------------------
 
     def _fault(self, site: str) -> None:
-        spec = os.environ.get("HEADRACE_WRITER_FAULT", "")
-        if spec:
-            name, _, hit = spec.partition(":")
-            if name == site:
-                self._fault_hits = getattr(self, "_fault_hits", 0) + 1
-                if self._fault_hits >= int(hit or 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
+        """Test hook: ``HEADRACE_WRITER_FAULT=site:hit`` (read at start) kills
+        the writer at the hit-th pass through `site` ("commit": inside the
+        transaction; "committed": after COMMIT, before the segment shows it)."""
+        if self._fault_site == site:
+            self._fault_hits += 1
+            if self._fault_hits >= self._fault_at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def no_clients(self) -> bool:
         if paths.try_flock(self.clients_fd, exclusive=True):

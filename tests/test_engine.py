@@ -508,3 +508,26 @@ def test_a_malformed_request_is_refused_and_the_writer_carries_on(db):
         assert writer_pid(db) == pid and paths.writer_alive(db)
         tid = q.submit("t", args=(1,))
         assert [j.id for j in q.claim(max=1, timeout=5)] == [tid]
+
+
+@pytest.mark.parametrize("site", ["commit", "committed"])
+def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, site):
+    """Killed between BEGIN and COMMIT, the chunk is wholly out and is sent
+    again; killed after COMMIT but before answering, the replayed request is
+    recognised by its ids: either way every submit returns once, and each
+    task exists and runs exactly once."""
+    monkeypatch.setenv("HEADRACE_WRITER_FAULT", f"{site}:3")
+    with engine.Queue(db) as q:
+        monkeypatch.delenv("HEADRACE_WRITER_FAULT")  # the restarted writer runs clean
+        first = writer_pid(db)
+        ids = [q.submit("t", args=(i,)) for i in range(5)]
+        assert writer_pid(db) != first, "the fault never fired"
+        stored = sorted(r[0] for r in q.reader.conn.execute("SELECT id FROM tasks"))
+        assert stored == sorted(ids) and len(set(ids)) == 5
+        got = []
+        while len(got) < 5:
+            jobs = q.claim(max=10, timeout=5)
+            assert jobs, f"only {got} came out"
+            got += [j.args[0] for j in jobs]
+        assert sorted(got) == list(range(5))
+        assert q.claim(max=10, timeout=0.3) == []
