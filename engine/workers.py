@@ -34,12 +34,15 @@ IDLE_CHECK = 0.5
 class ClaimedJob:
     """A claimed attempt of one task; report it with :meth:`complete` or :meth:`fail`."""
 
-    __slots__ = ("queue", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
+    __slots__ = ("queue", "seg", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
                  "done")
 
     def __init__(self, queue: "Queue", ticket: Ticket, name: str, args: tuple, kwargs: dict,
                  max_attempts: int, created_us: int) -> None:
         self.queue = queue
+        # A ticket is only meaningful in the segment it came from: after a
+        # rebuild, slot numbers and unflushed attempt counts start afresh.
+        self.seg = queue.seg
         self.ticket = ticket
         self.id = ticket.id
         self.attempt = ticket.attempt
@@ -58,18 +61,21 @@ class ClaimedJob:
         if result is not None:
             raise errors.InvalidArgument("storing task results is not supported yet; complete() takes no result")
         self.done = True
-        return self.queue.seg.finish(self.ticket, shm.COMPLETED)
+        seg = self.queue.seg
+        return seg is self.seg and seg.finish(self.ticket, shm.COMPLETED)
 
     def fail(self, error: Optional[BaseException] = None, retry: bool = True) -> bool:
         """Report a failed attempt: back to pending while attempts remain and
         `retry` is true, else dead.  False if this attempt was fenced."""
         state = shm.PENDING if retry and self.attempt < self.max_attempts else shm.DEAD
         self.done = True
-        return self.queue.seg.finish(self.ticket, state)
+        seg = self.queue.seg
+        return seg is self.seg and seg.finish(self.ticket, state)
 
     def heartbeat(self) -> bool:
         """Renew this attempt's lease; False if it was fenced."""
-        return self.queue.seg.heartbeat(self.ticket, now_us() + int(self.queue.settings.lease * 1e6))
+        seg = self.queue.seg
+        return seg is self.seg and seg.heartbeat(self.ticket, now_us() + int(self.queue.settings.lease * 1e6))
 
     def __repr__(self) -> str:
         return f"<ClaimedJob {self.id} {self.name} attempt {self.attempt}>"

@@ -531,3 +531,17 @@ def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, site):
             got += [j.args[0] for j in jobs]
         assert sorted(got) == list(range(5))
         assert q.claim(max=10, timeout=0.3) == []
+
+
+def test_attempt_claimed_before_a_rebuild_is_fenced_even_if_never_flushed(db):
+    with engine.Queue(db, flush_interval=5.0) as q:
+        tid = q.submit("t", args=(1,))
+        [old] = q.claim(max=1, timeout=5)   # its "running" row is not on disk yet
+        kill_writer(db)
+        wait_for(lambda: not paths.writer_alive(db), what="writer dead")
+        os.unlink(q.seg.path)               # the segment is lost: the next writer rebuilds it
+        q._refresh()
+        [again] = q.claim(max=1, timeout=5)
+        assert again.id == tid
+        assert not old.complete()           # the pre-rebuild attempt cannot finish it
+        assert again.complete()
