@@ -209,7 +209,21 @@ class Store:
         raise NotImplementedError
 
 
-class SQLiteStore(Store):
+class _Reads:
+    """Reads that the writer's store and the read-only Reader share."""
+
+    conn: apsw.Connection
+
+    def spill_count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM spill").fetchall()[0][0]
+
+    def meta_get(self, key: str, default: Any = None) -> Any:
+        for (v,) in self.conn.execute("SELECT v FROM meta WHERE k = ?", (key,)):
+            return v
+        return default
+
+
+class SQLiteStore(_Reads, Store):
     """The embedded default: one SQLite file in WAL mode, written by one process."""
 
     def __init__(self, path: str, sync: str = "normal") -> None:
@@ -285,9 +299,6 @@ class SQLiteStore(Store):
             return 255 - nprio, seq
         return None
 
-    def spill_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM spill").fetchall()[0][0]
-
     def spill_ranks(self, n: int) -> List[Tuple[int, int]]:
         return [(255 - p, s) for p, s in self.conn.execute(
             "SELECT nprio, seq FROM spill ORDER BY nprio, seq LIMIT ?", (n,))]
@@ -316,10 +327,6 @@ class SQLiteStore(Store):
     def max_id(self) -> int:
         return self.conn.execute("SELECT COALESCE(max(id), 0) FROM tasks").fetchall()[0][0]
 
-    def meta_get(self, key: str, default: Any = None) -> Any:
-        for (v,) in self.conn.execute("SELECT v FROM meta WHERE k = ?", (key,)):
-            return v
-        return default
 
     def meta_set(self, key: str, value: Any) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", (key, value))
@@ -370,7 +377,7 @@ class _Txn:
             self.conn.execute("ROLLBACK")
 
 
-class Reader:
+class Reader(_Reads):
     """A read-only view of the database for producers, workers and the CLI."""
 
     def __init__(self, path: str) -> None:
@@ -409,10 +416,3 @@ class Reader:
     def counters(self) -> Dict[str, int]:
         return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
 
-    def spill_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM spill").fetchall()[0][0]
-
-    def meta_get(self, key: str, default: Any = None) -> Any:
-        for (v,) in self.conn.execute("SELECT v FROM meta WHERE k = ?", (key,)):
-            return v
-        return default

@@ -15,6 +15,7 @@ one line per run to a per-process file opened with ``O_APPEND``
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -113,9 +114,18 @@ class Adapter:
     def version(cls) -> str:
         return version_of(cls.dist)
 
+    #: Module that must import for the system to run here ("" = always available).
+    module = ""
+
     @classmethod
     def available(cls) -> Optional[str]:
         """None if usable here, else why not."""
+        if not cls.module:
+            return None
+        try:
+            importlib.import_module(cls.module)
+        except ImportError:
+            return f"{cls.dist} is not installed (pip install '.[compare]')"
         return None
 
     # ---- producer side ----

@@ -40,6 +40,7 @@ def make_huey(path: str, rec: Optional[Recorder] = None) -> Any:
 class Huey(Adapter):
     name = "huey"
     dist = "huey"
+    module = "huey"
     durability = ("WAL: SqliteHuey(journal_mode='wal'), its default; synchronous=NORMAL: a SqliteStorage "
                   "subclass runs PRAGMA synchronous=NORMAL on each connection it opens (fsync= offers "
                   "only FULL or OFF)")
@@ -52,14 +53,6 @@ class Huey(Adapter):
         return (f"huey.consumer.Consumer(workers=2, worker_type='process'), polling an empty queue every "
                 f"{self.poll * 1000:g} ms (initial_delay=max_delay, backoff=1; huey's defaults are "
                 f"0.1 s backing off to 10 s)")
-
-    @classmethod
-    def available(cls) -> Optional[str]:
-        try:
-            import huey  # noqa: F401
-        except ImportError:
-            return "huey is not installed (pip install '.[compare]')"
-        return None
 
     def _db(self) -> str:
         return os.path.join(self.path, "huey.db")

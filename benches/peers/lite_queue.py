@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from .base import BUSY_TIMEOUT, Adapter, Recorder, StopFlag, dumps, read_pragmas
 
@@ -11,6 +11,7 @@ from .base import BUSY_TIMEOUT, Adapter, Recorder, StopFlag, dumps, read_pragmas
 class LiteQueue(Adapter):
     name = "litequeue"
     dist = "litequeue"
+    module = "litequeue"
     durability = "WAL + synchronous=NORMAL: LiteQueue() runs both PRAGMAs on its connection itself"
     # litequeue has no batch put (its transaction() context manager is a
     # building block, not a batch API), so batch_submit loops put().
@@ -22,14 +23,6 @@ class LiteQueue(Adapter):
     def worker_model(self) -> str:  # type: ignore[override]
         return (f"2 processes, each LiteQueue(path) looping pop() + done(); sleep {self.poll * 1000:g} ms "
                 f"when empty (no blocking pop)")
-
-    @classmethod
-    def available(cls) -> Optional[str]:
-        try:
-            import litequeue  # noqa: F401
-        except ImportError:
-            return "litequeue is not installed (pip install '.[compare]')"
-        return None
 
     def _open(self) -> Any:
         from litequeue import LiteQueue as LQ

@@ -1,7 +1,7 @@
 """persist-queue's SQLiteAckQueue, drained by 2 processes looping get/ack."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from .base import BUSY_TIMEOUT, Adapter, Recorder, StopFlag, read_pragmas
 
@@ -24,6 +24,7 @@ def ack_queue(path: str, auto_resume: bool = True) -> Any:
 class PersistQueue(Adapter):
     name = "persist-queue"
     dist = "persist-queue"
+    module = "persistqueue"
     durability = ("WAL: set by persist-queue on each connection; synchronous=NORMAL: an SQLiteAckQueue "
                   "subclass runs PRAGMA synchronous=NORMAL in _new_db_connection (no option for it)")
     batch_api = None
@@ -36,14 +37,6 @@ class PersistQueue(Adapter):
         return (f"2 processes, each SQLiteAckQueue(path, auto_resume=False) looping get(block=False) + "
                 f"ack(); sleep {self.poll * 1000:g} ms when empty (its blocking get() only wakes on "
                 f"puts from its own process)")
-
-    @classmethod
-    def available(cls) -> Optional[str]:
-        try:
-            import persistqueue  # noqa: F401
-        except ImportError:
-            return "persist-queue is not installed (pip install '.[compare]')"
-        return None
 
     def open(self) -> None:
         self.q = ack_queue(self.path)
