@@ -201,6 +201,7 @@ class Queue:
         self._max_payload = self.settings.max_payload
         self._seg: Optional[Segment] = None
         self._seg_ino = 0
+        self._chunk_bytes = 0
         self._reader: Optional[Reader] = None
         self._clients_fd = -1
         shm.set_wait_spin(self.settings.wait_spin_us)  # per process
@@ -240,6 +241,8 @@ class Queue:
                     self._seg.close()
                 self._seg = seg
                 self._seg_ino = os.stat(seg.path).st_ino
+                # A chunk's request stays well under the area's half-size record limit.
+                self._chunk_bytes = seg.info()["req_cap"] // 4
                 return
             if not paths.writer_alive(self.path) and time.monotonic() - spawned_at > 5.0:
                 paths.spawn_writer(self.path, self._writer_args())
@@ -420,7 +423,7 @@ class Queue:
         first = seg.reserve_ids(len(items))
         items = [(first + k,) + it[1:] for k, it in enumerate(items)]
         out: List[Outcome] = []
-        limit = self.seg.info()["req_cap"] // 4
+        limit = self._chunk_bytes
         start = 0
         while start < len(items):
             end, size = start, 0
