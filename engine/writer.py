@@ -116,8 +116,13 @@ class Writer:
 
     def _rebuild(self, old_next_id: int) -> Segment:
         """A new segment holding every live task, swapped in atomically."""
+        # Only a writer rebuilds, and we hold the lock: any half-built
+        # segment left here is from a writer that died rebuilding.
+        stale = shm.PREFIX + self.name + ".new"
+        for f in os.listdir(shm.SHM_DIR):
+            if f.startswith(stale):
+                Segment.unlink(f[len(shm.PREFIX):])
         tmp = f"{self.name}.new{os.getpid()}"
-        Segment.unlink(tmp)
         seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
         fill = self._fill_target(seg.capacity)
         live = self.store.live()

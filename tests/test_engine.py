@@ -11,7 +11,7 @@ import time
 import pytest
 
 import engine
-from engine import errors, paths, protocol, shm
+from engine import Segment, errors, paths, protocol, shm
 from engine_helpers import (acked, done_counts, kill_writer, read_log, start_producer, start_workers, stop,
                             wait_for, writer_pid)
 from helpers import CHILD_CWD, child_env
@@ -545,3 +545,16 @@ def test_attempt_claimed_before_a_rebuild_is_fenced_even_if_never_flushed(db):
         assert again.id == tid
         assert not old.complete()           # the pre-rebuild attempt cannot finish it
         assert again.complete()
+
+
+def test_a_rebuild_removes_a_half_built_segment_left_by_a_dead_writer(db):
+    with engine.Queue(db) as q:
+        name = paths.segment_name(db)
+        seg_path = q.seg.path
+    wait_for(lambda: not paths.writer_alive(db), timeout=20, what="writer exit")
+    leftover = Segment.create(f"{name}.new999999", 8)  # as if a writer died mid-rebuild
+    leftover.close()
+    assert os.path.exists(leftover.path)
+    with engine.Queue(db) as q:
+        assert q.seg.path == seg_path
+        assert not os.path.exists(leftover.path)
