@@ -7,8 +7,8 @@ import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar,
-                    Union, overload)
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
+                    TypeVar, Union, overload)
 
 import apsw
 
@@ -74,8 +74,7 @@ class Job:
     max_attempts: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What happened to one submitted job."""
 
     kind: str  # "inserted", "duplicate", "superseded" or "rejected"
@@ -84,14 +83,41 @@ class Outcome:
     error: Optional[BaseException] = None
 
 
-class BatchOutcome:
-    """Per-job outcomes of :meth:`Queue.submit_batch`, in input order."""
+_INSERTED, _DUPLICATE, _SUPERSEDED, _REJECTED = (protocol.INSERTED, protocol.DUPLICATE, protocol.SUPERSEDED,
+                                                 protocol.REJECTED)
 
-    def __init__(self, outcomes: List[Outcome]) -> None:
-        self.outcomes = outcomes
+
+class BatchOutcome:
+    """Per-job outcomes of :meth:`Queue.submit_batch`, in input order.
+
+    Kept as arrays; the :class:`Outcome` objects are built on first use of
+    :attr:`outcomes`, so a large batch costs no object per job until asked."""
+
+    def __init__(self, kinds: bytearray, ids: List[Optional[int]], others: List[int],
+                 errors: Dict[int, BaseException]) -> None:
+        self._kinds = kinds
+        self._ids = ids
+        self._others = others
+        self._errors = errors
+        self._outcomes: Optional[List[Outcome]] = None
+
+    @property
+    def outcomes(self) -> List[Outcome]:
+        if self._outcomes is None:
+            names = protocol.KIND_NAMES
+            out = []
+            for k, (kind, tid) in enumerate(zip(self._kinds, self._ids)):
+                if kind == _REJECTED:
+                    out.append(Outcome("rejected", None, error=self._errors[k]))
+                elif kind == _SUPERSEDED:
+                    out.append(Outcome("superseded", tid, replaced=self._others[k]))
+                else:
+                    out.append(Outcome(names[kind], tid))
+            self._outcomes = out
+        return self._outcomes
 
     def __len__(self) -> int:
-        return len(self.outcomes)
+        return len(self._kinds)
 
     def __iter__(self) -> Any:
         return iter(self.outcomes)
@@ -99,22 +125,24 @@ class BatchOutcome:
     @property
     def inserted(self) -> List[int]:
         """Ids of new tasks (superseding ones included)."""
-        return [o.id for o in self.outcomes if o.kind in ("inserted", "superseded")]  # type: ignore[misc]
+        return [tid for kind, tid in zip(self._kinds, self._ids)
+                if kind == _INSERTED or kind == _SUPERSEDED]  # type: ignore[misc]
 
     @property
     def duplicates(self) -> List[int]:
         """Ids of the live tasks that skipped jobs matched."""
-        return [o.id for o in self.outcomes if o.kind == "duplicate"]  # type: ignore[misc]
+        return [tid for kind, tid in zip(self._kinds, self._ids) if kind == _DUPLICATE]  # type: ignore[misc]
 
     @property
     def superseded(self) -> List[Tuple[int, int]]:
         """(new id, replaced id) pairs."""
-        return [(o.id, o.replaced) for o in self.outcomes if o.kind == "superseded"]  # type: ignore[misc]
+        return [(self._ids[k], self._others[k]) for k, kind in enumerate(self._kinds)
+                if kind == _SUPERSEDED]  # type: ignore[misc]
 
     @property
     def rejected(self) -> List[Tuple[int, BaseException]]:
         """(input index, error) pairs."""
-        return [(i, o.error) for i, o in enumerate(self.outcomes) if o.kind == "rejected"]  # type: ignore[misc]
+        return sorted(self._errors.items())
 
     def __repr__(self) -> str:
         return (f"BatchOutcome(inserted={len(self.inserted)}, duplicates={len(self.duplicates)}, "
@@ -353,10 +381,10 @@ class Queue:
         """
         mode = _mode(on_duplicate)
         item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, shm.now_us())
-        out = self._send_items([item], mode)[0]
-        if out.kind == "rejected":
-            raise out.error  # type: ignore[misc]
-        return out.id  # type: ignore[return-value]
+        kinds, ids, _, errs = self._send_items([item], mode)
+        if kinds[0] == _REJECTED:
+            raise errs[0]
+        return ids[0]  # type: ignore[return-value]
 
     def submit_batch(self, jobs: Iterable[Job], *, on_duplicate: str = "skip") -> BatchOutcome:
         """Submit many jobs: one transaction per chunk, one wake-up per chunk.
@@ -366,24 +394,33 @@ class Queue:
         """
         mode = _mode(on_duplicate)
         created = shm.now_us()
-        outcomes: List[Optional[Outcome]] = []
-        valid: List[Tuple[int, protocol.Item]] = []
+        bad: Dict[int, BaseException] = {}
+        items: List[protocol.Item] = []
+        where: List[int] = []
+        item = self._item
+        n = 0
         for k, job in enumerate(jobs):
+            n += 1
             try:
-                if not isinstance(job, Job):
+                if job.__class__ is not Job and not isinstance(job, Job):
                     raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
-                item = self._item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
-                                  job.max_attempts, created)
+                items.append(item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
+                                  job.max_attempts, created))
+                where.append(k)
             except (TypeError, ValueError, errors.EngineError) as e:
-                outcomes.append(Outcome("rejected", None, error=e))
-                continue
-            outcomes.append(None)
-            valid.append((k, item))
-        if valid:
-            sent = self._send_items([it for _, it in valid], mode)
-            for (k, _), o in zip(valid, sent):
-                outcomes[k] = o
-        return BatchOutcome(outcomes)  # type: ignore[arg-type]
+                bad[k] = e
+        if not bad:  # the common case: outcomes line up with the input
+            return BatchOutcome(*self._send_items(items, mode)) if items else BatchOutcome(bytearray(), [], [], {})
+        kinds = bytearray([_REJECTED]) * n
+        ids: List[Optional[int]] = [None] * n
+        others = [0] * n
+        if items:
+            sk, si, so, se = self._send_items(items, mode)
+            for j, k in enumerate(where):
+                kinds[k], ids[k], others[k] = sk[j], si[j], so[j]
+                if j in se:
+                    bad[k] = se[j]
+        return BatchOutcome(kinds, ids, others, bad)
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int) -> protocol.Item:
@@ -417,12 +454,16 @@ class Queue:
             dedup = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
         return (0, name, body, self._ser, priority, dedup, 0, max_attempts, None, created)
 
-    def _send_items(self, items: List[protocol.Item], mode: int) -> List[Outcome]:
-        """Assign ids, send in chunks, and turn the answers into outcomes."""
+    def _send_items(self, items: List[protocol.Item], mode: int
+                    ) -> Tuple[bytearray, List[Optional[int]], List[int], Dict[int, BaseException]]:
+        """Assign ids and send in chunks: (kinds, ids, replaced ids, errors by index)."""
         seg = self.seg
         first = seg.reserve_ids(len(items))
         items = [(first + k,) + it[1:] for k, it in enumerate(items)]
-        out: List[Outcome] = []
+        kinds = bytearray()
+        ids: List[Optional[int]] = []
+        others: List[int] = []
+        errs: Dict[int, BaseException] = {}
         limit = self._chunk_bytes
         start = 0
         while start < len(items):
@@ -432,11 +473,26 @@ class Queue:
                 end += 1
             if end > start + 1 and size > limit:
                 end -= 1
-            out.extend(self._send_chunk(items[start:end], mode))
+            k, flat = self._send_chunk(items[start:end], mode)
+            kinds += k
+            chunk_ids: List[Optional[int]] = flat[0::2].tolist()
+            chunk_others = flat[1::2].tolist()
+            if _REJECTED in k:
+                for j, kind in enumerate(k):
+                    if kind == _REJECTED:
+                        tid = chunk_ids[j]
+                        err = errors.DuplicateTask(f"a live task {tid} of {items[start + j][1]} holds this "
+                                                   "dedup key (on_duplicate='reject')")
+                        err.existing_id = tid  # type: ignore[attr-defined]
+                        errs[start + j] = err
+                        chunk_ids[j] = None
+            ids += chunk_ids
+            others += chunk_others
             start = end
-        return out
+        return kinds, ids, others, errs
 
-    def _send_chunk(self, items: List[protocol.Item], mode: int) -> List[Outcome]:
+    def _send_chunk(self, items: List[protocol.Item], mode: int) -> Tuple[bytes, Any]:
+        """One request, one transaction: the writer's (kinds, flat ids) answer."""
         data = protocol.encode_request(mode, items)
         while True:
             seg = self.seg
@@ -445,25 +501,10 @@ class Queue:
             seg.req_publish(pos)
             answer = self._await_answer(pos)
             if answer is not None:
-                break
+                return protocol.decode_answer(answer)
             # The segment was rebuilt under us: send again; the writer
             # checks which of these ids it already stored.
             data = protocol.encode_request(mode | protocol.REPLAY, items)
-        kinds, flat = protocol.decode_answer(answer)
-        res = []
-        for k, it in enumerate(items):
-            kind = kinds[k]
-            tid, other = flat[2 * k], flat[2 * k + 1]
-            if kind == protocol.REJECTED:
-                err = errors.DuplicateTask(f"a live task {tid} of {it[1]} holds this dedup key "
-                                           f"(on_duplicate='reject')")
-                err.existing_id = tid  # type: ignore[attr-defined]
-                res.append(Outcome("rejected", None, error=err))
-            elif kind == protocol.SUPERSEDED:
-                res.append(Outcome("superseded", tid, replaced=other))
-            else:
-                res.append(Outcome(protocol.KIND_NAMES[kind], tid))
-        return res
 
     def _reserve(self, nbytes: int, nitems: int) -> int:
         need = max(nbytes, protocol.answer_room(nitems))
