@@ -42,8 +42,9 @@ def decode_request(data: bytes) -> Tuple[int, List[Item]]:
         mode, items = marshal.loads(data)
     except (EOFError, TypeError) as e:
         raise ValueError(f"undecodable: {e}") from None
-    if not isinstance(mode, int) or not isinstance(items, list) or not all(
-            isinstance(it, tuple) and len(it) == 10 for it in items):
+    # C-level checks (set/map), not a Python loop per item.
+    if not isinstance(mode, int) or not isinstance(items, list) or not set(map(type, items)) <= {tuple} \
+            or not set(map(len, items)) <= {10}:
         raise ValueError("not a list of submit items")
     return mode, items
 
