@@ -30,7 +30,6 @@ class Upkeep:
         self.next_checkpoint = now + writer.cfg.checkpoint_interval
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
-        self.expired = 0
 
     def maybe_run(self) -> None:
         now = time.monotonic()
@@ -47,7 +46,6 @@ class Upkeep:
         t = now_us()
         while True:
             _, n = seg.expire(t, EXPIRE_BATCH, self.expire_buf)
-            self.expired += n
             if n < EXPIRE_BATCH:
                 break
         seg.promote(t)
