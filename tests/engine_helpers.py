@@ -97,9 +97,12 @@ def acked(p: subprocess.Popen) -> Dict[int, int]:
     if os.path.exists(p.ack):  # type: ignore[attr-defined]
         with open(p.ack) as f:  # type: ignore[attr-defined]
             for line in f:
-                if line.endswith("\n"):
-                    i, tid = map(int, line.split())
-                    out[i] = tid
+                # While the producer runs, a reader can see a line whose
+                # write is still landing (even NUL bytes): skip it; once the
+                # producer has exited, every line is whole.
+                parts = line.split()
+                if line.endswith("\n") and len(parts) == 2 and all(x.isdigit() for x in parts):
+                    out[int(parts[0])] = int(parts[1])
     return out
 
 
