@@ -265,8 +265,9 @@ class Queue:
         while True:
             seg = self._try_attach()
             if seg is not None:
-                if self._seg is not None:
-                    self._seg.close()
+                # The old mapping is not closed here: another thread (a
+                # worker's lease renewer) may be inside a call on it.  It is
+                # unmapped once nothing refers to it.
                 self._seg = seg
                 self._seg_ino = os.stat(seg.path).st_ino
                 # A chunk's request stays well under the area's half-size record limit.
