@@ -13,7 +13,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Op
 import apsw
 
 from . import config, errors, paths, protocol, shm
-from .shm import Segment, key_hash
+from .shm import Segment, key_bytes
 from .store import Reader
 
 #: Seconds `Queue()` waits for a writer to come up (a rebuild of a large
@@ -451,8 +451,7 @@ class Queue:
         if dedup_key is not None:
             if not isinstance(dedup_key, (str, bytes)):
                 raise errors.InvalidArgument(f"dedup_key must be str or bytes, got {_short(dedup_key)}")
-            lo, hi = key_hash(name, dedup_key)
-            dedup = lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+            dedup = key_bytes(name, dedup_key)
         return (0, name, body, self._ser, priority, dedup, 0, max_attempts, None, created)
 
     def _send_items(self, items: List[protocol.Item], mode: int

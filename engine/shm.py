@@ -73,6 +73,8 @@ PREFIX = "headrace-"
 #: How long attach waits for a creator that is still initialising.
 ATTACH_WAIT_S = 2.0
 
+#: A 16-byte dedup key as its two 64-bit halves.
+_KEY = struct.Struct("<QQ")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MIN_MAP = 64  # below this, nothing in the file could be a header
 
@@ -82,13 +84,22 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def key_hash(queue: str, key: Union[str, bytes]) -> Tuple[int, int]:
-    """The 128-bit dedup hash of (queue, key) as (lo, hi) 64-bit halves."""
+def key_bytes(queue: str, key: Union[str, bytes]) -> bytes:
+    """The 128-bit dedup key of (queue, key), as 16 bytes (lo then hi, little-endian)."""
     raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
     q = queue.encode("utf-8", "surrogatepass")
     # Length-prefix the queue so ("ab", "c") and ("a", "bc") differ.
-    d = hashlib.blake2b(len(q).to_bytes(4, "little") + q + raw, digest_size=16).digest()
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+    return hashlib.blake2b(len(q).to_bytes(4, "little") + q + raw, digest_size=16).digest()
+
+
+def split_key(key: bytes) -> Tuple[int, int]:
+    """The (lo, hi) 64-bit halves of a 16-byte dedup key, as the C side takes them."""
+    return _KEY.unpack(key)
+
+
+def key_hash(queue: str, key: Union[str, bytes]) -> Tuple[int, int]:
+    """The 128-bit dedup hash of (queue, key) as (lo, hi) 64-bit halves."""
+    return split_key(key_bytes(queue, key))
 
 
 class Ticket(NamedTuple):
@@ -656,7 +667,6 @@ class Segment:
 
 # hr_task as bytes: id, seq, run_at, dedup_lo, dedup_hi, aux, group, attempt, prio, state, flags.
 _TASK = struct.Struct("<QQqQQQIIBBB5x")
-_KEY = struct.Struct("<QQ")
 assert _TASK.size == ffi.sizeof("hr_task")
 
 
@@ -665,7 +675,7 @@ def pack_tasks(rows: Any) -> Tuple[Any, int]:
     where dedup is the 16-byte key or None; for the writer's bulk inserts.
     The C side validates every record again."""
     pack = _TASK.pack
-    key = _KEY.unpack
+    key = split_key
     parts = []
     for tid, prio, seq, state, run_at, dedup, attempt in rows:
         if dedup is None:

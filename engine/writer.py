@@ -54,10 +54,6 @@ def _rank(prio: int, seq: int) -> Tuple[int, int]:
     return 255 - prio, seq
 
 
-def dedup_split(d: bytes) -> Tuple[int, int]:
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:16], "little")
-
-
 class Writer:
     """One writer for one database; :meth:`run` until no client is left."""
 
@@ -332,7 +328,7 @@ class Writer:
         tid = plan.keys.get(dedup)
         if tid is not None:
             return tid
-        slot = self.seg.dedup_lookup(dedup_split(dedup))
+        slot = self.seg.dedup_lookup(shm.split_key(dedup))
         if slot is not None:
             return self.seg.read_slot(slot).id
         if self.spill_n:
