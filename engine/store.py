@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) W
 _INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser) "
                 "VALUES(?,?,?,?,?,?,?,?,?,?)")
 _INSERT_PAYLOAD = "INSERT INTO payloads(id,body) VALUES(?,?)"
+#: A task's last attempt from the outcome log (0 if it never started); `t` is the task row.
+_LAST_ATTEMPT = "COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = t.id), 0)"
 
 
 # ---- connection settings: each a named function applied on connect ---------
@@ -287,7 +289,7 @@ class SQLiteStore(_Reads, Store):
     def spill_take(self, n: int) -> List[LiveRow]:
         rows = list(self.conn.execute(
             "SELECT s.id, 255 - s.nprio, s.seq, t.run_at, t.dedup,"
-            " COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = s.id), 0)"
+            f" {_LAST_ATTEMPT}"
             " FROM spill s JOIN tasks t ON t.id = s.id ORDER BY s.nprio, s.seq LIMIT ?", (n,)))
         if rows:
             self.conn.executemany("DELETE FROM spill WHERE nprio = ? AND seq = ?",
@@ -319,7 +321,7 @@ class SQLiteStore(_Reads, Store):
     def live(self) -> Iterator[LiveRow]:
         return self.conn.execute(
             "SELECT t.id, t.prio, t.seq, t.run_at, t.dedup,"
-            " COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = t.id), 0)"
+            f" {_LAST_ATTEMPT}"
             " FROM tasks t WHERE NOT EXISTS"
             " (SELECT 1 FROM outcomes o WHERE o.id = t.id AND o.state >= ?)"
             " ORDER BY t.prio DESC, t.seq", (TERMINAL_MIN,))

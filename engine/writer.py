@@ -79,8 +79,7 @@ class Writer:
         #: Totals committed but not yet added to the counters table (upkeep
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
-        self.spill_n = self.store.spill_count()
-        self.spill_top = self._spill_rank()
+        self._read_spill()
         head, tail = self.seg.req_bounds()
         self.scan = head
         # A record published before this writer started may have been
@@ -177,9 +176,11 @@ class Writer:
         with self.store.transaction():
             self.store.spill_reset(rows)
 
-    def _spill_rank(self) -> Optional[Tuple[int, int]]:
+    def _read_spill(self) -> None:
+        """Reload the spill store's size and best rank (kept in memory between changes)."""
+        self.spill_n = self.store.spill_count()
         best = self.store.spill_best()
-        return None if best is None else _rank(*best)
+        self.spill_top = None if best is None else _rank(*best)
 
     # ---- one turn ------------------------------------------------------------------
 
@@ -244,8 +245,7 @@ class Writer:
                 seg.req_answer(h.pos, protocol.encode_error(msg))
             if recs:
                 seg.notify(shm.EV_COMMIT)
-            self.spill_n = self.store.spill_count()
-            self.spill_top = self._spill_rank()
+            self._read_spill()  # the rolled-back turn may have counted spills
             time.sleep(0.05)
             return True
         self._fault("committed")
@@ -443,8 +443,7 @@ class Writer:
             rows = self.store.spill_take(take)
         rows = [r for r in rows if seg.get(r[0]) is None]
         self._place(seg, rows)
-        self.spill_n = self.store.spill_count()
-        self.spill_top = self._spill_rank()
+        self._read_spill()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
