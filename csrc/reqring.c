@@ -100,12 +100,16 @@ int hr_req_data(void *mem, uint64_t pos, uint64_t *off)
     return (int)(r->len - HDR);
 }
 
+/* The record at `pos`, if `state` is one a caller may store there. */
+static int state_target(void *mem, uint64_t pos, uint32_t state, hr_req **out)
+{
+    return settable(state) ? locate_rec((hr_header *)mem, pos, out) : HR_E_INVALID;
+}
+
 int hr_req_set_state(void *mem, uint64_t pos, uint32_t state)
 {
     hr_req *r;
-    if (!settable(state))
-        return HR_E_INVALID;
-    int rc = locate_rec((hr_header *)mem, pos, &r);
+    int rc = state_target(mem, pos, state, &r);
     if (rc != HR_OK)
         return rc;
     __atomic_store_n(&r->state, state, __ATOMIC_RELEASE);
@@ -117,9 +121,7 @@ int hr_req_set_state(void *mem, uint64_t pos, uint32_t state)
 int hr_req_cas_state(void *mem, uint64_t pos, uint32_t expect, uint32_t state)
 {
     hr_req *r;
-    if (!settable(state))
-        return HR_E_INVALID;
-    int rc = locate_rec((hr_header *)mem, pos, &r);
+    int rc = state_target(mem, pos, state, &r);
     if (rc != HR_OK)
         return rc;
     if (!__atomic_compare_exchange_n(&r->state, &expect, state, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
