@@ -23,7 +23,7 @@ ffibuilder.set_source(
     sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"],
-    libraries=["pthread"] if sys.platform.startswith("linux") else [],
+    libraries=["pthread", "m"] if sys.platform.startswith("linux") else [],
 )
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 #include <pthread.h>
 
 #define HR_MAGIC 0x4543415244414548ULL /* "HEADRACE", little-endian */
-#define HR_LAYOUT_VERSION 2u
+#define HR_LAYOUT_VERSION 3u
 #define HR_MAX_CAPACITY (1u << 26)     /* 67M slots; keeps every size in range */
 #define HR_NONE 0xFFFFFFFFu            /* "no slot" / "no position" */
 #define HR_REQ_MIN (1u << 12)          /* request area bounds, a power of two */
@@ -32,6 +32,17 @@ enum hr_state {
     HR_NSTATES = 8,
 };
 #define HR_TERMINAL(s) ((s) >= HR_COMPLETED)
+
+/* Retry backoff kinds (slot bo_kind); the delay after failed attempt n is
+ * constant: base; linear: base * n; exponential: base * 2^(n-1); each
+ * capped by bo_cap_ms when set.  JITTER draws uniformly from [0, delay]. */
+enum hr_backoff {
+    HR_BO_NONE = 0,
+    HR_BO_CONSTANT = 1,
+    HR_BO_LINEAR = 2,
+    HR_BO_EXPONENTIAL = 3,
+};
+#define HR_BO_JITTER 0x80u
 
 /* Slot flags. */
 #define HR_F_DEDUP 0x01u /* dedup_lo/hi hold a key registered in the dedup set */
@@ -54,16 +65,24 @@ typedef struct hr_slot {
     uint64_t seq;         /* FIFO sequence within a priority */
     int64_t run_at;       /* us since the epoch; key of the delay heap */
     int64_t lease_until;  /* us since the epoch; key of the lease heap */
+    int64_t deadline;     /* us since the epoch: the running attempt's deadline, 0 = none */
     uint64_t dedup_lo;    /* 128-bit hash of (queue, dedup key) */
     uint64_t dedup_hi;
-    uint64_t aux;         /* engine-defined (result ref, progress) */
+    uint64_t aux;         /* engine-defined */
     uint32_t attempt;     /* claims so far; the fencing token */
+    uint32_t max_attempts;/* claims allowed before the task is dead; 0 = no limit */
     uint32_t group;       /* group index, 0 = none */
     uint32_t version;     /* bumped on every change that must reach disk */
+    uint32_t timeout_ms;  /* per-attempt processing time limit, 0 = none */
+    uint32_t progress;    /* the running attempt's reported progress, in millionths */
+    uint32_t bo_base_ms;  /* retry backoff: base (constant, linear step, exponential base) */
+    uint32_t bo_cap_ms;   /* retry backoff: cap, 0 = none */
     uint8_t state;
     uint8_t prio;         /* 0..255, higher runs first */
     uint8_t dirty;        /* 1 while the slot sits in the dirty ring */
     uint8_t flags;
+    uint8_t bo_kind;      /* HR_BO_* | HR_BO_JITTER */
+    uint8_t _pad[3];
 } hr_slot;
 
 /* A heap entry keeps its key inline: comparing through the slot table
@@ -206,10 +225,15 @@ typedef struct hr_task {
     uint64_t aux;
     uint32_t group;
     uint32_t attempt;
+    uint32_t max_attempts;/* 0 = no limit */
+    uint32_t timeout_ms;  /* 0 = no processing deadline */
+    uint32_t bo_base_ms;
+    uint32_t bo_cap_ms;
     uint8_t prio;
     uint8_t state;        /* HR_PENDING, HR_DELAYED or HR_WAITING */
     uint8_t flags;        /* HR_F_DEDUP */
-    uint8_t _pad[5];
+    uint8_t bo_kind;      /* HR_BO_* | HR_BO_JITTER */
+    uint8_t _pad[4];
 } hr_task;
 
 /* A dirty-ring snapshot handed to the flusher. */

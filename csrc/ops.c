@@ -1,3 +1,4 @@
+#include <math.h>
 #include "headrace.h"
 
 int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first)
@@ -12,7 +13,7 @@ int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first)
 static int insert_one(hr_ctx *c, const hr_task *t)
 {
     if (t->id == 0 || (t->state != HR_PENDING && t->state != HR_DELAYED && t->state != HR_WAITING) ||
-        (t->flags & ~HR_F_DEDUP) || t->seq >= (1ULL << 56))
+        (t->flags & ~HR_F_DEDUP) || t->seq >= (1ULL << 56) || (t->bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL)
         return HR_E_INVALID;
     if (hr_hs_find(&c->ids, t->id, 0) >= 0)
         return HR_E_INVALID; /* the id is already live here */
@@ -29,12 +30,19 @@ static int insert_one(hr_ctx *c, const hr_task *t)
         c->h->next_seq = t->seq + 1;
     s->run_at = t->run_at;
     s->lease_until = 0;
+    s->deadline = 0;
     s->dedup_lo = t->dedup_lo;
     s->dedup_hi = t->dedup_hi;
     s->aux = t->aux;
     s->attempt = t->attempt;
+    s->max_attempts = t->max_attempts;
     s->group = t->group;
     s->version = 1;
+    s->timeout_ms = t->timeout_ms;
+    s->progress = 0;
+    s->bo_base_ms = t->bo_base_ms;
+    s->bo_cap_ms = t->bo_cap_ms;
+    s->bo_kind = t->bo_kind;
     s->prio = t->prio;
     s->dirty = 0;
     s->flags = t->flags;
@@ -67,7 +75,7 @@ int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out)
     return ok;
 }
 
-int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out)
+int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticket *out)
 {
     LOCKED(c, mem);
     uint32_t k = 0;
@@ -76,7 +84,10 @@ int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out)
         hr_slot *s = &c.s[i];
         hr_slot_begin(&c, i);
         s->attempt++;
-        s->lease_until = lease_until;
+        s->deadline = s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
+        /* The lease never outlives the deadline: expiry is what enforces both. */
+        s->lease_until = s->deadline && s->deadline < lease_until ? s->deadline : lease_until;
+        s->progress = 0;
         HR_FAULT(HR_FS_CLAIM);
         hr_slot_state(&c, s, HR_RUNNING);
         hr_slot_touch(&c, s, i);
@@ -89,7 +100,6 @@ int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out)
     return (int)k;
 }
 
-/* Is this ticket still the live attempt of a running task? */
 static inline hr_slot *fenced_slot(hr_ctx *c, const hr_ticket *t)
 {
     if (t->slot >= c->h->capacity)
@@ -98,6 +108,28 @@ static inline hr_slot *fenced_slot(hr_ctx *c, const hr_ticket *t)
     if (s->id != t->id || s->state != HR_RUNNING || s->attempt != t->attempt)
         return NULL;
     return s;
+}
+
+/* fenced_slot, counting a refused ticket. */
+static inline hr_slot *attempt_slot(hr_ctx *c, const hr_ticket *t)
+{
+    hr_slot *s = fenced_slot(c, t);
+    if (!s)
+        c->h->stats.fenced++;
+    return s;
+}
+
+/* After slot i changed state: a terminal task gives up its dedup key, a
+ * live one goes into the heap of its new state. */
+static void relink(hr_ctx *c, uint32_t i)
+{
+    hr_slot *s = &c->s[i];
+    if (HR_TERMINAL(s->state)) {
+        if (s->flags & HR_F_DEDUP)
+            hr_hs_erase(&c->dedup, s->dedup_lo, s->dedup_hi);
+    } else {
+        hr_heap_link(c, i);
+    }
 }
 
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
@@ -109,9 +141,8 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
     LOCKED(c, mem);
     int ok = 0;
     for (uint32_t k = 0; k < n; k++) {
-        hr_slot *s = fenced_slot(&c, &t[k]);
+        hr_slot *s = attempt_slot(&c, &t[k]);
         if (!s) {
-            c.h->stats.fenced++;
             if (out)
                 out[k] = HR_E_STALE;
             continue;
@@ -126,12 +157,7 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
         hr_slot_state(&c, s, state);
         hr_slot_touch(&c, s, i);
         hr_slot_end(&c);
-        if (HR_TERMINAL(state)) {
-            if (s->flags & HR_F_DEDUP)
-                hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
-        } else {
-            hr_heap_link(&c, i);
-        }
+        relink(&c, i);
         if (out)
             out[k] = HR_OK;
         ok++;
@@ -146,12 +172,10 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
 int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
 {
     LOCKED(c, mem);
-    hr_slot *s = fenced_slot(&c, t);
-    int rc = HR_OK;
-    if (!s) {
-        c.h->stats.fenced++;
-        rc = HR_E_STALE;
-    } else {
+    hr_slot *s = attempt_slot(&c, t);
+    if (s) {
+        if (s->deadline && s->deadline < lease_until)
+            lease_until = s->deadline;
         hr_slot_begin(&c, t->slot);
         s->lease_until = lease_until;
         HR_FAULT(HR_FS_HEARTBEAT);
@@ -159,7 +183,7 @@ int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
         hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)lease_until);
     }
     hr_unlock(&c);
-    return rc;
+    return s ? HR_OK : HR_E_STALE;
 }
 
 static int find_id(hr_ctx *c, uint64_t id)
@@ -217,33 +241,160 @@ int hr_read_slot(void *mem, uint32_t slot, hr_slot *out)
 
 /* Running tasks whose lease ran out go back to pending.  The tickets
  * returned are the attempts that are now stale. */
-int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out)
+int64_t hr_backoff_us(uint8_t kind, uint32_t base_ms, uint32_t cap_ms, uint32_t attempt, uint64_t rnd)
+{
+    if (attempt == 0)
+        attempt = 1;
+    double d;
+    switch (kind & ~HR_BO_JITTER) {
+    case HR_BO_CONSTANT: d = base_ms; break;
+    case HR_BO_LINEAR: d = (double)base_ms * attempt; break;
+    case HR_BO_EXPONENTIAL: d = ldexp((double)base_ms, attempt > 1000 ? 1000 : (int)attempt - 1); break;
+    default: return 0;
+    }
+    if (cap_ms && d > cap_ms)
+        d = cap_ms;
+    if (d > 1e12) /* about 31 years: keeps the microseconds in range */
+        d = 1e12;
+    if (kind & HR_BO_JITTER) /* full jitter: uniform over [0, d] */
+        d *= (double)(rnd >> 11) * (1.0 / 9007199254740992.0);
+    return (int64_t)(d * 1000.0);
+}
+
+/* A splitmix64 step: jitter needs spread, not secrecy. */
+static uint64_t mix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* Where a running attempt that ended without success goes next: dead once
+ * its attempts are used up or no retry is wanted, else pending, or delayed
+ * by `delay_us` (< 0: by the slot's backoff). */
+static uint8_t next_state(hr_slot *s, int64_t now, int retry, int64_t delay_us)
+{
+    if (!retry || (s->max_attempts && s->attempt >= s->max_attempts))
+        return HR_DEAD;
+    if (delay_us < 0)
+        delay_us = hr_backoff_us(s->bo_kind, s->bo_base_ms, s->bo_cap_ms, s->attempt,
+                                 mix64(s->id ^ ((uint64_t)s->attempt << 40) ^ (uint64_t)now));
+    if (delay_us <= 0)
+        return HR_PENDING;
+    s->run_at = now + delay_us;
+    return HR_DELAYED;
+}
+
+/* Move running slot i to `state` (run_at already set for DELAYED). */
+static void settle(hr_ctx *c, uint32_t i, uint8_t state)
+{
+    hr_slot *s = &c->s[i];
+    hr_slot_state(c, s, state);
+    s->lease_until = 0;
+    s->deadline = 0;
+    hr_slot_touch(c, s, i);
+}
+
+int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay_us)
+{
+    LOCKED(c, mem);
+    hr_slot *s = attempt_slot(&c, t);
+    int rc = HR_E_STALE;
+    if (s) {
+        uint32_t i = t->slot;
+        hr_heap_unlink(&c, i);
+        hr_slot_begin(&c, i);
+        uint8_t st = next_state(s, now, retry, delay_us);
+        HR_FAULT(HR_FS_FINISH);
+        settle(&c, i, st);
+        hr_slot_end(&c);
+        relink(&c, i);
+        c.h->stats.finished++;
+        rc = st;
+    }
+    hr_unlock(&c);
+    if (rc >= 0)
+        hr_notify(mem, rc == HR_PENDING ? HR_EV_PENDING : HR_EV_FINISH);
+    return rc;
+}
+
+int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, uint32_t timeout_ms,
+             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms)
+{
+    if ((bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    hr_slot *s = attempt_slot(&c, t);
+    if (s) {
+        hr_slot_begin(&c, t->slot);
+        if (!s->max_attempts)
+            s->max_attempts = max_attempts;
+        if (!s->bo_kind) {
+            s->bo_kind = bo_kind;
+            s->bo_base_ms = bo_base_ms;
+            s->bo_cap_ms = bo_cap_ms;
+        }
+        if (!s->timeout_ms && timeout_ms) {
+            s->timeout_ms = timeout_ms;
+            s->deadline = now + (int64_t)timeout_ms * 1000;
+            if (s->deadline < s->lease_until) {
+                s->lease_until = s->deadline;
+                hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)s->lease_until);
+            }
+        }
+        hr_slot_end(&c);
+    }
+    hr_unlock(&c);
+    return s ? HR_OK : HR_E_STALE;
+}
+
+int hr_progress(void *mem, const hr_ticket *t, uint32_t ppm)
+{
+    if (ppm > 1000000)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    hr_slot *s = attempt_slot(&c, t);
+    if (s)
+        s->progress = ppm; /* one aligned word, not a durable change: no journal */
+    hr_unlock(&c);
+    return s ? HR_OK : HR_E_STALE;
+}
+
+int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *states)
 {
     LOCKED(c, mem);
     uint32_t k = 0;
+    int pending = 0, finished = 0;
     while (k < max && c.h->lease_n > 0 && (int64_t)c.lease.a[0].key <= now) {
         uint32_t i = hr_bh_pop(&c.lease).slot;
         hr_slot *s = &c.s[i];
         hr_slot_begin(&c, i);
-        s->lease_until = 0;
+        /* Past its deadline the attempt failed (backoff applies); a lease
+         * that merely ran out hands the task straight back. */
+        int timed_out = s->deadline && now >= s->deadline;
+        uint8_t st = next_state(s, now, 1, timed_out ? -1 : 0);
         HR_FAULT(HR_FS_EXPIRE);
-        hr_slot_state(&c, s, HR_PENDING);
-        hr_slot_touch(&c, s, i);
+        settle(&c, i, st);
         hr_slot_end(&c);
-        hr_heap_link(&c, i);
+        relink(&c, i);
+        finished |= HR_TERMINAL(st);
+        pending |= st == HR_PENDING;
         if (out)
             out[k] = (hr_ticket){s->id, i, s->attempt};
+        if (states)
+            states[k] = (uint8_t)(st | (timed_out ? 0x80 : 0));
         k++;
     }
     c.h->stats.expired += k;
     hr_unlock(&c);
-    if (k)
+    if (pending)
         hr_notify(mem, HR_EV_PENDING);
+    if (finished)
+        hr_notify(mem, HR_EV_FINISH);
     return (int)k;
 }
 
-/* Delayed tasks whose time came become pending.  Not a durable change:
- * the run-at on disk already says when the task may run. */
 int hr_promote(void *mem, int64_t now, uint32_t max)
 {
     LOCKED(c, mem);

@@ -7,14 +7,19 @@
 
 int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first);
 int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out);
-int hr_claim(void *mem, uint32_t max, int64_t lease_until, hr_ticket *out);
+int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticket *out);
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
                     int64_t run_at, uint64_t aux, int32_t *out);
 int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until);
 int hr_cancel(void *mem, uint64_t id);
 int hr_get(void *mem, uint64_t id, hr_slot *out);
 int hr_read_slot(void *mem, uint32_t slot, hr_slot *out);
-int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out);
+int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *states);
+int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay_us);
+int hr_progress(void *mem, const hr_ticket *t, uint32_t ppm);
+int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, uint32_t timeout_ms,
+             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms);
+int64_t hr_backoff_us(uint8_t kind, uint32_t base_ms, uint32_t cap_ms, uint32_t attempt, uint64_t rnd);
 int hr_promote(void *mem, int64_t now, uint32_t max);
 int hr_peek_best(void *mem, hr_slot *out);
 int hr_peek_worst(void *mem, hr_slot *out);

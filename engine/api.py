@@ -54,12 +54,78 @@ def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
         raise TypeError(f"cannot pickle the arguments {_short((args, kwargs))}: {e}") from e
 
 
+def dumps_value(ser: int, value: Any) -> bytes:
+    """Serialise a task's return value; TypeError names one that cannot be."""
+    if ser == 0:
+        return _JSON(value).encode()
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise TypeError(f"cannot pickle the return value {_short(value)}: {e}") from e
+
+
+def loads_value(ser: int, body: bytes) -> Any:
+    return _JSON_LOADS(body.decode()) if ser == 0 else pickle.loads(body)
+
+
 def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
     """The (args, kwargs) that :func:`dumps` wrote."""
     if ser == 0:
         args, kwargs = _JSON_LOADS(body.decode())
         return tuple(args), kwargs
     return pickle.loads(body)
+
+
+class Backoff:
+    """How long a failed task waits before its next attempt.
+
+    ``Backoff.constant(d)``, ``Backoff.linear(step, cap)`` (step × attempt)
+    and ``Backoff.exponential(base, cap, jitter=False)`` (base × 2^(attempt-1));
+    seconds, each delay capped by `cap`.  Full jitter draws the delay
+    uniformly between 0 and that value.
+    """
+
+    __slots__ = ("kind", "base", "cap", "jitter")
+
+    def __init__(self, kind: int, base: float, cap: Optional[float] = None, jitter: bool = False) -> None:
+        for what, v in (("delay", base), ("cap", cap)):
+            if v is None and what == "cap":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= shm.BO_MS_MAX / 1000:
+                raise errors.InvalidArgument(f"backoff {what} must be seconds in 0..{shm.BO_MS_MAX // 1000}, "
+                                             f"got {_short(v)}")
+        self.kind, self.base, self.cap, self.jitter = kind, float(base), cap, bool(jitter)
+
+    @classmethod
+    def none(cls) -> "Backoff":
+        """Retry at once (the default)."""
+        return cls(shm.BO_NONE, 0.0)
+
+    @classmethod
+    def constant(cls, delay: float) -> "Backoff":
+        return cls(shm.BO_CONSTANT, delay)
+
+    @classmethod
+    def linear(cls, step: float, cap: Optional[float] = None) -> "Backoff":
+        return cls(shm.BO_LINEAR, step, cap)
+
+    @classmethod
+    def exponential(cls, base: float, cap: Optional[float] = None, jitter: bool = False) -> "Backoff":
+        return cls(shm.BO_EXPONENTIAL, base, cap, jitter)
+
+    def packed(self) -> int:
+        """The policy as one int (what the database and the segment hold)."""
+        kind = self.kind | (shm.BO_JITTER if self.jitter else 0)
+        return shm.pack_backoff(kind, int(round(self.base * 1000)), int(round((self.cap or 0) * 1000)))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt` (1-based)."""
+        return shm.backoff_us(self.packed(), attempt, int.from_bytes(os.urandom(8), "little")) / 1e6
+
+    def __repr__(self) -> str:
+        name = {shm.BO_NONE: "none", shm.BO_CONSTANT: "constant", shm.BO_LINEAR: "linear",
+                shm.BO_EXPONENTIAL: "exponential"}[self.kind]
+        return f"Backoff.{name}(base={self.base}, cap={self.cap}, jitter={self.jitter})"
 
 
 @dataclass
@@ -72,6 +138,8 @@ class Job:
     priority: int = 0
     dedup_key: Optional[Union[str, bytes]] = None
     max_attempts: Optional[int] = None
+    delay: Optional[float] = None
+    run_at: Optional[Any] = None
 
 
 class Outcome(NamedTuple):
@@ -165,19 +233,23 @@ class TaskInfo:
     dedup: bool
     spilled: bool
     result: Any = None
-    error: Optional[str] = None
+    error: Optional[Dict[str, Any]] = None
+    progress: Optional[float] = None
+    run_at: Optional[float] = None
 
 
 class Task:
     """A function registered with :meth:`Queue.task`."""
 
     def __init__(self, queue: "Queue", fn: Callable[..., Any], name: str, priority: int,
-                 max_attempts: int) -> None:
+                 max_attempts: int, backoff: Optional[Backoff] = None, timeout: Optional[float] = None) -> None:
         self.queue = queue
         self.fn = fn
         self.name = name
         self.priority = priority
         self.max_attempts = max_attempts
+        self.backoff = backoff or Backoff.none()
+        self.timeout = timeout
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -189,6 +261,10 @@ class Task:
         """Submit a call; returns the task id once it is durable."""
         return self.queue.submit(self.name, args=args, kwargs=kwargs, priority=self.priority,
                                  max_attempts=self.max_attempts)
+
+    def policy(self) -> Tuple[int, int, int]:
+        """(max_attempts, timeout in ms, packed backoff) as submits carry them."""
+        return self.max_attempts, _timeout_ms(self.timeout), self.backoff.packed()
 
     def job(self, *args: Any, **kwargs: Any) -> Job:
         """A :class:`Job` for :meth:`Queue.submit_batch`."""
@@ -225,7 +301,7 @@ class Queue:
         # one segment.  Hard links are not supported, as in SQLite itself.
         self.path = os.path.realpath(os.fspath(path))
         self.tasks: Dict[str, Task] = {}
-        self._names: Dict[str, int] = {}  # validated task names -> their default max_attempts
+        self._names: Dict[str, Tuple[int, int, int]] = {}  # validated task names -> their submit policy
         self._max_payload = self.settings.max_payload
         self._seg: Optional[Segment] = None
         self._seg_ino = 0
@@ -350,20 +426,30 @@ class Queue:
     def task(self, fn: F) -> Task: ...
 
     @overload
-    def task(self, *, name: Optional[str] = None, priority: int = 0,
-             max_attempts: Optional[int] = None) -> Callable[[F], Task]: ...
+    def task(self, *, name: Optional[str] = None, priority: int = 0, max_attempts: Optional[int] = None,
+             backoff: Optional[Backoff] = None, timeout: Optional[float] = None) -> Callable[[F], Task]: ...
 
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None, priority: int = 0,
-             max_attempts: Optional[int] = None) -> Any:
-        """Register a task function; its name is ``module.qualname`` unless `name` is given."""
+             max_attempts: Optional[int] = None, backoff: Optional[Backoff] = None,
+             timeout: Optional[float] = None) -> Any:
+        """Register a task function; its name is ``module.qualname`` unless `name` is given.
+
+        `max_attempts` attempts in all (then the task is dead); `backoff`
+        spaces the retries; `timeout` (seconds) is each attempt's processing
+        deadline, after which the attempt counts as failed.  A submit from
+        this process carries the policy with the task.
+        """
         _check_priority(priority)
         attempts = self.DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
         _check_attempts(attempts)
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise errors.InvalidArgument(f"backoff must be an engine.Backoff, got {_short(backoff)}")
+        _timeout_ms(timeout)
 
         def register(f: Callable[..., Any]) -> Task:
             tname = name or f"{f.__module__}.{f.__qualname__}"
             _check_name(tname)
-            t = Task(self, f, tname, priority, attempts)
+            t = Task(self, f, tname, priority, attempts, backoff, timeout)
             self.tasks[tname] = t
             self._names.pop(tname, None)
             return t
@@ -373,15 +459,19 @@ class Queue:
 
     def submit(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None, *,
                priority: int = 0, dedup_key: Optional[Union[str, bytes]] = None, on_duplicate: str = "skip",
-               max_attempts: Optional[int] = None) -> int:
+               max_attempts: Optional[int] = None, delay: Optional[float] = None, run_at: Optional[Any] = None
+               ) -> int:
         """Submit one task; returns its id once it is committed.
 
         With a `dedup_key` that a live task holds: ``skip`` returns that
         task's id, ``supersede`` cancels it and inserts this one, ``reject``
-        raises :class:`errors.DuplicateTask`.
+        raises :class:`errors.DuplicateTask`.  `delay` (seconds) or `run_at`
+        (a datetime or epoch seconds) keeps the task back until then.
         """
         mode = _mode(on_duplicate)
-        item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, shm.now_us())
+        now = shm.now_us()
+        item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, now,
+                          _run_at_us(delay, run_at, now))
         kinds, ids, _, errs = self._send_items([item], mode)
         if kinds[0] == _REJECTED:
             raise errs[0]
@@ -406,7 +496,8 @@ class Queue:
                 if job.__class__ is not Job and not isinstance(job, Job):
                     raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
                 items.append(item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
-                                  job.max_attempts, created))
+                                  job.max_attempts, created, _run_at_us(job.delay, job.run_at, created)
+                                  if job.delay is not None or job.run_at is not None else 0))
                 where.append(k)
             except (TypeError, ValueError, errors.EngineError) as e:
                 bad[k] = e
@@ -424,13 +515,16 @@ class Queue:
         return BatchOutcome(kinds, ids, others, bad)
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
-              dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int) -> protocol.Item:
-        default_attempts = self._names.get(name)
-        if default_attempts is None:
+              dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,
+              run_at: int = 0) -> protocol.Item:
+        policy = self._names.get(name)
+        if policy is None:
             _check_name(name)
             t = self.tasks.get(name)
-            default_attempts = t.max_attempts if t else self.DEFAULT_MAX_ATTEMPTS
-            self._names[name] = default_attempts
+            # Not defined here: the worker's definition fills in the limits.
+            policy = t.policy() if t else (0, 0, 0)
+            self._names[name] = policy
+        default_attempts, timeout_ms, backoff = policy
         if priority.__class__ is not int or not 0 <= priority <= 255:
             _check_priority(priority)
         if max_attempts is None:
@@ -452,7 +546,7 @@ class Queue:
             if not isinstance(dedup_key, (str, bytes)):
                 raise errors.InvalidArgument(f"dedup_key must be str or bytes, got {_short(dedup_key)}")
             dedup = key_bytes(name, dedup_key)
-        return (0, name, body, self._ser, priority, dedup, 0, max_attempts, None, created)
+        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, None, created, timeout_ms, backoff)
 
     def _send_items(self, items: List[protocol.Item], mode: int
                     ) -> Tuple[bytearray, List[Optional[int]], List[int], Dict[int, BaseException]]:
@@ -615,17 +709,149 @@ class Queue:
             if st in shm.TERMINAL:
                 finished = at / 1e6
         live = self.seg.get(tid)
+        progress = run_at = None
+        base, reached = 0, None
+        for _attempt, st, _at, info in hist:
+            if st == shm.PENDING and info is not None:  # put back from dead after `info` attempts
+                base, reached = info, None
+            elif st == shm.DEAD and info:  # the limit it died at
+                reached = info
+        max_attempts = reached or base + (rec["max_attempts"] or self.DEFAULT_MAX_ATTEMPTS)
         if live is not None:
             state = live.state_name
             attempts = max(attempts, live.attempt)
+            if live.state == shm.RUNNING:
+                progress = live.progress / 1e6
+            if live.state == shm.DELAYED:
+                run_at = live.run_at / 1e6
+            if live.max_attempts:
+                max_attempts = live.max_attempts
+        result = error = None
+        for attempt, kind, body in rec["results"]:
+            if kind == 1:
+                error = errors.read_error(body)
+            elif attempt == attempts and state == "completed":
+                result = loads_value(rec["serializer"], body)
         return TaskInfo(id=tid, name=rec["name"], state=state, priority=rec["priority"], attempts=attempts,
-                        max_attempts=rec["max_attempts"], created=rec["created"] / 1e6, started=started,
+                        max_attempts=max_attempts, created=rec["created"] / 1e6, started=started,
                         finished=finished, dedup=rec["dedup"] is not None,
-                        spilled=rec["spilled"] and live is None)
+                        spilled=rec["spilled"] and live is None, result=result, error=error,
+                        progress=progress, run_at=run_at)
+
+    def cancel(self, tid: int) -> bool:
+        """Cancel task `tid` if it has not ended; True if it was cancelled.
+
+        A running attempt sees ``job.cancelled`` and its later outcome is ignored."""
+        if not isinstance(tid, int) or isinstance(tid, bool) or tid <= 0:
+            raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(tid)}")
+        return bool(self._command("cancel", ([tid],)))
 
     def verify(self) -> None:
         """Check the segment's invariants; raises SegmentCorrupt naming the first broken one."""
         self.seg.verify()
+
+    # ---- results and management -------------------------------------------------------------
+
+    def result(self, tid: int, timeout: Optional[float] = None) -> Any:
+        """The return value of task `tid` once it completed, waiting up to
+        `timeout` seconds (None: for ever).
+
+        Raises :class:`errors.TaskFailed` (with the last error) if it ended
+        dead or cancelled, :class:`errors.WaitTimeout` if it did not end in
+        time, :class:`errors.TaskNotFound` if there is no such task.
+        """
+        if timeout is not None and not timeout >= 0:
+            raise errors.InvalidArgument(f"timeout must be None or >= 0, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        known = False
+        while True:
+            seg = self.seg
+            seen = seg.event(shm.EV_FINISH)
+            live = seg.get(tid)
+            if live is None or live.state in shm.TERMINAL:
+                end = self.reader.ending(tid)
+                if end is None and not known:
+                    raise errors.TaskNotFound(f"no task {tid} in {self.path}")
+                known = True
+                state, attempt = (live.state, live.attempt) if live is not None else end[:2]
+                if state in shm.TERMINAL:
+                    return self._ended(tid, state, attempt)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise errors.WaitTimeout(f"task {tid} did not finish within {timeout} s")
+            # A wake-up per finished task, and a periodic look in case it was
+            # settled in a segment that has since been replaced.
+            wait = 0.5 if deadline is None else min(0.5, deadline - now)
+            if not seg.wait(shm.EV_FINISH, seen, wait):
+                self._refresh()
+
+    def _ended(self, tid: int, state: int, attempt: int) -> Any:
+        end = self.reader.ending(tid)
+        ser = end[4] if end else self._ser
+        if state == shm.COMPLETED:
+            body = self.reader.result_of(tid, attempt)
+            return None if body is None else loads_value(ser, body)
+        err = errors.read_error(self.reader.last_error(tid))
+        what = STATE_NAMES[state]
+        detail = f": {err['type']}: {err['message']}" if err else ""
+        raise errors.TaskFailed(f"task {tid} ended {what}{detail}", tid, what, err)
+
+    def dead_letters(self, limit: int = 100) -> List[TaskInfo]:
+        """Dead tasks, the most recent first."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise errors.InvalidArgument(f"limit must be a positive int, got {_short(limit)}")
+        self._command("sync", ([],))  # outcomes reported so far are on disk
+        out = []
+        for tid, *_ in self.reader.dead(limit):
+            info = self.get(tid)
+            if info is not None:
+                out.append(info)
+        return out
+
+    def retry_dead(self, tid: Union[int, Iterable[int]]) -> List[int]:
+        """Put dead tasks back to pending with as many attempts again as they
+        were first given; returns the ids that were dead and now are not."""
+        ids = [tid] if isinstance(tid, int) else list(tid)
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t <= 0:
+                raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(t)}")
+        if not ids:
+            return []
+        return self._command("retry_dead", (ids,))
+
+    def retry_all_dead(self) -> List[int]:
+        """:meth:`retry_dead` for every dead task."""
+        self._command("sync", ([],))
+        done: List[int] = []
+        while True:
+            batch = [t for t, *_ in self.reader.dead(10_000)]
+            if not batch:
+                return done
+            got = self._command("retry_dead", (batch,))
+            done += got
+            if not got:
+                return done
+
+    def _command(self, name: str, args: tuple) -> List[int]:
+        """Run a management command in the writer; the ids it applied to."""
+        data = protocol.encode_manage(name, args)
+        while True:
+            seg = self.seg
+            pos = self._reserve(len(data), max(1, len(args[0]) if args and isinstance(args[0], list) else 1))
+            seg.req_write(pos, data)
+            seg.req_publish(pos)
+            answer = self._await_answer(pos)
+            if answer is not None:
+                _, flat = protocol.decode_answer(answer)
+                return flat[0::2].tolist()
+
+    def _report(self, reports: List[protocol.Report]) -> None:
+        """Hand attempt outcomes with data to the writer; no answer is awaited."""
+        data = protocol.encode_reports(reports)
+        seg = self.seg
+        pos = self._reserve(len(data), 1)
+        seg.req_write(pos, data)
+        seg.req_publish(pos)
 
 
 _FORK_KEEP: List[Any] = []
@@ -647,6 +873,33 @@ def _check_priority(priority: Any) -> None:
 def _check_attempts(n: Any) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1_000_000:
         raise errors.InvalidArgument(f"max_attempts must be an int in 1..1000000, got {_short(n)}")
+
+
+def _timeout_ms(timeout: Any) -> int:
+    """A task timeout in seconds (None: none) as whole milliseconds."""
+    if timeout is None:
+        return 0
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0.001 <= timeout <= 4_000_000:
+        raise errors.InvalidArgument(f"timeout must be None or seconds in 0.001..4000000, got {_short(timeout)}")
+    return int(round(timeout * 1000))
+
+
+def _run_at_us(delay: Any, run_at: Any, now: int) -> int:
+    """When a task may first run, in us since the epoch (0: now)."""
+    if delay is not None and run_at is not None:
+        raise errors.InvalidArgument("pass delay or run_at, not both")
+    if delay is not None:
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 10**9:
+            raise errors.InvalidArgument(f"delay must be seconds in 0..1e9, got {_short(delay)}")
+        return now + int(delay * 1e6) if delay > 0 else 0
+    if run_at is None:
+        return 0
+    if hasattr(run_at, "timestamp"):  # a datetime; a naive one is local time, as datetime says
+        run_at = run_at.timestamp()
+    if not isinstance(run_at, (int, float)) or isinstance(run_at, bool) or not 0 <= run_at < 2**62 / 1e6:
+        raise errors.InvalidArgument(f"run_at must be a datetime or epoch seconds, got {_short(run_at)}")
+    at = int(run_at * 1e6)
+    return at if at > now else 0
 
 
 def _check_name(name: Any) -> None:

@@ -83,6 +83,26 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retry(a: argparse.Namespace) -> int:
+    if a.all == (a.tid is not None):
+        print("headrace retry: give one TID or --all", file=sys.stderr)
+        return EXIT_FAILED
+    with _open(a.path) as q:
+        ids = q.retry_all_dead() if a.all else q.retry_dead(a.tid)
+    print(f"put {len(ids):,} task{'s' if len(ids) != 1 else ''} back to pending"
+          + (f": {', '.join(map(str, ids[:20]))}" if ids else ""))
+    return EXIT_OK if ids or a.all else EXIT_FAILED
+
+
+def cmd_dead(a: argparse.Namespace) -> int:
+    with _open(a.path) as q:
+        dead = q.dead_letters(a.limit)
+    for t in dead:
+        err = f"{t.error['type']}: {t.error['message']}" if t.error else "-"
+        print(f"{t.id:>12}  {t.name}  attempts {t.attempts}  {err}")
+    return EXIT_OK
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     with _open(a.path) as q:
         q.verify()
@@ -119,6 +139,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     i.add_argument("tid", type=int)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("retry", help="put dead tasks back to pending with fresh attempts")
+    r.add_argument("path")
+    r.add_argument("tid", type=int, nargs="?")
+    r.add_argument("--all", action="store_true", help="every dead task")
+    r.set_defaults(fn=cmd_retry)
+
+    dl = sub.add_parser("dead", help="list dead tasks with their last error")
+    dl.add_argument("path")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.set_defaults(fn=cmd_dead)
 
     v = sub.add_parser("verify", help="check the segment's invariants")
     v.add_argument("path")

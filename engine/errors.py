@@ -5,7 +5,8 @@ also derives from the matching builtin, so callers may catch either.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+import json
+from typing import Any, Dict, Optional, Tuple, Type
 
 from ._core import lib
 
@@ -111,7 +112,29 @@ class SubmitFailed(EngineError):
 
 
 class TaskFailed(EngineError):
-    """The task ended dead or cancelled instead of completed."""
+    """The task ended dead or cancelled instead of completed.
+
+    ``.task_id``, ``.state`` ("dead" or "cancelled") and ``.error`` (the last
+    attempt's error: a dict of type, message and traceback, or None)."""
+
+    def __init__(self, message: str, task_id: int = 0, state: str = "", error: Optional[Dict[str, Any]] = None
+                 ) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.state = state
+        self.error = error
+
+
+class Retry(EngineError):
+    """Raise inside a task to ask for another attempt, after `delay` seconds
+    (None: the task's backoff).  It still counts as an attempt."""
+
+    def __init__(self, delay: Optional[float] = None, reason: str = "") -> None:
+        if delay is not None and not (isinstance(delay, (int, float)) and not isinstance(delay, bool)
+                                      and 0 <= delay <= 10**8):
+            raise InvalidArgument(f"Retry delay must be None or seconds in 0..1e8, got {delay!r}")
+        super().__init__(reason or (f"retry requested in {delay} s" if delay is not None else "retry requested"))
+        self.delay = delay
 
 
 class UnknownTask(EngineError, LookupError):
@@ -138,6 +161,22 @@ _STATUS: Dict[int, Tuple[Type[EngineError], str]] = {
     lib.HR_E_STATE: (InvalidState, "the task is not in a state that allows this"),
     lib.HR_E_BUSY: (SlotBusy, "the slot has an unflushed change"),
 }
+
+
+def describe_error(type_name: str, message: str, tb: Optional[str] = None) -> bytes:
+    """An attempt's error as stored: JSON of its type, message and traceback summary."""
+    return json.dumps({"type": type_name, "message": message, "traceback": tb}).encode()
+
+
+def read_error(body: Optional[bytes]) -> Optional[Dict[str, Any]]:
+    """The stored error back as a dict (type, message, traceback), or None."""
+    if body is None:
+        return None
+    try:
+        out = json.loads(body)
+    except ValueError:
+        return {"type": "unknown", "message": repr(body[:200]), "traceback": None}
+    return out if isinstance(out, dict) else None
 
 
 def error_for(rc: int, context: str = "", detail: Optional[str] = None) -> EngineError:

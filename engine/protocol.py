@@ -12,7 +12,7 @@ from __future__ import annotations
 import marshal
 import struct
 from array import array
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import errors
 
@@ -25,8 +25,20 @@ REPLAY = 0x100
 INSERTED, DUPLICATE, SUPERSEDED, REJECTED = 0, 1, 2, 3
 KIND_NAMES = ("inserted", "duplicate", "superseded", "rejected")
 
-#: One job as it travels: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created)
-Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int]
+#: One job as it travels: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created,
+#: timeout_ms, backoff); backoff is shm.pack_backoff's int.
+Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int, int, int]
+ITEM_FIELDS = 12
+
+#: A worker's report of an attempt that carries data the database must hold
+#: before the slot may show the outcome: a return value or an error.  The
+#: writer stores it, then settles the slot; nobody waits for an answer.
+REPORT = 0x200
+#: A report item: (id, slot, attempt, kind, retry, delay_us, body)
+Report = Tuple[int, int, int, int, int, int, bytes]
+RESULT, ERROR = 0, 1
+#: Management commands that need the writer: ``(MANAGE, (command, args))``.
+MANAGE = 0x400
 
 _HEAD = struct.Struct("<I")
 _ERROR = 0xFFFFFFFF
@@ -36,16 +48,26 @@ def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
     return marshal.dumps((on_duplicate, list(items)))
 
 
-def decode_request(data: bytes) -> Tuple[int, List[Item]]:
+def encode_reports(reports: Sequence[Report]) -> bytes:
+    return marshal.dumps((REPORT, list(reports)))
+
+
+def encode_manage(command: str, args: Sequence[Any]) -> bytes:
+    return marshal.dumps((MANAGE, [(command, tuple(args))]))
+
+
+def decode_request(data: bytes) -> Tuple[int, List[Any]]:
     """(mode, items); ValueError for bytes that are not a request."""
     try:
         mode, items = marshal.loads(data)
     except (EOFError, TypeError) as e:
         raise ValueError(f"undecodable: {e}") from None
+    if not isinstance(mode, int) or not isinstance(items, list) or not set(map(type, items)) <= {tuple}:
+        raise ValueError("not a list of items")
     # C-level checks (set/map), not a Python loop per item.
-    if not isinstance(mode, int) or not isinstance(items, list) or not set(map(type, items)) <= {tuple} \
-            or not set(map(len, items)) <= {10}:
-        raise ValueError("not a list of submit items")
+    want = 7 if mode == REPORT else 2 if mode == MANAGE else ITEM_FIELDS
+    if not set(map(len, items)) <= {want}:
+        raise ValueError("items of the wrong shape")
     return mode, items
 
 

@@ -46,6 +46,16 @@ EV_WRITER: int = lib.HR_EV_WRITER
 EV_FINISH: int = lib.HR_EV_FINISH
 
 F_DEDUP: int = lib.HR_F_DEDUP
+#: Retry backoff kinds and the jitter flag (see :func:`pack_backoff`).
+BO_NONE: int = lib.HR_BO_NONE
+BO_CONSTANT: int = lib.HR_BO_CONSTANT
+BO_LINEAR: int = lib.HR_BO_LINEAR
+BO_EXPONENTIAL: int = lib.HR_BO_EXPONENTIAL
+BO_JITTER: int = lib.HR_BO_JITTER
+#: Largest backoff base or cap in ms that :func:`pack_backoff` holds (about 74 hours).
+BO_MS_MAX = (1 << 28) - 1
+#: Set in an :meth:`Segment.expire` state when the attempt ran past its deadline.
+TIMED_OUT = 0x80
 MAX_CAPACITY: int = lib.HR_MAX_CAPACITY
 LAYOUT_VERSION: int = lib.HR_LAYOUT_VERSION
 
@@ -126,6 +136,11 @@ class SlotInfo(NamedTuple):
     aux: int
     version: int
     dirty: bool
+    max_attempts: int = 0
+    deadline: int = 0
+    timeout_ms: int = 0
+    progress: int = 0
+    backoff: int = 0
 
     @property
     def state_name(self) -> str:
@@ -151,7 +166,8 @@ _E_STATE: int = lib.HR_E_STATE
 def _slot_info(slot: int, r: Any) -> SlotInfo:
     dedup = (r.dedup_lo, r.dedup_hi) if r.flags & F_DEDUP else None
     return SlotInfo(slot, r.id, r.state, r.prio, r.seq, r.attempt, r.run_at, r.lease_until,
-                    r.group, dedup, r.aux, r.version, bool(r.dirty))
+                    r.group, dedup, r.aux, r.version, bool(r.dirty), r.max_attempts, r.deadline,
+                    r.timeout_ms, r.progress, pack_backoff(r.bo_kind, r.bo_base_ms, r.bo_cap_ms))
 
 
 def segment_path(name: str, directory: Optional[str] = None) -> str:
@@ -346,11 +362,12 @@ class Segment:
 
     def push(self, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,
              dedup: Optional[Tuple[int, int]] = None, group: int = 0, attempt: int = 0,
-             aux: int = 0) -> int:
+             aux: int = 0, max_attempts: int = 0, timeout_ms: int = 0, backoff: int = 0) -> int:
         """Insert one task; returns its slot."""
         t = self.tasks(1)
         fill_task(t[0], id, prio=prio, seq=seq, state=state, run_at=run_at, dedup=dedup,
-                  group=group, attempt=attempt, aux=aux)
+                  group=group, attempt=attempt, aux=aux, max_attempts=max_attempts,
+                  timeout_ms=timeout_ms, backoff=backoff)
         lib.hr_insert_batch(self._mem, t, 1, self._i32)
         return check(self._i32[0], f"push of task {id}")
 
@@ -362,17 +379,22 @@ class Segment:
 
     # ---- claim and finish -------------------------------------------------
 
-    def pop(self, lease_until: int) -> Optional[Ticket]:
+    def pop(self, lease_until: int, now: Optional[int] = None) -> Optional[Ticket]:
         """Claim the best pending task, or None if there is none."""
         t = self._ticket
-        if check(lib.hr_claim(self._mem, 1, lease_until, t), "pop") == 0:
+        if check(lib.hr_claim(self._mem, 1, now_us() if now is None else now, lease_until, t), "pop") == 0:
             return None
         return Ticket(t.id, t.slot, t.attempt)
 
-    def pop_batch(self, max: int, lease_until: int, out: Any = None) -> Tuple[Any, int]:
-        """Claim up to `max` best pending tasks; returns (tickets, count)."""
+    def pop_batch(self, max: int, lease_until: int, out: Any = None, now: Optional[int] = None
+                  ) -> Tuple[Any, int]:
+        """Claim up to `max` best pending tasks; returns (tickets, count).
+
+        A task with a timeout gets a deadline of `now` plus its timeout, and
+        its lease never runs past that deadline."""
         out = self.tickets(max) if out is None else out
-        return out, check(lib.hr_claim(self._mem, max, lease_until, out), "pop_batch")
+        now = now_us() if now is None else now
+        return out, check(lib.hr_claim(self._mem, max, now, lease_until, out), "pop_batch")
 
     def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:
         """Report one attempt's outcome; False if the attempt was fenced."""
@@ -387,6 +409,42 @@ class Segment:
         out = self.statuses(n) if out is None else out
         rc = lib.hr_finish_batch(self._mem, tickets, n, state, run_at, aux, out)
         return out, check(rc, "finish_batch")
+
+    def fail(self, ticket: Ticket, *, retry: bool = True, delay_us: int = -1, now: Optional[int] = None
+             ) -> Optional[int]:
+        """End a running attempt without success: dead once attempts are used
+        up or `retry` is false, else pending, or delayed by `delay_us` (< 0:
+        by the task's backoff).  Returns the new state, None if fenced."""
+        t = ffi.new("hr_ticket *")
+        t.id, t.slot, t.attempt = ticket
+        rc = lib.hr_fail(self._mem, t, now_us() if now is None else now, 1 if retry else 0, delay_us)
+        if rc == lib.HR_E_STALE:
+            return None
+        return check(rc, "fail")
+
+    def adopt(self, ticket: Ticket, max_attempts: int, timeout_ms: int, backoff: int,
+              now: Optional[int] = None) -> bool:
+        """Fill a running attempt's unset limits (max attempts, timeout,
+        backoff: 0 in the slot) from the task's definition; a new timeout
+        starts counting at `now`.  False if the attempt was fenced."""
+        t = ffi.new("hr_ticket *")
+        t.id, t.slot, t.attempt = ticket
+        kind, base, cap = unpack_backoff(backoff)
+        rc = lib.hr_adopt(self._mem, t, now_us() if now is None else now, max_attempts, timeout_ms, kind, base, cap)
+        if rc == lib.HR_E_STALE:
+            return False
+        check(rc, "adopt")
+        return True
+
+    def progress(self, ticket: Ticket, fraction: float) -> bool:
+        """Record a running attempt's progress (0..1); False if it was fenced."""
+        t = ffi.new("hr_ticket *")
+        t.id, t.slot, t.attempt = ticket
+        rc = lib.hr_progress(self._mem, t, int(round(fraction * 1_000_000)))
+        if rc == lib.HR_E_STALE:
+            return False
+        check(rc, "progress")
+        return True
 
     def heartbeat(self, ticket: Ticket, lease_until: int) -> bool:
         """Extend a running attempt's lease; False if the attempt was fenced."""
@@ -418,10 +476,13 @@ class Segment:
 
     # ---- upkeep ------------------------------------------------------------
 
-    def expire(self, now: int, max: int = 1024, out: Any = None) -> Tuple[Any, int]:
-        """Send running tasks whose lease ended by `now` back to pending."""
+    def expire(self, now: int, max: int = 1024, out: Any = None, states: Any = None) -> Tuple[Any, int]:
+        """Settle running tasks whose lease ran out by `now`: back to pending,
+        or, past a deadline, a failed attempt (backoff, or dead once attempts
+        are used up).  `states[k]` gets each one's new state, with
+        :data:`TIMED_OUT` set when its deadline had passed."""
         out = self.tickets(max) if out is None else out
-        return out, check(lib.hr_expire(self._mem, now, max, out), "expire")
+        return out, check(lib.hr_expire(self._mem, now, max, out, ffi.NULL if states is None else states), "expire")
 
     def promote(self, now: int, max: int = 1 << 30) -> int:
         """Make delayed tasks whose run-at passed pending; returns how many."""
@@ -665,24 +726,44 @@ class Segment:
         }
 
 
-# hr_task as bytes: id, seq, run_at, dedup_lo, dedup_hi, aux, group, attempt, prio, state, flags.
-_TASK = struct.Struct("<QQqQQQIIBBB5x")
+# hr_task as bytes: id, seq, run_at, dedup_lo, dedup_hi, aux, group, attempt, max_attempts,
+# timeout_ms, bo_base_ms, bo_cap_ms, prio, state, flags, bo_kind.
+_TASK = struct.Struct("<QQqQQQIIIIIIBBBB4x")
 assert _TASK.size == ffi.sizeof("hr_task")
 
 
+def pack_backoff(kind: int, base_ms: int, cap_ms: int) -> int:
+    """One int for a retry backoff: kind (with :data:`BO_JITTER`), base and cap in ms."""
+    return kind | base_ms << 8 | cap_ms << 36
+
+
+def unpack_backoff(packed: int) -> Tuple[int, int, int]:
+    return packed & 0xFF, (packed >> 8) & BO_MS_MAX, (packed >> 36) & BO_MS_MAX
+
+
+def backoff_us(packed: int, attempt: int, rnd: int = 0) -> int:
+    """The retry delay after failed attempt `attempt` (1-based), in us."""
+    kind, base, cap = unpack_backoff(packed)
+    return int(lib.hr_backoff_us(kind, base, cap, attempt, rnd))
+
+
 def pack_tasks(rows: Any) -> Tuple[Any, int]:
-    """An ``hr_task[]`` from rows of (id, prio, seq, state, run_at, dedup, attempt),
-    where dedup is the 16-byte key or None; for the writer's bulk inserts.
-    The C side validates every record again."""
+    """An ``hr_task[]`` from rows of (id, prio, seq, state, run_at, dedup,
+    attempt, max_attempts, timeout_ms, backoff), where dedup is the 16-byte
+    key or None and backoff is :func:`pack_backoff`'s int; for the writer's
+    bulk inserts.  The C side validates every record again."""
     pack = _TASK.pack
     key = split_key
     parts = []
-    for tid, prio, seq, state, run_at, dedup, attempt in rows:
+    for tid, prio, seq, state, run_at, dedup, attempt, max_attempts, timeout_ms, bo in rows:
+        kind, base, cap = bo & 0xFF, (bo >> 8) & BO_MS_MAX, (bo >> 36) & BO_MS_MAX
         if dedup is None:
-            parts.append(pack(tid, seq, run_at, 0, 0, 0, 0, attempt, prio, state, 0))
+            parts.append(pack(tid, seq, run_at, 0, 0, 0, 0, attempt, max_attempts, timeout_ms, base, cap,
+                              prio, state, 0, kind))
         else:
             lo, hi = key(dedup)
-            parts.append(pack(tid, seq, run_at, lo, hi, 0, 0, attempt, prio, state, F_DEDUP))
+            parts.append(pack(tid, seq, run_at, lo, hi, 0, 0, attempt, max_attempts, timeout_ms, base, cap,
+                              prio, state, F_DEDUP, kind))
     n = len(parts)
     arr = ffi.new("hr_task[]", n)
     if n:
@@ -692,7 +773,7 @@ def pack_tasks(rows: Any) -> Tuple[Any, int]:
 
 def fill_task(t: Any, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,
               dedup: Optional[Tuple[int, int]] = None, group: int = 0, attempt: int = 0,
-              aux: int = 0) -> None:
+              aux: int = 0, max_attempts: int = 0, timeout_ms: int = 0, backoff: int = 0) -> None:
     """Fill one ``hr_task`` record, checking ranges with clear errors."""
     if not isinstance(prio, int) or isinstance(prio, bool) or not 0 <= prio <= 255:
         raise errors.InvalidArgument(f"priority must be an int in 0..255, got {prio!r}")
@@ -708,6 +789,9 @@ def fill_task(t: Any, id: int, *, prio: int = 0, seq: int = 0, state: int = PEND
     t.group = group
     t.attempt = attempt
     t.aux = aux
+    t.max_attempts = max_attempts
+    t.timeout_ms = timeout_ms
+    t.bo_kind, t.bo_base_ms, t.bo_cap_ms = unpack_backoff(backoff)
     if dedup is None:
         t.flags = 0
         t.dedup_lo = t.dedup_hi = 0

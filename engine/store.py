@@ -7,8 +7,12 @@ that a PostgreSQL store for many machines can stand in later.
 The schema keeps a task's life to appended rows:
 
 - ``tasks`` (metadata) and ``payloads`` (blobs) are insert-only;
-- ``outcomes`` is a log of (task, attempt, state, time); a task is live while
-  it has no terminal outcome;
+- ``outcomes`` is a log of (task, attempt, state, time, info); a task is live
+  while its last outcome is not terminal (a dead task put back to work gets
+  a pending row after its dead one);
+- ``results`` holds what an attempt left behind: a return value or an error,
+  keyed by (task, attempt), so a stale attempt's row never passes for the
+  current one;
 - ``spill`` holds the live tasks that do not fit in the segment, keyed by
   rank (priority descending, then FIFO sequence) - the only ordered index on
   the hot path;
@@ -24,7 +28,7 @@ import apsw
 from . import errors
 
 #: Schema version written into a new database; a newer one is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Milliseconds a connection waits on a busy database before it gives up.
 BUSY_TIMEOUT_MS = 10_000
 
@@ -32,13 +36,17 @@ BUSY_TIMEOUT_MS = 10_000
 PENDING, DELAYED, WAITING, RUNNING, COMPLETED, DEAD, CANCELLED = 1, 2, 3, 4, 5, 6, 7
 TERMINAL_MIN = COMPLETED
 
-#: One row of ``tasks``: (id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser)
-TaskRow = Tuple[int, str, int, int, int, int, Optional[bytes], Optional[str], int, int]
+#: One row of ``tasks``: (id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser,
+#: timeout_ms, backoff)
+TaskRow = Tuple[int, str, int, int, int, int, Optional[bytes], Optional[str], int, int, int, int]
+#: One row of ``results``: (id, attempt, kind, body); kind 0 is a return value, 1 an error.
+ResultRow = Tuple[int, int, int, bytes]
+RESULT, ERROR = 0, 1
 #: (id, attempt, state, at_us, info)
 OutcomeRow = Tuple[int, int, int, int, Optional[bytes]]
 #: What the segment needs to hold a live task:
-#: (id, prio, seq, run_at, dedup, attempt)
-LiveRow = Tuple[int, int, int, int, Optional[bytes], int]
+#: (id, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff)
+LiveRow = Tuple[int, int, int, int, Optional[bytes], int, int, int, int]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -52,7 +60,9 @@ CREATE TABLE IF NOT EXISTS tasks(
     dedup BLOB,
     grp TEXT,
     max_attempts INTEGER NOT NULL,
-    ser INTEGER NOT NULL
+    ser INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL DEFAULT 0,
+    backoff INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_dedup ON tasks(dedup) WHERE dedup IS NOT NULL;
 CREATE TABLE IF NOT EXISTS payloads(id INTEGER PRIMARY KEY, body BLOB NOT NULL);
@@ -72,14 +82,40 @@ CREATE TABLE IF NOT EXISTS spill(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spill_id ON spill(id);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results(
+    id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    body BLOB,
+    PRIMARY KEY(id, attempt)
+) WITHOUT ROWID;
+"""
+
+#: Schema 1 -> 2: per-task timeout and retry backoff (the results table is new).
+_MIGRATE_1 = """
+ALTER TABLE tasks ADD COLUMN timeout_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN backoff INTEGER NOT NULL DEFAULT 0;
 """
 
 
-_INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?)")
+_INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser,timeout_ms,backoff) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
 _INSERT_PAYLOAD = "INSERT INTO payloads(id,body) VALUES(?,?)"
 #: A task's last attempt from the outcome log (0 if it never started); `t` is the task row.
 _LAST_ATTEMPT = "COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = t.id), 0)"
+#: Attempts a task used before it was last put back from dead (a pending
+#: outcome whose info is that count); its limit counts from there.
+_ATTEMPT_BASE = ("COALESCE((SELECT max(info) FROM outcomes v WHERE v.id = t.id AND v.state = 1"
+                 " AND v.info IS NOT NULL), 0)")
+#: A task's attempt limit, 0 while unset (its worker's definition decides).
+_MAX_ATTEMPTS = f"CASE WHEN t.max_attempts > 0 THEN t.max_attempts + {_ATTEMPT_BASE} ELSE 0 END"
+#: The last outcome's state of task t (NULL: none yet).
+_LAST_STATE = "(SELECT o.state FROM outcomes o WHERE o.id = t.id ORDER BY o.rowid DESC LIMIT 1)"
+#: When task t may run: a backoff delay's run-at (a delayed outcome's info), else its submitted one.
+_RUN_AT = ("COALESCE((SELECT CASE WHEN o.state = 2 THEN o.info END FROM outcomes o WHERE o.id = t.id"
+           " ORDER BY o.rowid DESC LIMIT 1), t.run_at)")
+#: The live-row columns of task t, after its id, prio and seq.
+_LIVE_TAIL = f"t.dedup, {_LAST_ATTEMPT}, {_MAX_ATTEMPTS}, t.timeout_ms, t.backoff"
 
 
 # ---- connection settings: each a named function applied on connect ---------
@@ -159,6 +195,18 @@ class Store:
         """Append state changes; terminal ones end a task's life."""
         raise NotImplementedError
 
+    def put_results(self, rows: Sequence[ResultRow]) -> None:
+        """Store what attempts left behind (return values, errors)."""
+        raise NotImplementedError
+
+    def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
+        """(id, last attempt) of those of `ids` whose last outcome is dead."""
+        raise NotImplementedError
+
+    def tasks_for(self, ids: Sequence[int]) -> List[LiveRow]:
+        """Live rows for `ids` as stored (to put dead tasks back)."""
+        raise NotImplementedError
+
     def spill_add(self, rows: Iterable[Tuple[int, int, int]]) -> None:
         """Add (prio, seq, id) to the spill store."""
         raise NotImplementedError
@@ -183,6 +231,9 @@ class Store:
         raise NotImplementedError
 
     def spill_remove(self, ids: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def spill_has(self, tid: int) -> bool:
         raise NotImplementedError
 
     def spill_reset(self, rows: Iterable[Tuple[int, int, int]]) -> None:
@@ -243,6 +294,9 @@ class SQLiteStore(_Reads, Store):
                 v = self.meta_get("schema_version")
                 if v is None:
                     self.meta_set("schema_version", SCHEMA_VERSION)
+                elif int(v) == 1:
+                    c.execute(_MIGRATE_1)
+                    self.meta_set("schema_version", SCHEMA_VERSION)
                 elif int(v) > SCHEMA_VERSION:
                     raise errors.SchemaMismatch(
                         f"database {self.path} has schema version {v}; this headrace reads up to "
@@ -282,14 +336,36 @@ class SQLiteStore(_Reads, Store):
     def record_outcomes(self, rows: Sequence[OutcomeRow]) -> None:
         self.conn.executemany("INSERT INTO outcomes(id,attempt,state,at,info) VALUES(?,?,?,?,?)", rows)
 
+    def put_results(self, rows: Sequence[ResultRow]) -> None:
+        # An attempt's first word stands: a fenced attempt's late result never
+        # replaces the timeout that ended it.
+        self.conn.executemany("INSERT OR IGNORE INTO results(id,attempt,kind,body) VALUES(?,?,?,?)", rows)
+
+    def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
+        out = []
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            out.extend(self.conn.execute(
+                f"SELECT t.id, {_LAST_ATTEMPT} FROM tasks t"
+                f" WHERE t.id IN ({','.join('?' * len(part))}) AND {_LAST_STATE} = ?", (*part, DEAD)))
+        return out
+
+    def tasks_for(self, ids: Sequence[int]) -> List[LiveRow]:
+        out: List[LiveRow] = []
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            out.extend(self.conn.execute(
+                f"SELECT t.id, t.prio, t.seq, t.run_at, {_LIVE_TAIL} FROM tasks t"
+                f" WHERE t.id IN ({','.join('?' * len(part))})", part))
+        return out
+
     def spill_add(self, rows: Iterable[Tuple[int, int, int]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO spill(nprio,seq,id) VALUES(?,?,?)",
                               [(255 - p, s, i) for p, s, i in rows])
 
     def spill_take(self, n: int) -> List[LiveRow]:
         rows = list(self.conn.execute(
-            "SELECT s.id, 255 - s.nprio, s.seq, t.run_at, t.dedup,"
-            f" {_LAST_ATTEMPT}"
+            f"SELECT s.id, 255 - s.nprio, s.seq, {_RUN_AT}, {_LIVE_TAIL}"
             " FROM spill s JOIN tasks t ON t.id = s.id ORDER BY s.nprio, s.seq LIMIT ?", (n,)))
         if rows:
             self.conn.executemany("DELETE FROM spill WHERE nprio = ? AND seq = ?",
@@ -314,16 +390,17 @@ class SQLiteStore(_Reads, Store):
     def spill_remove(self, ids: Sequence[int]) -> None:
         self.conn.executemany("DELETE FROM spill WHERE id = ?", [(i,) for i in ids])
 
+    def spill_has(self, tid: int) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM spill WHERE id = ?", (tid,)).fetchall())
+
     def spill_reset(self, rows: Iterable[Tuple[int, int, int]]) -> None:
         self.conn.execute("DELETE FROM spill")
         self.spill_add(rows)
 
     def live(self) -> Iterator[LiveRow]:
         return self.conn.execute(
-            "SELECT t.id, t.prio, t.seq, t.run_at, t.dedup,"
-            f" {_LAST_ATTEMPT}"
-            " FROM tasks t WHERE NOT EXISTS"
-            " (SELECT 1 FROM outcomes o WHERE o.id = t.id AND o.state >= ?)"
+            f"SELECT t.id, t.prio, t.seq, {_RUN_AT}, {_LIVE_TAIL}"
+            f" FROM tasks t WHERE COALESCE({_LAST_STATE}, 0) < ?"
             " ORDER BY t.prio DESC, t.seq", (TERMINAL_MIN,))
 
     def max_id(self) -> int:
@@ -389,12 +466,14 @@ class Reader(_Reads):
     def close(self) -> None:
         self.conn.close()
 
-    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, int, bytes]]:
-        """id -> (name, ser, max_attempts, created, body) for `ids`."""
-        out: Dict[int, Tuple[str, int, int, int, bytes]] = {}
+    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, int, bytes, int, int, int]]:
+        """id -> (name, ser, attempt base, created, body, max_attempts as
+        submitted (0: unset), timeout_ms, backoff) for `ids`."""
+        out: Dict[int, Tuple[str, int, int, int, bytes, int, int, int]] = {}
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
-            q = ("SELECT t.id, t.name, t.ser, t.max_attempts, t.created, p.body FROM tasks t"
+            q = (f"SELECT t.id, t.name, t.ser, {_ATTEMPT_BASE}, t.created, p.body, t.max_attempts, t.timeout_ms,"
+                 " t.backoff FROM tasks t"
                  f" JOIN payloads p ON p.id = t.id WHERE t.id IN ({','.join('?' * len(part))})")
             for r in self.conn.execute(q, part):
                 out[r[0]] = r[1:]
@@ -403,18 +482,63 @@ class Reader(_Reads):
     def task(self, tid: int) -> Optional[Dict[str, Any]]:
         """The stored record of task `tid` with its outcome history, or None."""
         rows = list(self.conn.execute(
-            "SELECT id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser FROM tasks WHERE id = ?",
+            "SELECT id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser, timeout_ms, backoff"
+            " FROM tasks WHERE id = ?",
             (tid,)))
         if not rows:
             return None
         r = rows[0]
         hist = list(self.conn.execute("SELECT attempt, state, at, info FROM outcomes WHERE id = ? ORDER BY rowid",
                                       (tid,)))
+        results = list(self.conn.execute("SELECT attempt, kind, body FROM results WHERE id = ? ORDER BY attempt",
+                                         (tid,)))
         spilled = bool(self.conn.execute("SELECT 1 FROM spill WHERE id = ?", (tid,)).fetchall())
         return {"id": r[0], "name": r[1], "priority": r[2], "seq": r[3], "created": r[4], "run_at": r[5],
                 "dedup": r[6], "group": r[7], "max_attempts": r[8], "serializer": r[9],
-                "history": hist, "spilled": spilled}
+                "history": hist, "spilled": spilled, "results": results,
+                "timeout_ms": r[10], "backoff": r[11]}
 
     def counters(self) -> Dict[str, int]:
         return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
+
+    def ending(self, tid: int) -> Optional[Tuple[int, int, Optional[int], Optional[bytes], int]]:
+        """How task `tid` stands on disk: (last state or 0, last attempt, result
+        kind, result body, ser); the result is the last attempt's, if any.
+        None if there is no such task."""
+        rows = list(self.conn.execute(
+            f"SELECT COALESCE({_LAST_STATE}, 0), {_LAST_ATTEMPT}, t.ser FROM tasks t WHERE t.id = ?", (tid,)))
+        if not rows:
+            return None
+        state, attempt, ser = rows[0]
+        res = list(self.conn.execute("SELECT kind, body FROM results WHERE id = ? AND attempt = ?",
+                                     (tid, attempt)))
+        kind, body = res[0] if res else (None, None)
+        return state, attempt, kind, body, ser
+
+    def result_of(self, tid: int, attempt: int) -> Optional[bytes]:
+        """Attempt `attempt`'s stored return value, or None."""
+        for (body,) in self.conn.execute("SELECT body FROM results WHERE id = ? AND attempt = ? AND kind = ?",
+                                         (tid, attempt, RESULT)):
+            return body
+        return None
+
+    def last_error(self, tid: int) -> Optional[bytes]:
+        for (body,) in self.conn.execute(
+                "SELECT body FROM results WHERE id = ? AND kind = ? ORDER BY attempt DESC LIMIT 1", (tid, ERROR)):
+            return body
+        return None
+
+    def dead(self, limit: int) -> List[Tuple[int, str, int, Optional[bytes]]]:
+        """(id, name, attempts, last error) of dead tasks, most recent first."""
+        rows = self.conn.execute(
+            "SELECT o.id FROM outcomes o WHERE o.state = ? GROUP BY o.id ORDER BY max(o.rowid) DESC", (DEAD,))
+        out = []
+        for (tid,) in rows:
+            got = list(self.conn.execute(
+                f"SELECT t.name, {_LAST_ATTEMPT} FROM tasks t WHERE t.id = ? AND {_LAST_STATE} = ?", (tid, DEAD)))
+            if got:
+                out.append((tid, got[0][0], got[0][1], self.last_error(tid)))
+                if len(out) >= limit:
+                    break
+        return out
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import paths, shm
+from . import errors, paths, shm, store
 from .shm import now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +30,7 @@ class Upkeep:
         self.next_checkpoint = now + writer.cfg.checkpoint_interval
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
+        self.expire_states = shm.ffi.new("uint8_t[]", EXPIRE_BATCH)
 
     def maybe_run(self) -> None:
         now = time.monotonic()
@@ -45,13 +46,32 @@ class Upkeep:
         seg = self.w.seg
         t = now_us()
         while True:
-            _, n = seg.expire(t, EXPIRE_BATCH, self.expire_buf)
+            out, n = seg.expire(t, EXPIRE_BATCH, self.expire_buf, self.expire_states)
+            if n:
+                self._record_expired(out, n)
             if n < EXPIRE_BATCH:
                 break
         seg.promote(t)
         self.w.rebalance()
         self.reclaim()
         self.w.write_totals()
+
+    def _record_expired(self, out: Any, n: int) -> None:
+        """Store why each expired attempt ended, as its error."""
+        rows = []
+        for k in range(n):
+            tk, st = out[k], self.expire_states[k]
+            if st & shm.TIMED_OUT:
+                err = errors.describe_error("TimeoutError", f"attempt {tk.attempt} ran past its timeout")
+            else:
+                err = errors.describe_error("LeaseExpired", f"the worker running attempt {tk.attempt} stopped "
+                                            "renewing its lease and is presumed dead")
+            rows.append((tk.id, tk.attempt, store.ERROR, err))
+        try:
+            with self.w.store.transaction():
+                self.w.store.put_results(rows)
+        except apsw.Error as e:
+            print(f"headrace writer: could not store {n} expiry errors: {e}", file=sys.stderr)
 
     def reclaim(self) -> None:
         """Free request records whose producer read its answer or died waiting."""

@@ -15,8 +15,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from . import errors, shm
-from .api import loads
+from . import errors, protocol, shm
+from .api import dumps_value, loads
 from .shm import Ticket, now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,16 +29,18 @@ EXIT_CRASHED = 1
 SUPERVISE_INTERVAL = 0.1
 #: Seconds an idle claim waits before it checks that its segment is current.
 IDLE_CHECK = 0.5
+#: Longest stored error message or traceback summary, in characters.
+MAX_ERROR = 4000
 
 
 class ClaimedJob:
     """A claimed attempt of one task; report it with :meth:`complete` or :meth:`fail`."""
 
     __slots__ = ("queue", "seg", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
-                 "done")
+                 "done", "ser")
 
     def __init__(self, queue: "Queue", ticket: Ticket, name: str, args: tuple, kwargs: dict,
-                 max_attempts: int, created_us: int) -> None:
+                 max_attempts: int, created_us: int, ser: int = 0) -> None:
         self.queue = queue
         # A ticket is only meaningful in the segment it came from: after a
         # rebuild, slot numbers and unflushed attempt counts start afresh.
@@ -52,25 +54,61 @@ class ClaimedJob:
         self.max_attempts = max_attempts
         self.created = created_us / 1e6
         self.done = False
+        self.ser = ser
 
-    def complete(self, result: None = None) -> bool:
-        """Mark the task completed; False if this attempt was fenced (it is stale).
-
-        Storing return values is not supported yet, so `result` must be None.
-        """
-        if result is not None:
-            raise errors.InvalidArgument("storing task results is not supported yet; complete() takes no result")
+    def complete(self, result: Any = None) -> bool:
+        """Mark the task completed with `result` (serialised like payloads);
+        False if this attempt was fenced (it is stale)."""
         self.done = True
         seg = self.queue.seg
-        return seg is self.seg and seg.finish(self.ticket, shm.COMPLETED)
+        if seg is not self.seg:
+            return False
+        if result is None:
+            return seg.finish(self.ticket, shm.COMPLETED)
+        body = dumps_value(self.ser, result)  # TypeError names a value that cannot be stored
+        # The writer stores the value, then completes the slot: the task is
+        # never completed on disk without its result.
+        self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.RESULT, 0, 0, body)])
+        return self.current()
 
-    def fail(self, error: Optional[BaseException] = None, retry: bool = True) -> bool:
-        """Report a failed attempt: back to pending while attempts remain and
-        `retry` is true, else dead.  False if this attempt was fenced."""
-        state = shm.PENDING if retry and self.attempt < self.max_attempts else shm.DEAD
+    def fail(self, error: Optional[BaseException] = None, retry: bool = True, delay: Optional[float] = None
+             ) -> bool:
+        """Report a failed attempt.  While attempts remain and `retry` is
+        true the task runs again: after `delay` seconds, or as its backoff
+        says; else it is dead.  The error (type, message, traceback summary)
+        is stored on the task.  False if this attempt was fenced."""
         self.done = True
         seg = self.queue.seg
-        return seg is self.seg and seg.finish(self.ticket, state)
+        if seg is not self.seg:
+            return False
+        delay_us = -1 if delay is None else int(delay * 1e6)
+        if error is None:
+            return seg.fail(self.ticket, retry=retry, delay_us=delay_us) is not None
+        body = errors.describe_error(type(error).__name__, str(error)[:MAX_ERROR], _summary(error))
+        self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.ERROR, 1 if retry else 0,
+                             delay_us, body)])
+        return self.current()
+
+    def current(self) -> bool:
+        """Whether this attempt still counts: not cancelled, not timed out,
+        not handed to another worker after its lease ran out."""
+        if self.queue.seg is not self.seg:
+            return False
+        s = self.seg.get(self.id)
+        return s is not None and s.state == shm.RUNNING and s.attempt == self.attempt
+
+    @property
+    def cancelled(self) -> bool:
+        """True once this attempt no longer counts (see :meth:`current`):
+        a long task should check it and stop."""
+        return not self.current()
+
+    def progress(self, fraction: float) -> bool:
+        """Report how far along this attempt is (0..1), for ``q.get`` and stats."""
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+            raise errors.InvalidArgument(f"progress must be a fraction in 0..1, got {fraction!r}")
+        seg = self.queue.seg
+        return seg is self.seg and seg.progress(self.ticket, fraction)
 
     def heartbeat(self) -> bool:
         """Renew this attempt's lease; False if it was fenced."""
@@ -125,7 +163,15 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
-        name, ser, max_attempts, created, body = row
+        name, ser, base, created, body, max_attempts, timeout_ms, backoff = row
+        task = q.tasks.get(name)
+        if not max_attempts or not timeout_ms or not backoff:
+            # Limits the submitter left unset come from this worker's definition.
+            d_max, d_timeout, d_backoff = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
+            max_attempts = max_attempts or d_max
+            q.seg.adopt(t, base + max_attempts, timeout_ms or d_timeout, backoff or d_backoff)
+        else:
+            max_attempts = base + max_attempts
         try:
             args, kwargs = loads(ser, body)
         except Exception as e:
@@ -133,12 +179,29 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
                   file=sys.stderr)
             q.seg.finish(t, shm.DEAD)
             continue
-        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created))
+        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created, ser))
     return jobs
+
+
+_local = threading.local()
+
+
+def current_job() -> Optional[ClaimedJob]:
+    """The job the calling task function is running as (None outside one):
+    for ``.cancelled``, ``.progress()``, ``.heartbeat()``, ``.attempt``."""
+    return getattr(_local, "job", None)
 
 
 def execute(q: "Queue", job: ClaimedJob) -> bool:
     """Run one claimed job and report its outcome; True if it completed."""
+    _local.job = job
+    try:
+        return _execute(q, job)
+    finally:
+        _local.job = None
+
+
+def _execute(q: "Queue", job: ClaimedJob) -> bool:
     task = q.tasks.get(job.name)
     if task is None:
         err = errors.UnknownTask(f"no task named {job.name!r} is registered in this worker "
@@ -147,14 +210,28 @@ def execute(q: "Queue", job: ClaimedJob) -> bool:
         job.fail(err, retry=False)
         return False
     try:
-        task.fn(*job.args, **job.kwargs)
+        result = task.fn(*job.args, **job.kwargs)
+    except errors.Retry as e:
+        job.fail(e, retry=True, delay=e.delay)
+        return False
     except Exception as e:
         print(f"headrace worker: task {job.id} ({job.name}) attempt {job.attempt} failed: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         job.fail(e)
         return False
-    job.complete()
+    try:
+        job.complete(result)
+    except TypeError as e:  # a return value that cannot be stored fails the attempt, for good
+        print(f"headrace worker: task {job.id} ({job.name}): {e}", file=sys.stderr)
+        job.fail(e, retry=False)
+        return False
     return True
+
+
+def _summary(error: BaseException) -> str:
+    """The last frames of an error's traceback, bounded."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=-8))
+    return text[-MAX_ERROR:]
 
 
 class _Leases(threading.Thread):

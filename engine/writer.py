@@ -42,8 +42,8 @@ EXIT_LOCKED = 0  # another writer runs: not an error
 EXIT_FAILED = 2
 EXIT_STORE = paths.EXIT_STORE  # the database cannot be opened
 
-# hr_dirty as bytes: the slot number, then the slot record's id, attempt and state.
-_DIRTY = struct.Struct("<8xQ48xI8xB3x")
+# hr_dirty as bytes: the slot number, then the slot record's id, run_at, attempt, max_attempts and state.
+_DIRTY = struct.Struct("<8xQ8xq40xII24xB7x")
 assert _DIRTY.size == shm.ffi.sizeof("hr_dirty") and shm.ffi.offsetof("hr_dirty", "rec") == 8
 
 _TERMINAL_NAMES = {shm.COMPLETED: "completed", shm.DEAD: "dead", shm.CANCELLED: "cancelled"}
@@ -158,12 +158,15 @@ class Writer:
 
     @staticmethod
     def _place(seg: Segment, rows: Sequence[Any]) -> List[Any]:
-        """Insert live rows (id, prio, seq, run_at, dedup, attempt) as pending;
-        returns the rows that did not fit."""
+        """Insert live rows (store.LiveRow): pending, or delayed while their
+        run-at is ahead; returns the rows that did not fit."""
         if not rows:
             return []
-        t, n = shm.pack_tasks([(tid, prio, seq, shm.PENDING, 0, dedup, attempt)
-                               for tid, prio, seq, _run_at, dedup, attempt in rows])
+        now = now_us()
+        t, n = shm.pack_tasks([(tid, prio, seq, shm.DELAYED if run_at > now else shm.PENDING, run_at, dedup,
+                                attempt, max_attempts, timeout_ms, backoff)
+                               for tid, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff
+                               in rows])
         out, ok = seg.push_batch(t, n)
         if ok == n:
             return []
@@ -221,13 +224,19 @@ class Writer:
     def turn(self, force_flush: bool = False) -> bool:
         """Commit what has arrived; returns whether there was anything."""
         recs = self._gather()
+        reports = [r for r in recs if r[1] == protocol.REPORT]
+        manage = [r for r in recs if r[1] == protocol.MANAGE]
+        if reports or manage:
+            recs = [r for r in recs if r[1] not in (protocol.REPORT, protocol.MANAGE)]
         seg = self.seg
         dirty_n, epoch = 0, 0
         now = time.monotonic()
-        due = recs or force_flush or now - self.last_flush >= self.cfg.flush_interval
+        # A management request is answered after a flush of what was reported
+        # before it (dead_letters must see a task that just died).
+        due = recs or manage or force_flush or now - self.last_flush >= self.cfg.flush_interval
         if due and seg.raw_info().ring_size:
             _, dirty_n, epoch = seg.peek_dirty(self.cfg.flush_rows, self.dirty_buf)
-        if not recs and not dirty_n:
+        if not recs and not dirty_n and not reports and not manage:
             return False
         plan = _Plan()
         try:
@@ -235,16 +244,22 @@ class Writer:
                 for h, mode, items in recs:
                     self._decide(plan, h, mode, items)
                 self._write_new(plan)
+                for h, _, items in reports:
+                    self.store.put_results([(tid, attempt, kind, body)
+                                            for tid, _slot, attempt, kind, _r, _d, body in items])
                 if dirty_n:
                     self._write_dirty(dirty_n)
+                for h, _, items in manage:  # after the flush: they see its outcomes
+                    self._manage(plan, h, items[0])
                 self._fault("commit")
         except (apsw.Error, OSError) as e:
             msg = f"{type(e).__name__}: {e}"
             print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
-            for h, _, _ in recs:
+            for h, _, _ in recs + manage:
                 seg.req_answer(h.pos, protocol.encode_error(msg))
-            if recs:
+            if recs or manage:
                 seg.notify(shm.EV_COMMIT)
+            self.scan = min([h.pos for h, _, _ in reports] + [self.scan])  # stored later, not dropped
             self._read_spill()  # the rolled-back turn may have counted spills
             time.sleep(0.05)
             return True
@@ -257,12 +272,12 @@ class Writer:
                 seg.cancel(tid)
             except (errors.TaskNotFound, errors.InvalidState):
                 pass
-        leftover = self._place(seg, plan.place)
-        if leftover:  # cannot happen while only the writer allocates; keep them anyway
-            with self.store.transaction():
-                self._spill([(r[1], r[2], r[0]) for r in leftover])
+        self._place_or_spill(plan.place)
         if plan.swap:
             self.rebalance()  # before answering: a claim after the submit sees the best task
+        for h, _, items in reports:
+            self._settle(items)
+            seg.req_set_state(h.pos, shm.REQ_DONE)  # nobody reads an answer
         for h, answer in plan.answers:
             seg.req_answer(h.pos, answer)
         if plan.answers:
@@ -273,7 +288,15 @@ class Writer:
                 seg.advance_dirty(dirty_n, epoch)
             except errors.Stale:
                 pass  # the ring was rebuilt by a repair; the next peek sees it all again
+        if plan.revive:  # once their dead slots are freed (just above)
+            self._place_or_spill(self.store.tasks_for(plan.revive))
         return True
+
+    def _place_or_spill(self, rows: Sequence[Any]) -> None:
+        leftover = self._place(self.seg, rows)
+        if leftover:  # only when the segment is full; they stay live on disk
+            with self.store.transaction():
+                self._spill([(r[1], r[2], r[0]) for r in leftover])
 
     def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
         """Authoritative dedup for one request; fills the plan and its answer."""
@@ -324,6 +347,40 @@ class Writer:
                 kinds[k], ids[k] = protocol.DUPLICATE, ids[w]
         plan.answers.append((h, protocol.encode_answer(kinds, ids, others)))
 
+    def _settle(self, reports: List[protocol.Report]) -> None:
+        """Apply reported outcomes once their data is committed; a fenced
+        (stale) attempt changes nothing, and its stored row is never read
+        as the task's."""
+        seg = self.seg
+        for tid, slot, attempt, kind, retry, delay_us, _ in reports:
+            ticket = shm.Ticket(tid, slot, attempt)
+            if kind == protocol.RESULT:
+                seg.finish(ticket, shm.COMPLETED)
+            else:
+                seg.fail(ticket, retry=bool(retry), delay_us=delay_us)
+
+    def _manage(self, plan: "_Plan", h: Any, command: Tuple[str, tuple]) -> None:
+        """A management request: its answer lists the ids it applied to."""
+        name, args = command
+        if name == "retry_dead":
+            dead = self.store.dead_ids(list(args[0]))
+            # Fresh attempts: its limit counts again from the attempts used;
+            # attempt numbers keep rising, so an old attempt stays fenced.
+            self.store.record_outcomes([(tid, last, shm.PENDING, now_us(), last) for tid, last in dead])
+            plan.revive.extend(d[0] for d in dead)
+            plan.count("revived", len(dead))
+            plan.answers.append((h, protocol.encode_inserted([d[0] for d in dead])))
+        elif name == "sync":  # answered once this turn's flush is committed
+            plan.answers.append((h, protocol.encode_inserted([])))
+        elif name == "cancel":
+            done = []
+            for tid in args[0]:
+                if self._cancel(plan, tid):
+                    done.append(tid)
+            plan.answers.append((h, protocol.encode_inserted(done)))
+        else:
+            plan.answers.append((h, protocol.encode_error(f"unknown command {name!r}")))
+
     def _live_holder(self, plan: "_Plan", dedup: bytes) -> Optional[int]:
         tid = plan.keys.get(dedup)
         if tid is not None:
@@ -340,12 +397,24 @@ class Writer:
             if it[0] == old:  # inserted earlier in this same turn: never stored at all
                 del plan.new[i]
                 return
-        if self.seg.get(old) is not None:
-            plan.cancel_live.append(old)
-        else:  # spilled
-            self.store.spill_remove([old])
-            self.store.record_outcomes([(old, 0, shm.CANCELLED, now_us(), None)])
+        self._cancel(plan, old)
+
+    def _cancel(self, plan: "_Plan", tid: int) -> bool:
+        """Cancel a live task: in the segment after the commit, or in the
+        spill store now.  False if it is not live."""
+        live = self.seg.get(tid)
+        if live is not None:
+            if live.state in shm.TERMINAL:
+                return False
+            plan.cancel_live.append(tid)
+            return True
+        if self.spill_n and self.store.spill_has(tid):
+            self.store.spill_remove([tid])
+            self.spill_n -= 1
+            self.store.record_outcomes([(tid, 0, shm.CANCELLED, now_us(), None)])
             plan.count("cancelled")
+            return True
+        return False
 
     def _write_new(self, plan: "_Plan") -> None:
         """Insert this turn's new tasks; the best-ranked that fit go to the
@@ -354,9 +423,9 @@ class Writer:
         if not new:
             return
         first = self.seg.reserve_seq(len(new))
-        # Item: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created)
-        rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3])
-                               for k, it in enumerate(new)]
+        # Item: protocol.Item; row: store.TaskRow
+        rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3],
+                                it[10], it[11]) for k, it in enumerate(new)]
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
         plan.count("submitted", len(rows))
         plan.count("submit_txns")
@@ -373,7 +442,7 @@ class Writer:
             spill.extend((r[2], r[3], r[0]) for r in ahead[free:])
             ahead = ahead[:free]
             plan.swap = True  # some may outrank what the segment holds
-        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0) for r in ahead)
+        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11]) for r in ahead)
         if spill:
             self._spill(spill)
 
@@ -387,8 +456,11 @@ class Writer:
     def _write_dirty(self, n: int) -> None:
         at = now_us()
         # (id, attempt, state) of each peeked slot, unpacked in C.
-        rows = [(tid, attempt, state, at, None)
-                for tid, attempt, state in _DIRTY.iter_unpack(shm.ffi.buffer(self.dirty_buf, n * _DIRTY.size))]
+        # A delayed task's outcome keeps its run-at, so a restart honours the
+        # backoff; a dead one the attempt limit it reached.
+        rows = [(tid, attempt, state, at, run_at if state == shm.DELAYED else limit if state == shm.DEAD else None)
+                for tid, run_at, attempt, limit, state
+                in _DIRTY.iter_unpack(shm.ffi.buffer(self.dirty_buf, n * _DIRTY.size))]
         states = collections.Counter(r[2] for r in rows)
         done = {name: states[st] for st, name in _TERMINAL_NAMES.items() if states[st]}
         self.store.record_outcomes(rows)
@@ -514,7 +586,7 @@ class Writer:
 class _Plan:
     """What one turn will write and then do."""
 
-    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts")
+    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
@@ -524,6 +596,7 @@ class _Plan:
         self.cancel_live: List[int] = []
         self.swap = False
         self.counts: Dict[str, int] = {}
+        self.revive: List[Any] = []
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

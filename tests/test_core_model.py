@@ -19,11 +19,20 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sortedcontainers import SortedList
 
 from engine import errors
-from engine.shm import (CANCELLED, COMPLETED, DEAD, DELAYED, PENDING, RUNNING, STATE_NAMES, TERMINAL,
-                        WAITING, Segment, Ticket, fill_task)
+from engine.shm import (BO_CONSTANT, BO_EXPONENTIAL, BO_LINEAR, BO_NONE, CANCELLED, COMPLETED, DEAD, DELAYED,
+                        PENDING, RUNNING, STATE_NAMES, TERMINAL, TIMED_OUT, WAITING, Segment, Ticket, fill_task,
+                        ffi, pack_backoff)
 
 CAP = 12
 KEYS = [(k * 7919 + 1, k * 104729 + 3) for k in range(6)]  # a small pool, so collisions happen
+#: Retry policies without jitter, so the model can predict every delay:
+#: (kind, base ms, cap ms) -> delay in us after failed attempt n.
+POLICIES = [(BO_NONE, 0, 0), (BO_CONSTANT, 1, 0), (BO_LINEAR, 1, 2), (BO_EXPONENTIAL, 1, 3)]
+
+
+def model_backoff_us(kind: int, base: int, cap: int, n: int) -> int:
+    d = {BO_NONE: 0, BO_CONSTANT: base, BO_LINEAR: base * n, BO_EXPONENTIAL: base * 2 ** (n - 1)}[kind]
+    return (min(d, cap) if cap else d) * 1000
 _names = itertools.count()
 
 
@@ -33,6 +42,10 @@ class Task:
         self.id, self.slot, self.prio, self.seq, self.state = id, slot, prio, seq, state
         self.run_at, self.dedup, self.attempt = run_at, dedup, attempt
         self.lease = 0
+        self.deadline = 0
+        self.max_attempts = 0
+        self.timeout_ms = 0
+        self.policy = POLICIES[0]
         self.version = 1
         self.dirty = False
 
@@ -101,11 +114,14 @@ class SegmentModel(RuleBasedStateMachine):
             state = data.draw(st.sampled_from([PENDING, PENDING, DELAYED, WAITING]))
             run_at = self.clock + data.draw(st.integers(0, 50))
             dedup = data.draw(st.none() | st.sampled_from(KEYS))
-            fill_task(arr[k], id, prio=prio, state=state, run_at=run_at, dedup=dedup)
-            specs.append((id, prio, state, run_at, dedup))
+            limits = (data.draw(st.sampled_from([0, 1, 2, 3])), data.draw(st.sampled_from([0, 0, 1, 3])),
+                      data.draw(st.sampled_from(POLICIES)))
+            fill_task(arr[k], id, prio=prio, state=state, run_at=run_at, dedup=dedup, max_attempts=limits[0],
+                      timeout_ms=limits[1], backoff=pack_backoff(*limits[2]))
+            specs.append((id, prio, state, run_at, dedup, limits))
         out, inserted = self.seg.push_batch(arr, n)
         ok = 0
-        for k, (id, prio, state, run_at, dedup) in enumerate(specs):
+        for k, (id, prio, state, run_at, dedup, limits) in enumerate(specs):
             want = self._expected_insert(id, dedup)
             rc = out[k]
             if want == "dup":
@@ -116,6 +132,7 @@ class SegmentModel(RuleBasedStateMachine):
                 assert rc >= 0, (k, rc)
                 self.seq += 1
                 t = Task(id, rc, prio, self.seq, state, run_at, dedup, 0)
+                t.max_attempts, t.timeout_ms, t.policy = limits
                 self.tasks[id] = t
                 if dedup is not None:
                     self.dedup[dedup] = id
@@ -126,7 +143,7 @@ class SegmentModel(RuleBasedStateMachine):
 
     @rule(max=st.integers(1, 6), lease=st.integers(1, 40))
     def claim(self, max: int, lease: int) -> None:
-        out, n = self.seg.pop_batch(max, self.clock + lease)
+        out, n = self.seg.pop_batch(max, self.clock + lease, now=self.clock)
         want = list(self.ready[:max])
         assert n == len(want)
         for k, (_, _, id) in enumerate(want):
@@ -134,7 +151,8 @@ class SegmentModel(RuleBasedStateMachine):
             assert (out[k].id, out[k].slot) == (id, t.slot)
             self._set_state(t, RUNNING)
             t.attempt += 1
-            t.lease = self.clock + lease
+            t.deadline = self.clock + t.timeout_ms * 1000 if t.timeout_ms else 0
+            t.lease = min(self.clock + lease, t.deadline) if t.deadline else self.clock + lease
             assert out[k].attempt == t.attempt
             self._touch(t)
             self.tickets.append(Ticket(id, t.slot, t.attempt))
@@ -174,8 +192,36 @@ class SegmentModel(RuleBasedStateMachine):
         tk = data.draw(st.sampled_from(self.tickets))
         t = self._live_ticket(tk)
         assert self.seg.heartbeat(tk, self.clock + extra) == (t is not None)
-        if t is not None:
-            t.lease = self.clock + extra
+        if t is not None:  # never past the deadline
+            t.lease = min(self.clock + extra, t.deadline) if t.deadline else self.clock + extra
+
+    def _after_failure(self, t: Task, retry: bool, delay_us: int) -> int:
+        """The model of where a failed attempt goes."""
+        if not retry or (t.max_attempts and t.attempt >= t.max_attempts):
+            return DEAD
+        if delay_us < 0:
+            delay_us = model_backoff_us(*t.policy, t.attempt)
+        if delay_us <= 0:
+            return PENDING
+        t.run_at = self.clock + delay_us
+        return DELAYED
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data(), retry=st.booleans(), delay=st.sampled_from([-1, -1, 0, 2000]))
+    def fail(self, data: st.DataObject, retry: bool, delay: int) -> None:
+        tk = data.draw(st.sampled_from(self.tickets))
+        t = self._live_ticket(tk)
+        got = self.seg.fail(tk, retry=retry, delay_us=delay, now=self.clock)
+        if t is None:
+            assert got is None
+            return
+        want = self._after_failure(t, retry, delay)
+        assert got == want
+        if want == DELAYED:
+            assert self.seg.get(t.id).run_at == t.run_at
+        t.lease = t.deadline = 0
+        self._set_state(t, want)
+        self._touch(t)
 
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
@@ -193,17 +239,23 @@ class SegmentModel(RuleBasedStateMachine):
             self._set_state(t, CANCELLED)
             self._touch(t)
 
-    @rule(dt=st.integers(0, 30))
+    @rule(dt=st.integers(0, 30) | st.integers(500, 4000))
     def tick_expire_promote(self, dt: int) -> None:
         self.clock += dt
-        out, n = self.seg.expire(self.clock, max=CAP)
+        states = ffi.new("uint8_t[]", CAP)
+        out, n = self.seg.expire(self.clock, max=CAP, states=states)
         want = sorted(t.id for t in self.tasks.values() if t.state == RUNNING and t.lease <= self.clock)
         got = [out[k].id for k in range(n)]
         assert sorted(got) == want
-        for id in got:  # equal leases expire in heap order; the ring follows it
+        for k, id in enumerate(got):  # equal leases expire in heap order; the ring follows it
             t = self.tasks[id]
-            self._set_state(t, PENDING)
-            t.lease = 0
+            timed_out = bool(t.deadline) and self.clock >= t.deadline
+            # A lease that ran out hands the task back at once; a deadline
+            # that passed is a failed attempt, with its backoff.
+            new = self._after_failure(t, True, -1 if timed_out else 0)
+            assert states[k] == new | (TIMED_OUT if timed_out else 0), (id, states[k], new, timed_out)
+            t.lease = t.deadline = 0
+            self._set_state(t, new)
             self._touch(t)
         promoted = self.seg.promote(self.clock)
         due = [t for t in self.tasks.values() if t.state == DELAYED and t.run_at <= self.clock]

@@ -85,10 +85,14 @@ def test_waiter_in_another_process_wakes_on_push(segname):
         import sys, time
         from engine.shm import Segment, EV_PENDING
         seg = Segment.attach(sys.argv[1])
+        print("waiting", flush=True)
         t = time.monotonic()
         woke = seg.wait(EV_PENDING, int(sys.argv[2]), 10.0)
         print(woke, time.monotonic() - t)
     """, segname, ev)
+    # Push only once the child is about to wait (a slow start must not
+    # turn this into a wait that finds the event already bumped).
+    assert child.stdout.readline().strip() == "waiting"
     time.sleep(0.3)
     seg.push(1)
     woke, waited = child.communicate(timeout=30)[0].split()

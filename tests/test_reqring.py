@@ -461,7 +461,7 @@ def test_producer_killed_in_reserve(segname, with_pad):
 # ---- a tampered header is refused at attach ----------------------------------------------
 
 OFF_REQ, REQ_CAP, CHECKSUM = 112, 120, 128
-REQ_TAIL, REQ_HEAD = 272, 512
+REQ_TAIL, REQ_HEAD = 272, 576  # offsetof(hr_header, ...) in layout 3
 
 
 def _fnv1a(data: bytes) -> int:

@@ -1,0 +1,396 @@
+"""The task lifecycle across real processes: retries and backoff, dead
+letters, results, timeouts and fenced leases, heartbeats, delays,
+cancellation and progress.  Each test fails if its feature is removed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import pytest
+
+import engine
+from engine import Backoff, errors, shm
+from engine_helpers import kill_writer, stop, wait_for
+from helpers import CHILD_CWD, child_env
+
+#: Worker program for these tests: every task appends "event id attempt time"
+#: lines to the log, so a test sees each attempt and when it ran.
+APP = r'''
+import os, sys, time
+import engine
+from engine import Backoff, Retry
+
+db, log, procs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tuning = eval(sys.argv[4]) if len(sys.argv) > 4 else {}
+q = engine.Queue(db, **tuning)
+
+def _log(event, i):
+    job = engine.current_job()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, f"{event} {i} {job.attempt} {time.time():.6f}\n".encode())
+    os.close(fd)
+
+@q.task(name="l.square")
+def square(i):
+    _log("run", i)
+    return {"i": i, "square": i * i}
+
+@q.task(name="l.fail", max_attempts=2)
+def fail(i):
+    _log("run", i)
+    raise ValueError(f"bad input {i}")
+
+@q.task(name="l.flaky", max_attempts=4)
+def flaky(i, fails):
+    _log("run", i)
+    if engine.current_job().attempt <= fails:
+        raise RuntimeError(f"flaky {i}")
+    return engine.current_job().attempt
+
+@q.task(name="l.const", max_attempts=3, backoff=Backoff.constant(0.4))
+def const(i):
+    _log("run", i)
+    raise RuntimeError("again")
+
+@q.task(name="l.linear", max_attempts=3, backoff=Backoff.linear(0.3, cap=10))
+def linear(i):
+    _log("run", i)
+    raise RuntimeError("again")
+
+@q.task(name="l.expo", max_attempts=4, backoff=Backoff.exponential(0.2, cap=0.5))
+def expo(i):
+    _log("run", i)
+    raise RuntimeError("again")
+
+@q.task(name="l.retry", max_attempts=3)
+def retry(i, delay):
+    _log("run", i)
+    if engine.current_job().attempt == 1:
+        raise Retry(delay=delay)
+    return "second"
+
+@q.task(name="l.slow", max_attempts=2, timeout=1.0)
+def slow(i, first_sleep):
+    _log("run", i)
+    attempt = engine.current_job().attempt
+    if attempt == 1:
+        time.sleep(first_sleep)
+    _log("end", i)
+    return f"attempt {attempt}"
+
+@q.task(name="l.watch")
+def watch(i):
+    _log("run", i)
+    job = engine.current_job()
+    job.progress(0.5)
+    deadline = time.time() + 30
+    while not job.cancelled and time.time() < deadline:
+        time.sleep(0.02)
+    _log("saw-cancel" if job.cancelled else "no-cancel", i)
+    return "finished anyway"
+
+@q.task(name="l.when")
+def when(i):
+    _log("run", i)
+
+@q.task(name="l.unstorable")
+def unstorable(i):
+    _log("run", i)
+    return object()
+
+print("ready", flush=True)
+sys.exit(q.run_workers(processes=procs, grace=5.0))
+'''
+
+
+def start(db: str, log: str, processes: int = 1, tuning: Dict = None) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", APP, db, log, str(processes), repr(tuning or {})],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=CHILD_CWD)
+    line = p.stdout.readline()  # type: ignore[union-attr]
+    assert line.strip() == "ready", (line, p.stderr.read() if p.poll() is not None else "")  # type: ignore
+    return p
+
+
+def events(log: str, event: str = "run", i: int = None) -> List[tuple]:
+    """(id, attempt, time) of each logged `event`, in log order."""
+    if not os.path.exists(log):
+        return []
+    out = []
+    with open(log) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == event and (i is None or int(parts[1]) == i):
+                out.append((int(parts[1]), int(parts[2]), float(parts[3])))
+    return out
+
+
+@pytest.fixture
+def log(tmp_path) -> str:
+    return str(tmp_path / "log")
+
+
+def test_backoff_delays_follow_their_kind():
+    assert Backoff.constant(2.0).delay(1) == Backoff.constant(2.0).delay(5) == 2.0
+    assert [Backoff.linear(0.5, cap=1.2).delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 1.2]
+    assert [Backoff.exponential(0.25).delay(n) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 2.0]
+    assert Backoff.exponential(1.0, cap=60).delay(200) == 60.0
+    jittered = [Backoff.exponential(1.0, cap=8, jitter=True).delay(4) for _ in range(400)]
+    assert all(0 <= d <= 8.0 for d in jittered)
+    assert max(jittered) - min(jittered) > 4.0, "full jitter spreads over [0, delay]"
+    assert Backoff.none().delay(3) == 0.0
+    for bad in (-1, float("nan"), "1", 10**9):
+        with pytest.raises(errors.InvalidArgument, match="backoff"):
+            Backoff.constant(bad)
+
+
+def test_result_is_stored_and_awaited(db, log):
+    with engine.Queue(db) as q:
+        w = start(db, log, processes=2)
+        try:
+            ids = [q.submit("l.square", args=(i,)) for i in range(20)]
+            assert [q.result(t, timeout=30) for t in ids] == [{"i": i, "square": i * i} for i in range(20)]
+            assert q.get(ids[3]).result == {"i": 3, "square": 9}
+            with pytest.raises(errors.WaitTimeout):
+                q.result(q.submit("l.when", args=(0,), delay=60), timeout=0.3)
+            with pytest.raises(errors.TaskNotFound):
+                q.result(10**12, timeout=1)
+            bad = q.submit("l.unstorable", args=(1,))
+            with pytest.raises(errors.TaskFailed, match="TypeError") as e:
+                q.result(bad, timeout=30)
+            assert e.value.state == "dead" and "object" in e.value.error["message"]
+        finally:
+            assert stop(w) == 0
+
+
+def test_result_waits_without_polling_the_database(db, log, monkeypatch):
+    """q.result sleeps on the segment's finish event; it reads SQLite only when
+    the task has ended (plus a slow safety check)."""
+    with engine.Queue(db) as q:
+        tid = q.submit("l.square", args=(7,))
+        reads = []
+        real = q.reader.ending
+        monkeypatch.setattr(q.reader, "ending", lambda t: reads.append(t) or real(t))
+        w = start(db, log)
+        try:
+            time.sleep(0.5)  # the task may well be done already; either way:
+            assert q.result(tid, timeout=30)["square"] == 49
+        finally:
+            assert stop(w) == 0
+        assert len(reads) <= 3
+
+
+def test_failure_records_error_then_dead_letter_then_retry_dead(db, log, tmp_path):
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        try:
+            tid = q.submit("l.fail", args=(5,))
+            with pytest.raises(errors.TaskFailed) as e:
+                q.result(tid, timeout=30)
+            assert e.value.state == "dead"
+            assert e.value.error["type"] == "ValueError" and e.value.error["message"] == "bad input 5"
+            assert "in fail" in e.value.error["traceback"]  # the frame that raised
+            info = q.get(tid)
+            assert (info.state, info.attempts, info.max_attempts) == ("dead", 2, 2)
+            assert info.error["message"] == "bad input 5"
+            assert [d.id for d in q.dead_letters()] == [tid]
+            assert [a for _, a, _ in events(log, i=5)] == [1, 2]
+
+            # Put back with fresh attempts: two more runs, attempts keep counting up.
+            assert q.retry_dead(tid) == [tid]
+            wait_for(lambda: len(events(log, i=5)) == 4, what="two more attempts")
+            wait_for(lambda: q.get(tid).state == "dead", what="dead again")
+            assert [a for _, a, _ in events(log, i=5)] == [1, 2, 3, 4]
+            assert q.get(tid).max_attempts == 4
+            assert q.retry_dead(q.submit("l.square", args=(1,))) == [], "only dead tasks come back"
+
+            # The CLI does the same for every dead task.
+            out = subprocess.run([sys.executable, "-m", "engine", "retry", db, "--all"], capture_output=True,
+                                 text=True, env=child_env(), cwd=CHILD_CWD, timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert "1 task" in out.stdout
+            wait_for(lambda: len(events(log, i=5)) == 6, what="the CLI's retry ran")
+        finally:
+            assert stop(w) == 0
+
+
+def test_a_task_that_fails_then_succeeds_completes_with_its_result(db, log):
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        try:
+            tid = q.submit("l.flaky", args=(1, 2))
+            assert q.result(tid, timeout=30) == 3
+            assert q.get(tid).attempts == 3
+            assert q.get(tid).error["message"] == "flaky 1", "the last failed attempt's error is kept"
+        finally:
+            assert stop(w) == 0
+
+
+@pytest.mark.parametrize("name,gaps", [
+    ("l.const", [0.4, 0.4]),
+    ("l.linear", [0.3, 0.6]),
+    ("l.expo", [0.2, 0.4, 0.5]),
+])
+def test_backoff_spaces_the_attempts(db, log, name, gaps):
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        try:
+            tid = q.submit(name, args=(1,))
+            wait_for(lambda: q.get(tid).state == "dead", what="all attempts used")
+        finally:
+            assert stop(w) == 0
+    times = [t for _, _, t in events(log, i=1)]
+    assert len(times) == len(gaps) + 1
+    for k, want in enumerate(gaps):
+        got = times[k + 1] - times[k]
+        assert want - 0.02 <= got <= want + 1.0, (k, got, want)
+
+
+def test_retry_exception_asks_for_a_delay(db, log):
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        try:
+            tid = q.submit("l.retry", args=(1, 0.8))
+            assert q.result(tid, timeout=30) == "second"
+        finally:
+            assert stop(w) == 0
+    (_, a1, t1), (_, a2, t2) = events(log, i=1)
+    assert (a1, a2) == (1, 2)
+    assert 0.78 <= t2 - t1 <= 2.0
+
+
+def test_deadline_reruns_a_slow_attempt_and_only_the_fenced_outcome_counts(db, log):
+    """The first attempt sleeps past its 1 s timeout: the deadline fails it,
+    a second worker runs attempt 2, and attempt 1's late result is discarded."""
+    with engine.Queue(db) as q:
+        w = start(db, log, processes=2)
+        try:
+            tid = q.submit("l.slow", args=(1, 3.0))
+            assert q.result(tid, timeout=30) == "attempt 2"
+            wait_for(lambda: len(events(log, "end", 1)) == 2, what="the slow attempt ended too")
+            time.sleep(0.5)  # its late result has reached the writer
+            info = q.get(tid)
+            assert (info.state, info.attempts, info.result) == ("completed", 2, "attempt 2")
+            assert info.error["type"] == "TimeoutError"
+            assert q.stats()["fenced"] >= 1
+            assert q.result(tid, timeout=1) == "attempt 2"
+        finally:
+            assert stop(w) == 0
+    runs = events(log, i=1)
+    assert [a for _, a, _ in runs] == [1, 2]
+    assert 0.9 <= runs[1][2] - runs[0][2] <= 3.0, "attempt 2 started once the deadline passed"
+
+
+def test_late_completion_of_a_presumed_dead_worker_is_discarded(db):
+    """A claim whose lease runs out goes back to pending; the next claim gets
+    attempt 2, and the first holder's complete is refused."""
+    with engine.Queue(db, lease=0.5, upkeep_interval=0.05) as q:
+        tid = q.submit("l.square", args=(3,))
+        (first,) = q.claim(max=1, timeout=5)
+        assert first.attempt == 1
+        time.sleep(1.2)  # no heartbeat: the lease runs out
+        (second,) = q.claim(max=1, timeout=5)
+        assert (second.id, second.attempt) == (tid, 2)
+        assert first.cancelled
+        assert first.complete({"late": True}) is False
+        assert second.complete({"on": "time"}) is True
+        assert q.result(tid, timeout=10) == {"on": "time"}
+        assert q.get(tid).attempts == 2
+
+
+def test_heartbeat_keeps_a_long_attempt_alive(db):
+    with engine.Queue(db, lease=0.5, upkeep_interval=0.05) as q:
+        tid = q.submit("l.square", args=(3,))
+        (job,) = q.claim(max=1, timeout=5)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            assert job.heartbeat()
+            time.sleep(0.15)
+        assert q.claim(max=1, timeout=0.2) == [], "a renewed lease does not expire"
+        assert job.complete(9) is True
+        assert q.result(tid, timeout=10) == 9
+        assert q.get(tid).attempts == 1
+
+
+def test_lease_loss_with_no_attempts_left_is_dead(db):
+    """A task that takes its worker down every time ends dead instead of
+    looping for ever."""
+    with engine.Queue(db, lease=0.3, upkeep_interval=0.05) as q:
+        tid = q.submit("l.square", args=(3,), max_attempts=2)
+        for attempt in (1, 2):
+            (job,) = q.claim(max=1, timeout=5)
+            assert job.attempt == attempt
+            time.sleep(0.8)
+        wait_for(lambda: q.get(tid).state == "dead", timeout=10, what="dead after two lost leases")
+        assert q.get(tid).error["type"] == "LeaseExpired"
+
+
+def test_delay_and_run_at_hold_a_task_back(db, log):
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        try:
+            t0 = time.time()
+            a = q.submit("l.when", args=(1,), delay=1.0)
+            b = q.submit("l.when", args=(2,), run_at=t0 + 1.5)
+            c = q.submit("l.when", args=(3,))
+            assert q.get(a).state == "delayed" and q.get(b).state == "delayed"
+            assert abs(q.get(b).run_at - (t0 + 1.5)) < 0.01
+            for t in (a, b, c):
+                q.result(t, timeout=30)
+        finally:
+            assert stop(w) == 0
+    ran = {i: t for i, _, t in events(log)}
+    assert ran[1] >= t0 + 1.0 and ran[2] >= t0 + 1.5
+    assert ran[3] < ran[1], "a task without delay does not wait behind delayed ones"
+    with pytest.raises(errors.InvalidArgument, match="not both"):
+        engine.Queue.submit(q, "l.when", delay=1, run_at=1)
+
+
+def test_cancel_pending_and_running(db, log):
+    with engine.Queue(db) as q:
+        pending = q.submit("l.when", args=(1,), delay=0.5)
+        assert q.cancel(pending) is True
+        assert q.cancel(pending) is False, "already ended"
+        w = start(db, log)
+        try:
+            running = q.submit("l.watch", args=(2,))
+            wait_for(lambda: events(log, i=2), what="the watcher started")
+            wait_for(lambda: q.get(running).progress == 0.5, what="its progress is visible")
+            assert q.cancel(running) is True
+            wait_for(lambda: events(log, "saw-cancel", 2), what="the running task saw the cancel")
+            with pytest.raises(errors.TaskFailed, match="cancelled"):
+                q.result(running, timeout=10)
+            time.sleep(1.0)  # the late outcome arrives and is ignored
+            assert q.get(running).state == "cancelled"
+            assert q.get(pending).state == "cancelled"
+        finally:
+            assert stop(w) == 0
+        assert events(log, i=1) == [], "a cancelled pending task never runs"
+
+
+def test_lifecycle_state_survives_a_reboot(db, log):
+    """kill -9 every process and delete the segment: dead tasks stay dead with
+    their error, results stay readable, a backoff delay is still honoured."""
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        dead = q.submit("l.fail", args=(1,))
+        done = q.submit("l.square", args=(4,))
+        with pytest.raises(errors.TaskFailed):
+            q.result(dead, timeout=30)
+        assert q.result(done, timeout=30)["square"] == 16
+        later = q.submit("l.when", args=(2,), delay=30)
+        time.sleep(0.3)  # flushed
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+        for child in __import__("psutil").Process().children(recursive=True):
+            child.kill()
+        kill_writer(db)
+    shm.Segment.unlink(__import__("engine.paths", fromlist=["x"]).segment_name(db))
+    with engine.Queue(db) as q:
+        assert q.get(dead).state == "dead" and q.get(dead).error["message"] == "bad input 1"
+        assert q.result(done, timeout=5)["square"] == 16
+        assert q.get(later).state == "delayed"
+        assert [d.id for d in q.dead_letters()] == [dead]
