@@ -266,6 +266,7 @@ class Task:
         """(max_attempts, timeout in ms, packed backoff) as submits carry them."""
         return self.max_attempts, _timeout_ms(self.timeout), self.backoff.packed()
 
+
     def job(self, *args: Any, **kwargs: Any) -> Job:
         """A :class:`Job` for :meth:`Queue.submit_batch`."""
         return Job(self.name, args, kwargs, priority=self.priority, max_attempts=self.max_attempts)
@@ -521,8 +522,9 @@ class Queue:
         if policy is None:
             _check_name(name)
             t = self.tasks.get(name)
-            # Not defined here: the worker's definition fills in the limits.
-            policy = t.policy() if t else (0, 0, 0)
+            # Not defined here: the writer fills in the limits from the
+            # definitions that workers registered (protocol.UNSET).
+            policy = t.policy() if t else (0, protocol.UNSET, protocol.UNSET)
             self._names[name] = policy
         default_attempts, timeout_ms, backoff = policy
         if priority.__class__ is not int or not 0 <= priority <= 255:
@@ -844,6 +846,15 @@ class Queue:
             if answer is not None:
                 _, flat = protocol.decode_answer(answer)
                 return flat[0::2].tolist()
+
+    def _define(self) -> None:
+        """Tell the writer this process's task definitions (their retry
+        limits, timeouts and backoff), once per change: tasks submitted by
+        name from elsewhere get them."""
+        defs = [(t.name,) + t.policy() for t in self.tasks.values()]
+        if defs and defs != self.__dict__.get("_defined"):
+            self._command("define", (defs,))
+            self.__dict__["_defined"] = defs
 
     def _report(self, reports: List[protocol.Report]) -> None:
         """Hand attempt outcomes with data to the writer; no answer is awaited."""

@@ -29,6 +29,10 @@ KIND_NAMES = ("inserted", "duplicate", "superseded", "rejected")
 #: timeout_ms, backoff); backoff is shm.pack_backoff's int.
 Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int, int, int]
 ITEM_FIELDS = 12
+#: In an item's timeout_ms and backoff: the submitter does not know the
+#: task's definition; the writer takes the registered one (max_attempts 0
+#: says the same for the attempt limit).
+UNSET = -1
 
 #: A worker's report of an attempt that carries data the database must hold
 #: before the slot may show the outcome: a return value or an error.  The

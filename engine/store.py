@@ -82,6 +82,12 @@ CREATE TABLE IF NOT EXISTS spill(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spill_id ON spill(id);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS definitions(
+    name TEXT PRIMARY KEY,
+    max_attempts INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    backoff INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results(
     id INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
@@ -197,6 +203,13 @@ class Store:
 
     def put_results(self, rows: Sequence[ResultRow]) -> None:
         """Store what attempts left behind (return values, errors)."""
+        raise NotImplementedError
+
+    def define(self, rows: Sequence[Tuple[str, int, int, int]]) -> None:
+        """Record task definitions: (name, max_attempts, timeout_ms, backoff)."""
+        raise NotImplementedError
+
+    def definitions(self) -> Dict[str, Tuple[int, int, int]]:
         raise NotImplementedError
 
     def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
@@ -341,6 +354,13 @@ class SQLiteStore(_Reads, Store):
         # replaces the timeout that ended it.
         self.conn.executemany("INSERT OR IGNORE INTO results(id,attempt,kind,body) VALUES(?,?,?,?)", rows)
 
+    def define(self, rows: Sequence[Tuple[str, int, int, int]]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO definitions(name,max_attempts,timeout_ms,backoff)"
+                              " VALUES(?,?,?,?)", rows)
+
+    def definitions(self) -> Dict[str, Tuple[int, int, int]]:
+        return {r[0]: tuple(r[1:]) for r in self.conn.execute("SELECT * FROM definitions")}  # type: ignore
+
     def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
         out = []
         for i in range(0, len(ids), 500):
@@ -466,14 +486,12 @@ class Reader(_Reads):
     def close(self) -> None:
         self.conn.close()
 
-    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, int, bytes, int, int, int]]:
-        """id -> (name, ser, attempt base, created, body, max_attempts as
-        submitted (0: unset), timeout_ms, backoff) for `ids`."""
-        out: Dict[int, Tuple[str, int, int, int, bytes, int, int, int]] = {}
+    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, bytes, int]]:
+        """id -> (name, ser, created, body, max_attempts as stored (0: unset)) for `ids`."""
+        out: Dict[int, Tuple[str, int, int, bytes, int]] = {}
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
-            q = (f"SELECT t.id, t.name, t.ser, {_ATTEMPT_BASE}, t.created, p.body, t.max_attempts, t.timeout_ms,"
-                 " t.backoff FROM tasks t"
+            q = ("SELECT t.id, t.name, t.ser, t.created, p.body, t.max_attempts FROM tasks t"
                  f" JOIN payloads p ON p.id = t.id WHERE t.id IN ({','.join('?' * len(part))})")
             for r in self.conn.execute(q, part):
                 out[r[0]] = r[1:]
@@ -514,6 +532,10 @@ class Reader(_Reads):
                                      (tid, attempt)))
         kind, body = res[0] if res else (None, None)
         return state, attempt, kind, body, ser
+
+    def attempt_base(self, tid: int) -> int:
+        """Attempts task `tid` used before it was last put back from dead."""
+        return self.conn.execute(f"SELECT {_ATTEMPT_BASE} FROM tasks t WHERE t.id = ?", (tid,)).fetchall()[0][0]
 
     def result_of(self, tid: int, attempt: int) -> Optional[bytes]:
         """Attempt `attempt`'s stored return value, or None."""

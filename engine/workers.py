@@ -126,6 +126,7 @@ def claim(q: "Queue", max: int, timeout: Optional[float]) -> List[ClaimedJob]:
     if timeout is not None and not timeout >= 0:
         raise errors.InvalidArgument(f"timeout must be None or >= 0, got {timeout!r}")
     lease_us = int(q.settings.lease * 1e6)
+    q._define()
     deadline = None if timeout is None else time.monotonic() + timeout
     next_check = time.monotonic() + IDLE_CHECK
     buf = _tickets(q, max)
@@ -163,15 +164,14 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
-        name, ser, base, created, body, max_attempts, timeout_ms, backoff = row
-        task = q.tasks.get(name)
-        if not max_attempts or not timeout_ms or not backoff:
-            # Limits the submitter left unset come from this worker's definition.
-            d_max, d_timeout, d_backoff = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
-            max_attempts = max_attempts or d_max
-            q.seg.adopt(t, base + max_attempts, timeout_ms or d_timeout, backoff or d_backoff)
-        else:
-            max_attempts = base + max_attempts
+        name, ser, created, body, max_attempts = row
+        if not max_attempts:
+            # Submitted by name before any worker defined the task: this
+            # worker's definition fills in the limits.
+            task = q.tasks.get(name)
+            max_attempts, timeout_ms, backoff = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
+            max_attempts += q.reader.attempt_base(t.id)
+            q.seg.adopt(t, max_attempts, timeout_ms, backoff)
         try:
             args, kwargs = loads(ser, body)
         except Exception as e:

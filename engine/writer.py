@@ -80,6 +80,8 @@ class Writer:
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
         self._read_spill()
+        #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
+        self.defs = self.store.definitions()
         head, tail = self.seg.req_bounds()
         self.scan = head
         # A record published before this writer started may have been
@@ -370,6 +372,11 @@ class Writer:
             plan.revive.extend(d[0] for d in dead)
             plan.count("revived", len(dead))
             plan.answers.append((h, protocol.encode_inserted([d[0] for d in dead])))
+        elif name == "define":
+            rows = [tuple(r) for r in args[0]]
+            self.store.define(rows)
+            self.defs.update((r[0], r[1:]) for r in rows)
+            plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "sync":  # answered once this turn's flush is committed
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "cancel":
@@ -425,7 +432,8 @@ class Writer:
         first = self.seg.reserve_seq(len(new))
         # Item: protocol.Item; row: store.TaskRow
         rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3],
-                                it[10], it[11]) for k, it in enumerate(new)]
+                                it[10], it[11]) if it[10] >= 0 else self._defined(it, first + k)
+                               for k, it in enumerate(new)]
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
         plan.count("submitted", len(rows))
         plan.count("submit_txns")
@@ -445,6 +453,14 @@ class Writer:
         plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11]) for r in ahead)
         if spill:
             self._spill(spill)
+
+    def _defined(self, it: protocol.Item, seq: int) -> TaskRow:
+        """The row of an item whose submitter did not know its definition:
+        limits it left unset come from the registered definition (0 where
+        none is registered yet: the claiming worker's definition applies)."""
+        max_attempts, timeout_ms, backoff = self.defs.get(it[1], (0, 0, 0))
+        return (it[0], it[1], it[4], seq, it[9], it[6], it[5], it[8], it[7] or max_attempts, it[3],
+                timeout_ms, backoff)
 
     def _spill(self, rows: List[Tuple[int, int, int]]) -> None:
         self.store.spill_add(rows)

@@ -394,3 +394,27 @@ def test_lifecycle_state_survives_a_reboot(db, log):
         assert q.result(done, timeout=5)["square"] == 16
         assert q.get(later).state == "delayed"
         assert [d.id for d in q.dead_letters()] == [dead]
+
+
+def test_workers_register_definitions_for_submits_by_name(db, log):
+    """A process that submits by name without the task defined gets the
+    limits that the workers' definition sets; before any worker defined it,
+    the claiming worker applies its own."""
+    with engine.Queue(db) as q:
+        early = q.submit("l.fail", args=(1,))  # nobody has defined l.fail yet
+        assert q.reader.task(early)["max_attempts"] == 0
+        w = start(db, log)
+        try:
+            with pytest.raises(errors.TaskFailed):
+                q.result(early, timeout=30)
+            assert len(events(log, i=1)) == 2, "the worker's max_attempts=2 applied at claim"
+            wait_for(lambda: "l.slow" in dict(q.reader.conn.execute("SELECT name, 1 FROM definitions")),
+                     what="the workers registered their definitions")
+            late = q.submit("l.slow", args=(2, 0.0))
+            rec = q.reader.task(late)
+            assert (rec["max_attempts"], rec["timeout_ms"]) == (2, 1000)
+            assert q.reader.task(q.submit("l.expo", args=(3,)))["backoff"] == Backoff.exponential(0.2, 0.5).packed()
+            assert q.reader.task(q.submit("l.fail", args=(4,), max_attempts=5))["max_attempts"] == 5, \
+                "an explicit limit wins over the definition"
+        finally:
+            assert stop(w) == 0
