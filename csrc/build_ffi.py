@@ -11,7 +11,7 @@ import sys
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["fault.c", "heap.c", "hset.c", "ops.c", "reqring.c", "segment.c", "slots.c", "wait.c"]
+SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "ops.c", "reqring.c", "segment.c", "slots.c", "wait.c"]
 
 ffibuilder = FFI()
 for cdef in sorted((HERE / "cdef").glob("*.cdef")):

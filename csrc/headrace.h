@@ -10,6 +10,7 @@
 #include "ring.h"
 #include "segment.h"
 #include "slots.h"
+#include "group.h"
 #include "wait.h"
 #include "ops.h"
 #include "reqring.h"

@@ -45,7 +45,28 @@ enum hr_backoff {
 #define HR_BO_JITTER 0x80u
 
 /* Slot flags. */
-#define HR_F_DEDUP 0x01u /* dedup_lo/hi hold a key registered in the dedup set */
+#define HR_F_DEDUP 0x01u  /* dedup_lo/hi hold a key registered in the dedup set */
+#define HR_F_PARKED 0x02u /* pending, waiting in its full group's parked list */
+
+/* Group slots: index 0 is "no group". */
+#define HR_MAX_GROUPS 16384u
+
+/* A group: its concurrency limit (0 = none), how many of its tasks run and
+ * its parked list (see group.h). */
+typedef struct hr_group {
+    uint32_t limit;
+    uint32_t running;
+    uint32_t head;
+    uint32_t tail;
+    uint32_t parked;
+    uint32_t _pad[3];
+} hr_group;
+
+/* A slot's links in its group's parked list. */
+typedef struct hr_glink {
+    uint32_t next;
+    uint32_t prev;
+} hr_glink;
 
 /* Event words that waiters block on (futex on Linux). */
 enum hr_event_id {

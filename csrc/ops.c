@@ -13,7 +13,8 @@ int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first)
 static int insert_one(hr_ctx *c, const hr_task *t)
 {
     if (t->id == 0 || (t->state != HR_PENDING && t->state != HR_DELAYED && t->state != HR_WAITING) ||
-        (t->flags & ~HR_F_DEDUP) || t->seq >= (1ULL << 56) || (t->bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL)
+        (t->flags & ~HR_F_DEDUP) || t->seq >= (1ULL << 56) || (t->bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL ||
+        t->group >= HR_MAX_GROUPS)
         return HR_E_INVALID;
     if (hr_hs_find(&c->ids, t->id, 0) >= 0)
         return HR_E_INVALID; /* the id is already live here */
@@ -82,6 +83,10 @@ int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticke
     while (k < max && c.h->ready_n > 0) {
         uint32_t i = hr_mm_pop_min(&c.ready).slot;
         hr_slot *s = &c.s[i];
+        if (s->group && hr_group_full(&c.g[s->group])) {
+            hr_park(&c, i); /* its group runs at its limit: wait there, let others pass */
+            continue;
+        }
         hr_slot_begin(&c, i);
         s->attempt++;
         s->deadline = s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
@@ -119,8 +124,9 @@ static inline hr_slot *attempt_slot(hr_ctx *c, const hr_ticket *t)
     return s;
 }
 
-/* After slot i changed state: a terminal task gives up its dedup key, a
- * live one goes into the heap of its new state. */
+/* After running slot i changed state: a terminal task gives up its dedup
+ * key, a live one goes into the heap of its new state, and its group has
+ * room for one more. */
 static void relink(hr_ctx *c, uint32_t i)
 {
     hr_slot *s = &c->s[i];
@@ -130,6 +136,7 @@ static void relink(hr_ctx *c, uint32_t i)
     } else {
         hr_heap_link(c, i);
     }
+    hr_group_freed(c, s->group);
 }
 
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
@@ -209,6 +216,9 @@ int hr_cancel(void *mem, uint64_t id)
             hr_slot_end(&c);
             if (s->flags & HR_F_DEDUP)
                 hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
+            /* A running task frees a place; a pending one may have been the
+             * group's only unparked task. */
+            hr_group_freed(&c, s->group);
         }
     }
     hr_unlock(&c);
@@ -450,8 +460,10 @@ int hr_evict_worst(void *mem, hr_slot *out)
             if (s->flags & HR_F_DEDUP)
                 hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
             hr_hs_erase(&c.ids, s->id, 0);
+            uint32_t group = s->group;
             HR_FAULT(HR_FS_EVICT);
             hr_slot_release(&c, i);
+            hr_group_freed(&c, group); /* it may have been its group's only unparked task */
             c.h->stats.evicted++;
             rc = (int)i;
         }
@@ -573,4 +585,26 @@ int hr_dedup_delete(void *mem, uint64_t lo, uint64_t hi)
     }
     hr_unlock(&c);
     return rc;
+}
+
+int hr_set_group_limit(void *mem, uint32_t group, uint32_t limit)
+{
+    if (group == 0 || group >= HR_MAX_GROUPS)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    c.g[group].limit = limit;
+    hr_group_freed(&c, group); /* a higher limit lets parked tasks go */
+    hr_unlock(&c);
+    hr_notify(mem, HR_EV_PENDING);
+    return HR_OK;
+}
+
+int hr_group_info(void *mem, uint32_t group, hr_group *out)
+{
+    if (group == 0 || group >= HR_MAX_GROUPS)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    *out = c.g[group];
+    hr_unlock(&c);
+    return HR_OK;
 }

@@ -17,6 +17,8 @@ int hr_read_slot(void *mem, uint32_t slot, hr_slot *out);
 int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *states);
 int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay_us);
 int hr_progress(void *mem, const hr_ticket *t, uint32_t ppm);
+int hr_set_group_limit(void *mem, uint32_t group, uint32_t limit);
+int hr_group_info(void *mem, uint32_t group, hr_group *out);
 int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, uint32_t timeout_ms,
              uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms);
 int64_t hr_backoff_us(uint8_t kind, uint32_t base_ms, uint32_t cap_ms, uint32_t attempt, uint64_t rnd);

@@ -12,7 +12,7 @@ void hr_set_lock_spin(uint32_t spins) { lock_spin = spins; }
 static inline uint64_t align64(uint64_t x) { return (x + 63) & ~(uint64_t)63; }
 
 typedef struct layout {
-    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, req, total;
+    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, groups, glinks, req, total;
     uint32_t buckets;
 } layout;
 
@@ -35,6 +35,10 @@ static int compute_layout(uint32_t cap, uint64_t req_bytes, layout *L)
     L->ids = off;    off = align64(off + (uint64_t)b * sizeof(hr_bucket));
     L->ring = off;   off = align64(off + (uint64_t)cap * sizeof(hr_rent));
     L->pos = off;    off = align64(off + (uint64_t)cap * sizeof(uint32_t));
+    /* Found from off_pos and the capacity (see hr_ctx_of), so the header
+     * needs no field for them. */
+    L->groups = off; off = align64(off + (uint64_t)HR_MAX_GROUPS * sizeof(hr_group));
+    L->glinks = off; off = align64(off + (uint64_t)cap * sizeof(hr_glink));
     L->req = off;    off += req_bytes; /* last, so that init can skip zeroing it */
     L->total = (off + 4095) & ~(uint64_t)4095;
     return HR_OK;
@@ -72,6 +76,9 @@ void hr_ctx_of(void *mem, hr_ctx *c)
     c->dedup = (hr_hset){(hr_bucket *)(b + h->off_dedup), h->buckets - 1, &h->dedup_n};
     c->ids = (hr_hset){(hr_bucket *)(b + h->off_ids), h->buckets - 1, &h->ids_n};
     c->ring = (hr_ring){(hr_rent *)(b + h->off_ring), h->capacity, &h->ring_head, &h->ring_len};
+    uint64_t groups = align64(h->off_pos + (uint64_t)h->capacity * sizeof(uint32_t));
+    c->g = (hr_group *)(b + groups);
+    c->gl = (hr_glink *)(b + align64(groups + (uint64_t)HR_MAX_GROUPS * sizeof(hr_group)));
 }
 
 int hr_init(void *mem, uint64_t size, uint32_t capacity, uint64_t req_bytes, uint32_t uid,
@@ -188,7 +195,7 @@ uint64_t hr_generation(void *mem) { return ((hr_header *)mem)->generation; }
 /* Append slot i to its heap unordered; the rebuild heapifies afterwards. */
 static void append_heap(hr_ctx *c, uint32_t i)
 {
-    hr_heap *hp = hr_heap_of(c, c->s[i].state);
+    hr_heap *hp = hr_heap_of_slot(c, &c->s[i]);
     if (hp)
         hp->a[(*hp->n)++] = (hr_hent){hr_heap_key(&c->s[i]), i, 0};
     else
@@ -207,6 +214,7 @@ void hr_rebuild(hr_ctx *c)
     hr_hs_clear(&c->dedup);
     hr_hs_clear(&c->ids);
     h->ring_head = h->ring_len = 0;
+    hr_groups_reset(c);
     uint64_t maxseq = 0;
     for (uint32_t i = cap; i-- > 0;) {
         hr_slot *s = &c->s[i];
@@ -224,6 +232,13 @@ void hr_rebuild(hr_ctx *c)
         }
         h->count[s->state]++;
         s->dirty = s->dirty ? 1 : 0; /* a verifier killed mid-scan leaves 2 */
+        s->flags &= (uint8_t)~HR_F_PARKED; /* claims park again as needed */
+        if (s->group >= HR_MAX_GROUPS) {
+            h->poisoned = 1;
+            s->group = 0;
+        }
+        if (s->state == HR_RUNNING && s->group)
+            c->g[s->group].running++;
         if (s->id == 0 || hr_hs_insert(&c->ids, s->id, 0, i) != HR_OK)
             h->poisoned = 1;
         if (!HR_TERMINAL(s->state) && (s->flags & HR_F_DEDUP) &&
@@ -333,7 +348,7 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
             if (f < 0 || c->dedup.t[f].slot1 != i + 1)
                 FAIL("dedup key of slot %u missing from the dedup set", i);
         }
-        hr_heap *hp = hr_heap_of(c, s->state);
+        hr_heap *hp = hr_heap_of_slot(c, s);
         if (hp) {
             uint32_t at = c->pos[i];
             if (at >= *hp->n || hp->a[at].slot != i)
@@ -356,8 +371,14 @@ static int verify_locked(hr_ctx *c, char *msg, uint32_t msglen)
         if (n != h->nfree)
             FAIL("free list has %u slots, expected %u", n, h->nfree);
     }
+    if ((rc = hr_groups_check(c, msg, msglen)) != HR_OK)
+        goto out;
     for (int k = 0; k < 3; k++) {
-        if (count[heap_state[k]] != *heaps[k]->n)
+        uint32_t outside = 0; /* pending tasks parked by their full group */
+        if (k == 0)
+            for (uint32_t g = 1; g < HR_MAX_GROUPS; g++)
+                outside += c->g[g].parked;
+        if (count[heap_state[k]] != *heaps[k]->n + outside)
             FAIL("heap %d holds %u entries for %u slots", k, *heaps[k]->n, count[heap_state[k]]);
         if (!(k == 0 ? hr_mm_check(heaps[k]) : hr_bh_check(heaps[k])))
             FAIL("heap %d order violated", k);

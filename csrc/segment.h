@@ -16,6 +16,8 @@ typedef struct hr_ctx {
     hr_heap ready, delay, lease;
     hr_hset dedup, ids;
     hr_ring ring;
+    hr_group *g;   /* HR_MAX_GROUPS entries */
+    hr_glink *gl;  /* one per slot */
 } hr_ctx;
 
 uint64_t hr_segment_size(uint32_t capacity, uint64_t req_bytes);

@@ -25,10 +25,16 @@ void hr_slot_release(hr_ctx *c, uint32_t i)
     c->h->nfree++;
 }
 
-/* Put slot i into the heap its state calls for. */
+/* Put slot i into the heap its state calls for (a pending task of a full
+ * group into its group's parked list instead). */
 void hr_heap_link(hr_ctx *c, uint32_t i)
 {
-    hr_heap *hp = hr_heap_of(c, c->s[i].state);
+    hr_slot *s = &c->s[i];
+    if (s->state == HR_PENDING && s->group && hr_group_full(&c->g[s->group])) {
+        hr_park(c, i);
+        return;
+    }
+    hr_heap *hp = hr_heap_of(c, s->state);
     if (!hp)
         c->pos[i] = HR_NONE;
     else if (hp == &c->ready)
@@ -39,6 +45,10 @@ void hr_heap_link(hr_ctx *c, uint32_t i)
 
 void hr_heap_unlink(hr_ctx *c, uint32_t i)
 {
+    if (c->s[i].flags & HR_F_PARKED) {
+        hr_unpark(c, i);
+        return;
+    }
     hr_heap *hp = hr_heap_of(c, c->s[i].state);
     if (hp == &c->ready)
         hr_mm_remove(hp, c->pos[i]);

@@ -24,6 +24,12 @@ static inline hr_heap *hr_heap_of(hr_ctx *c, uint8_t state)
     }
 }
 
+/* Like hr_heap_of, for one slot: a parked pending task is in no heap. */
+static inline hr_heap *hr_heap_of_slot(hr_ctx *c, const hr_slot *s)
+{
+    return (s->flags & HR_F_PARKED) ? NULL : hr_heap_of(c, s->state);
+}
+
 static inline uint64_t hr_heap_key(const hr_slot *s)
 {
     switch (s->state) {
@@ -53,6 +59,12 @@ static inline void hr_slot_state(hr_ctx *c, hr_slot *s, uint8_t st)
 {
     c->h->count[s->state]--;
     c->h->count[st]++;
+    if (s->group) {
+        if (s->state == HR_RUNNING)
+            c->g[s->group].running--;
+        if (st == HR_RUNNING)
+            c->g[s->group].running++;
+    }
     s->state = st;
 }
 

@@ -140,6 +140,7 @@ class Job:
     max_attempts: Optional[int] = None
     delay: Optional[float] = None
     run_at: Optional[Any] = None
+    group: Optional[str] = None
 
 
 class Outcome(NamedTuple):
@@ -460,19 +461,20 @@ class Queue:
 
     def submit(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None, *,
                priority: int = 0, dedup_key: Optional[Union[str, bytes]] = None, on_duplicate: str = "skip",
-               max_attempts: Optional[int] = None, delay: Optional[float] = None, run_at: Optional[Any] = None
-               ) -> int:
+               max_attempts: Optional[int] = None, delay: Optional[float] = None, run_at: Optional[Any] = None,
+               group: Optional[str] = None) -> int:
         """Submit one task; returns its id once it is committed.
 
         With a `dedup_key` that a live task holds: ``skip`` returns that
         task's id, ``supersede`` cancels it and inserts this one, ``reject``
         raises :class:`errors.DuplicateTask`.  `delay` (seconds) or `run_at`
-        (a datetime or epoch seconds) keeps the task back until then.
+        (a datetime or epoch seconds) keeps the task back until then.  Tasks
+        of one `group` run at most :meth:`set_group_limit` at a time.
         """
         mode = _mode(on_duplicate)
         now = shm.now_us()
         item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, now,
-                          _run_at_us(delay, run_at, now))
+                          _run_at_us(delay, run_at, now), group)
         kinds, ids, _, errs = self._send_items([item], mode)
         if kinds[0] == _REJECTED:
             raise errs[0]
@@ -498,7 +500,7 @@ class Queue:
                     raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
                 items.append(item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
                                   job.max_attempts, created, _run_at_us(job.delay, job.run_at, created)
-                                  if job.delay is not None or job.run_at is not None else 0))
+                                  if job.delay is not None or job.run_at is not None else 0, job.group))
                 where.append(k)
             except (TypeError, ValueError, errors.EngineError) as e:
                 bad[k] = e
@@ -517,7 +519,7 @@ class Queue:
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,
-              run_at: int = 0) -> protocol.Item:
+              run_at: int = 0, group: Optional[str] = None) -> protocol.Item:
         policy = self._names.get(name)
         if policy is None:
             _check_name(name)
@@ -548,7 +550,9 @@ class Queue:
             if not isinstance(dedup_key, (str, bytes)):
                 raise errors.InvalidArgument(f"dedup_key must be str or bytes, got {_short(dedup_key)}")
             dedup = key_bytes(name, dedup_key)
-        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, None, created, timeout_ms, backoff)
+        if group is not None:
+            _check_group(group)
+        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, group, created, timeout_ms, backoff)
 
     def _send_items(self, items: List[protocol.Item], mode: int
                     ) -> Tuple[bytearray, List[Optional[int]], List[int], Dict[int, BaseException]]:
@@ -740,6 +744,21 @@ class Queue:
                         spilled=rec["spilled"] and live is None, result=result, error=error,
                         progress=progress, run_at=run_at)
 
+    def set_group_limit(self, group: str, limit: Optional[int]) -> None:
+        """Run at most `limit` tasks of `group` at once, across every worker
+        process (None or 0: no limit).  Other groups are never held up."""
+        _check_group(group)
+        if limit is None:
+            limit = 0
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 31:
+            raise errors.InvalidArgument(f"a group limit must be None or an int >= 0, got {_short(limit)}")
+        self._command("group_limit", (group, limit))
+
+    def cancel_group(self, group: str) -> int:
+        """Cancel every task of `group` that has not ended; returns how many."""
+        _check_group(group)
+        return self._command("cancel_group", (group,))[0]
+
     def cancel(self, tid: int) -> bool:
         """Cancel task `tid` if it has not ended; True if it was cancelled.
 
@@ -911,6 +930,12 @@ def _run_at_us(delay: Any, run_at: Any, now: int) -> int:
         raise errors.InvalidArgument(f"run_at must be a datetime or epoch seconds, got {_short(run_at)}")
     at = int(run_at * 1e6)
     return at if at > now else 0
+
+
+def _check_group(group: Any) -> None:
+    if not isinstance(group, str) or not group or len(group) > MAX_NAME:
+        raise errors.InvalidArgument(f"a group must be a non-empty str of at most {MAX_NAME} characters, "
+                                     f"got {_short(group)}")
 
 
 def _check_name(name: Any) -> None:

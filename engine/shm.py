@@ -54,6 +54,8 @@ BO_EXPONENTIAL: int = lib.HR_BO_EXPONENTIAL
 BO_JITTER: int = lib.HR_BO_JITTER
 #: Largest backoff base or cap in ms that :func:`pack_backoff` holds (about 74 hours).
 BO_MS_MAX = (1 << 28) - 1
+#: Group indexes run from 1 to MAX_GROUPS - 1 (0: no group).
+MAX_GROUPS: int = lib.HR_MAX_GROUPS
 #: Set in an :meth:`Segment.expire` state when the attempt ran past its deadline.
 TIMED_OUT = 0x80
 MAX_CAPACITY: int = lib.HR_MAX_CAPACITY
@@ -436,6 +438,20 @@ class Segment:
         check(rc, "adopt")
         return True
 
+    def set_group_limit(self, group: int, limit: int) -> None:
+        """Let at most `limit` tasks of group index `group` run at once (0: no limit)."""
+        if not isinstance(group, int) or not 0 < group < MAX_GROUPS:
+            raise errors.InvalidArgument(f"group index must be in 1..{MAX_GROUPS - 1}, got {group!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 32:
+            raise errors.InvalidArgument(f"a group limit must be an int >= 0, got {limit!r}")
+        check(lib.hr_set_group_limit(self._mem, group, limit), "set_group_limit")
+
+    def group_info(self, group: int) -> Dict[str, int]:
+        """A group's limit, running count and parked count."""
+        g = ffi.new("hr_group *")
+        check(lib.hr_group_info(self._mem, group, g), "group_info")
+        return {"limit": int(g.limit), "running": int(g.running), "parked": int(g.parked)}
+
     def progress(self, ticket: Ticket, fraction: float) -> bool:
         """Record a running attempt's progress (0..1); False if it was fenced."""
         t = ffi.new("hr_ticket *")
@@ -749,20 +765,21 @@ def backoff_us(packed: int, attempt: int, rnd: int = 0) -> int:
 
 def pack_tasks(rows: Any) -> Tuple[Any, int]:
     """An ``hr_task[]`` from rows of (id, prio, seq, state, run_at, dedup,
-    attempt, max_attempts, timeout_ms, backoff), where dedup is the 16-byte
-    key or None and backoff is :func:`pack_backoff`'s int; for the writer's
-    bulk inserts.  The C side validates every record again."""
+    attempt, max_attempts, timeout_ms, backoff, group), where dedup is the
+    16-byte key or None, backoff is :func:`pack_backoff`'s int and group a
+    group index (0: none); for the writer's bulk inserts.  The C side
+    validates every record again."""
     pack = _TASK.pack
     key = split_key
     parts = []
-    for tid, prio, seq, state, run_at, dedup, attempt, max_attempts, timeout_ms, bo in rows:
+    for tid, prio, seq, state, run_at, dedup, attempt, max_attempts, timeout_ms, bo, group in rows:
         kind, base, cap = bo & 0xFF, (bo >> 8) & BO_MS_MAX, (bo >> 36) & BO_MS_MAX
         if dedup is None:
-            parts.append(pack(tid, seq, run_at, 0, 0, 0, 0, attempt, max_attempts, timeout_ms, base, cap,
+            parts.append(pack(tid, seq, run_at, 0, 0, 0, group, attempt, max_attempts, timeout_ms, base, cap,
                               prio, state, 0, kind))
         else:
             lo, hi = key(dedup)
-            parts.append(pack(tid, seq, run_at, lo, hi, 0, 0, attempt, max_attempts, timeout_ms, base, cap,
+            parts.append(pack(tid, seq, run_at, lo, hi, 0, group, attempt, max_attempts, timeout_ms, base, cap,
                               prio, state, F_DEDUP, kind))
     n = len(parts)
     arr = ffi.new("hr_task[]", n)

@@ -45,8 +45,8 @@ RESULT, ERROR = 0, 1
 #: (id, attempt, state, at_us, info)
 OutcomeRow = Tuple[int, int, int, int, Optional[bytes]]
 #: What the segment needs to hold a live task:
-#: (id, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff)
-LiveRow = Tuple[int, int, int, int, Optional[bytes], int, int, int, int]
+#: (id, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff, group name)
+LiveRow = Tuple[int, int, int, int, Optional[bytes], int, int, int, int, Optional[str]]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -82,6 +82,12 @@ CREATE TABLE IF NOT EXISTS spill(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spill_id ON spill(id);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_grp ON tasks(grp) WHERE grp IS NOT NULL;
+CREATE TABLE IF NOT EXISTS groups(
+    name TEXT PRIMARY KEY,
+    idx INTEGER NOT NULL UNIQUE,
+    lim INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS definitions(
     name TEXT PRIMARY KEY,
     max_attempts INTEGER NOT NULL,
@@ -121,7 +127,7 @@ _LAST_STATE = "(SELECT o.state FROM outcomes o WHERE o.id = t.id ORDER BY o.rowi
 _RUN_AT = ("COALESCE((SELECT CASE WHEN o.state = 2 THEN o.info END FROM outcomes o WHERE o.id = t.id"
            " ORDER BY o.rowid DESC LIMIT 1), t.run_at)")
 #: The live-row columns of task t, after its id, prio and seq.
-_LIVE_TAIL = f"t.dedup, {_LAST_ATTEMPT}, {_MAX_ATTEMPTS}, t.timeout_ms, t.backoff"
+_LIVE_TAIL = f"t.dedup, {_LAST_ATTEMPT}, {_MAX_ATTEMPTS}, t.timeout_ms, t.backoff, t.grp"
 
 
 # ---- connection settings: each a named function applied on connect ---------
@@ -210,6 +216,17 @@ class Store:
         raise NotImplementedError
 
     def definitions(self) -> Dict[str, Tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def groups(self) -> Dict[str, Tuple[int, int]]:
+        """Group name -> (index, limit)."""
+        raise NotImplementedError
+
+    def put_group(self, name: str, idx: int, limit: int) -> None:
+        raise NotImplementedError
+
+    def group_live(self, name: str) -> List[int]:
+        """Ids of the tasks of group `name` that have not ended."""
         raise NotImplementedError
 
     def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
@@ -360,6 +377,16 @@ class SQLiteStore(_Reads, Store):
 
     def definitions(self) -> Dict[str, Tuple[int, int, int]]:
         return {r[0]: tuple(r[1:]) for r in self.conn.execute("SELECT * FROM definitions")}  # type: ignore
+
+    def groups(self) -> Dict[str, Tuple[int, int]]:
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT name, idx, lim FROM groups")}
+
+    def put_group(self, name: str, idx: int, limit: int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO groups(name, idx, lim) VALUES(?, ?, ?)", (name, idx, limit))
+
+    def group_live(self, name: str) -> List[int]:
+        return [r[0] for r in self.conn.execute(
+            f"SELECT t.id FROM tasks t WHERE t.grp = ? AND COALESCE({_LAST_STATE}, 0) < ?", (name, TERMINAL_MIN))]
 
     def dead_ids(self, ids: Sequence[int]) -> List[Tuple[int, int, int]]:
         out = []

@@ -264,7 +264,7 @@ class _Leases(threading.Thread):
                     j.heartbeat()
 
 
-def work(q: "Queue", stopping: Callable[[], bool]) -> None:
+def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
     """Claim and run jobs until `stopping()`; jobs claimed but not started go back."""
     leases = _Leases(q)
     leases.start()
@@ -273,7 +273,12 @@ def work(q: "Queue", stopping: Callable[[], bool]) -> None:
     try:
         # A worker whose supervisor died (reparented) stops too.
         while not stopping() and os.getppid() == parent:
-            jobs = claim(q, batch, IDLE_CHECK)
+            # Claim in batches, but leave a share of the pending work to the
+            # `peers` other worker processes: a batch runs one job at a time,
+            # so hoarding a short queue would idle them (and hold places of
+            # limited groups before the jobs start).
+            pending = q.seg.raw_info().count[shm.PENDING]
+            jobs = claim(q, max(1, min(batch, pending // peers)), IDLE_CHECK)
             leases.hold(jobs)
             for i, job in enumerate(jobs):
                 if stopping():
@@ -349,7 +354,7 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.q._after_fork()
-            work(self.q, lambda: flag["stop"])
+            work(self.q, lambda: flag["stop"], self.n)
             code = EXIT_OK
         except BaseException:
             traceback.print_exc()

@@ -67,7 +67,10 @@ class Writer:
         self.clients_fd = paths.open_private(paths.clients_path(db))
         self.store = SQLiteStore(db, sync)
         self.name = paths.segment_name(db)
+        #: Group name -> (index in the segment, concurrency limit).
+        self.groups: Dict[str, Tuple[int, int]] = self.store.groups()
         self.seg, rebuilt = self._open_segment()
+        self._apply_group_limits()
         clean = self.store.meta_get("clean", 0)
         with self.store.transaction():
             self.store.meta_set("clean", 0)
@@ -127,6 +130,8 @@ class Writer:
                 Segment.unlink(f[len(shm.PREFIX):])
         tmp = f"{self.name}.new{os.getpid()}"
         seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
+        for idx, limit in self.groups.values():
+            seg.set_group_limit(idx, limit)
         fill = self._fill_target(seg.capacity)
         live = self.store.live()
         batch: List[Any] = []
@@ -158,16 +163,16 @@ class Writer:
         """Slots a refill fills up to; the rest stays free for new high-priority work."""
         return max(1, capacity - int(capacity * self.cfg.refill_free / 2))
 
-    @staticmethod
-    def _place(seg: Segment, rows: Sequence[Any]) -> List[Any]:
+    def _place(self, seg: Segment, rows: Sequence[Any]) -> List[Any]:
         """Insert live rows (store.LiveRow): pending, or delayed while their
         run-at is ahead; returns the rows that did not fit."""
         if not rows:
             return []
         now = now_us()
+        groups = self.groups
         t, n = shm.pack_tasks([(tid, prio, seq, shm.DELAYED if run_at > now else shm.PENDING, run_at, dedup,
-                                attempt, max_attempts, timeout_ms, backoff)
-                               for tid, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff
+                                attempt, max_attempts, timeout_ms, backoff, groups[grp][0] if grp else 0)
+                               for tid, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff, grp
                                in rows])
         out, ok = seg.push_batch(t, n)
         if ok == n:
@@ -269,6 +274,8 @@ class Writer:
         for k, v in plan.counts.items():
             self.totals[k] = self.totals.get(k, 0) + v
         # Committed: now the segment may show it.
+        for idx, limit in plan.limits:
+            seg.set_group_limit(idx, limit)
         for tid in plan.cancel_live:
             try:
                 seg.cancel(tid)
@@ -377,6 +384,14 @@ class Writer:
             self.store.define(rows)
             self.defs.update((r[0], r[1:]) for r in rows)
             plan.answers.append((h, protocol.encode_inserted([])))
+        elif name == "group_limit":
+            gname, limit = args
+            idx = self._group(gname, limit)
+            plan.limits.append((idx, limit))
+            plan.answers.append((h, protocol.encode_inserted([idx])))
+        elif name == "cancel_group":
+            done = [tid for tid in self.store.group_live(args[0]) if self._cancel(plan, tid)]
+            plan.answers.append((h, protocol.encode_inserted([len(done)])))  # a count: it fits any answer
         elif name == "sync":  # answered once this turn's flush is committed
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "cancel":
@@ -434,6 +449,9 @@ class Writer:
         rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3],
                                 it[10], it[11]) if it[10] >= 0 else self._defined(it, first + k)
                                for k, it in enumerate(new)]
+        for it in new:
+            if it[8] is not None and it[8] not in self.groups:
+                self._group(it[8])
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
         plan.count("submitted", len(rows))
         plan.count("submit_txns")
@@ -450,9 +468,27 @@ class Writer:
             spill.extend((r[2], r[3], r[0]) for r in ahead[free:])
             ahead = ahead[:free]
             plan.swap = True  # some may outrank what the segment holds
-        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11]) for r in ahead)
+        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in ahead)
         if spill:
             self._spill(spill)
+
+    def _group(self, name: str, limit: Optional[int] = None) -> int:
+        """The index of group `name`, given one (in this transaction) if it is new."""
+        idx, old = self.groups.get(name, (0, 0))
+        if not idx:
+            idx = max((i for i, _ in self.groups.values()), default=0) + 1
+            if idx >= shm.MAX_GROUPS:
+                raise errors.InvalidArgument(f"too many groups: {shm.MAX_GROUPS - 1} names are in use")
+        if limit is None:
+            limit = old
+        if (idx, limit) != self.groups.get(name):
+            self.store.put_group(name, idx, limit)
+            self.groups[name] = (idx, limit)
+        return idx
+
+    def _apply_group_limits(self) -> None:
+        for idx, limit in self.groups.values():
+            self.seg.set_group_limit(idx, limit)
 
     def _defined(self, it: protocol.Item, seq: int) -> TaskRow:
         """The row of an item whose submitter did not know its definition:
@@ -602,7 +638,7 @@ class Writer:
 class _Plan:
     """What one turn will write and then do."""
 
-    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive")
+    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive", "limits")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
@@ -613,6 +649,7 @@ class _Plan:
         self.swap = False
         self.counts: Dict[str, int] = {}
         self.revive: List[Any] = []
+        self.limits: List[Tuple[int, int]] = []
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

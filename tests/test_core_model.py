@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from sortedcontainers import SortedList
 
 from engine import errors
@@ -28,6 +28,7 @@ KEYS = [(k * 7919 + 1, k * 104729 + 3) for k in range(6)]  # a small pool, so co
 #: Retry policies without jitter, so the model can predict every delay:
 #: (kind, base ms, cap ms) -> delay in us after failed attempt n.
 POLICIES = [(BO_NONE, 0, 0), (BO_CONSTANT, 1, 0), (BO_LINEAR, 1, 2), (BO_EXPONENTIAL, 1, 3)]
+GROUPS = [0, 1, 1, 2]
 
 
 def model_backoff_us(kind: int, base: int, cap: int, n: int) -> int:
@@ -46,6 +47,7 @@ class Task:
         self.max_attempts = 0
         self.timeout_ms = 0
         self.policy = POLICIES[0]
+        self.group = 0
         self.version = 1
         self.dirty = False
 
@@ -68,6 +70,9 @@ class SegmentModel(RuleBasedStateMachine):
         self.gone: List[int] = []                 # ids that were freed
         self.epoch: Optional[int] = None
         self.peeked = 0
+        self.limits: Dict[int, int] = {1: 0, 2: 0}  # group -> concurrency limit (0: none)
+        # Pending tasks of a full group wait here, not in `ready` (group.h).
+        self.parked: Dict[int, SortedList] = {1: SortedList(), 2: SortedList()}
 
     def teardown(self) -> None:
         path = self.seg.path
@@ -84,12 +89,35 @@ class SegmentModel(RuleBasedStateMachine):
 
     def _set_state(self, t: Task, state: int) -> None:
         if t.state == PENDING:
-            self.ready.remove((*t.rkey(), t.id))
+            entry = (*t.rkey(), t.id)
+            if t.group and entry in self.parked[t.group]:
+                self.parked[t.group].remove(entry)
+            else:
+                self.ready.remove(entry)
         if t.state not in TERMINAL and state in TERMINAL and t.dedup is not None:
             del self.dedup[t.dedup]
         t.state = state
         if state == PENDING:
-            self.ready.add((*t.rkey(), t.id))
+            self._link(t)
+
+    def _running(self, g: int) -> int:
+        return sum(1 for t in self.tasks.values() if t.state == RUNNING and t.group == g)
+
+    def _full(self, g: int) -> bool:
+        return bool(g and self.limits[g] and self._running(g) >= self.limits[g])
+
+    def _link(self, t: Task) -> None:
+        """A pending task goes to the ready heap, or is parked while its group is full."""
+        (self.parked[t.group] if self._full(t.group) else self.ready).add((*t.rkey(), t.id))
+
+    def _freed(self, g: int) -> None:
+        """A task of g stopped running (or left the heap, or its limit rose):
+        its best parked tasks go back to the heap, as many as it has room for."""
+        if not g:
+            return
+        room = max(0, self.limits[g] - self._running(g)) if self.limits[g] else len(self.parked[g])
+        for _ in range(min(room, len(self.parked[g]))):
+            self.ready.add(self.parked[g].pop(0))
 
     def _free(self, t: Task) -> None:
         del self.tasks[t.id]
@@ -115,9 +143,9 @@ class SegmentModel(RuleBasedStateMachine):
             run_at = self.clock + data.draw(st.integers(0, 50))
             dedup = data.draw(st.none() | st.sampled_from(KEYS))
             limits = (data.draw(st.sampled_from([0, 1, 2, 3])), data.draw(st.sampled_from([0, 0, 1, 3])),
-                      data.draw(st.sampled_from(POLICIES)))
+                      data.draw(st.sampled_from(POLICIES)), data.draw(st.sampled_from(GROUPS)))
             fill_task(arr[k], id, prio=prio, state=state, run_at=run_at, dedup=dedup, max_attempts=limits[0],
-                      timeout_ms=limits[1], backoff=pack_backoff(*limits[2]))
+                      timeout_ms=limits[1], backoff=pack_backoff(*limits[2]), group=limits[3])
             specs.append((id, prio, state, run_at, dedup, limits))
         out, inserted = self.seg.push_batch(arr, n)
         ok = 0
@@ -132,24 +160,34 @@ class SegmentModel(RuleBasedStateMachine):
                 assert rc >= 0, (k, rc)
                 self.seq += 1
                 t = Task(id, rc, prio, self.seq, state, run_at, dedup, 0)
-                t.max_attempts, t.timeout_ms, t.policy = limits
+                t.max_attempts, t.timeout_ms, t.policy, t.group = limits
                 self.tasks[id] = t
                 if dedup is not None:
                     self.dedup[dedup] = id
                 if state == PENDING:
-                    self.ready.add((*t.rkey(), id))
+                    self._link(t)
                 ok += 1
         assert inserted == ok
 
     @rule(max=st.integers(1, 6), lease=st.integers(1, 40))
     def claim(self, max: int, lease: int) -> None:
         out, n = self.seg.pop_batch(max, self.clock + lease, now=self.clock)
-        want = list(self.ready[:max])
-        assert n == len(want)
+        # The best pending tasks whose group is below its limit, counting the
+        # ones this claim takes; a popped task of a full group is parked.
+        want = []
+        while len(want) < max and self.ready:
+            entry = self.ready[0]
+            t = self.tasks[entry[2]]
+            if self._full(t.group):
+                self.ready.remove(entry)
+                self.parked[t.group].add(entry)
+                continue
+            want.append(entry)
+            self._set_state(t, RUNNING)
+        assert n == len(want), ([out[k].id for k in range(n)], want)
         for k, (_, _, id) in enumerate(want):
             t = self.tasks[id]
             assert (out[k].id, out[k].slot) == (id, t.slot)
-            self._set_state(t, RUNNING)
             t.attempt += 1
             t.deadline = self.clock + t.timeout_ms * 1000 if t.timeout_ms else 0
             t.lease = min(self.clock + lease, t.deadline) if t.deadline else self.clock + lease
@@ -183,6 +221,7 @@ class SegmentModel(RuleBasedStateMachine):
             if state == DELAYED:
                 t.run_at = run_at
             self._set_state(t, state)
+            self._freed(t.group)
             self._touch(t)
         assert ok == applied
 
@@ -221,7 +260,22 @@ class SegmentModel(RuleBasedStateMachine):
             assert self.seg.get(t.id).run_at == t.run_at
         t.lease = t.deadline = 0
         self._set_state(t, want)
+        self._freed(t.group)
         self._touch(t)
+
+    @initialize(l1=st.sampled_from([1, 1, 2, 0]), l2=st.sampled_from([1, 2, 0]))
+    def limit_groups(self, l1: int, l2: int) -> None:
+        self.set_group_limit(1, l1)
+        self.set_group_limit(2, l2)
+
+    @rule(group=st.sampled_from([1, 2]), limit=st.sampled_from([0, 1, 2]))
+    def set_group_limit(self, group: int, limit: int) -> None:
+        self.seg.set_group_limit(group, limit)
+        self.limits[group] = limit
+        self._freed(group)
+        info = self.seg.group_info(group)
+        assert info["limit"] == limit
+        assert (info["running"], info["parked"]) == (self._running(group), len(self.parked[group]))
 
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
@@ -237,6 +291,7 @@ class SegmentModel(RuleBasedStateMachine):
         else:
             assert self.seg.remove(id) == t.slot
             self._set_state(t, CANCELLED)
+            self._freed(t.group)
             self._touch(t)
 
     @rule(dt=st.integers(0, 30) | st.integers(500, 4000))
@@ -256,6 +311,7 @@ class SegmentModel(RuleBasedStateMachine):
             assert states[k] == new | (TIMED_OUT if timed_out else 0), (id, states[k], new, timed_out)
             t.lease = t.deadline = 0
             self._set_state(t, new)
+            self._freed(t.group)
             self._touch(t)
         promoted = self.seg.promote(self.clock)
         due = [t for t in self.tasks.values() if t.state == DELAYED and t.run_at <= self.clock]
@@ -289,6 +345,7 @@ class SegmentModel(RuleBasedStateMachine):
         if t.dedup is not None:
             del self.dedup[t.dedup]
         self._free(t)
+        self._freed(t.group)
 
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())

@@ -97,6 +97,12 @@ def watch(i):
 def when(i):
     _log("run", i)
 
+@q.task(name="l.grouped")
+def grouped(i, secs):
+    _log("run", i)
+    time.sleep(secs)
+    _log("end", i)
+
 @q.task(name="l.unstorable")
 def unstorable(i):
     _log("run", i)
@@ -418,3 +424,46 @@ def test_workers_register_definitions_for_submits_by_name(db, log):
                 "an explicit limit wins over the definition"
         finally:
             assert stop(w) == 0
+
+
+def _max_overlap(spans: List[tuple]) -> int:
+    points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = most = 0
+    for _, d in points:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def test_group_limit_holds_across_workers_and_other_groups_flow(db, log):
+    """Limit 2 with 4 worker processes: never more than 2 of the group run at
+    once, and tasks of another group, queued behind them, are not held up."""
+    with engine.Queue(db) as q:
+        q.set_group_limit("s3-east", 2)
+        limited = [q.submit("l.grouped", args=(i, 0.3), group="s3-east") for i in range(10)]
+        free = [q.submit("l.grouped", args=(100 + i, 0.05), group="other") for i in range(10)]
+        w = start(db, log, processes=4)
+        try:
+            for t in limited + free:
+                q.result(t, timeout=60)
+        finally:
+            assert stop(w) == 0
+    starts = {i: t for i, _, t in events(log, "run")}
+    ends = {i: t for i, _, t in events(log, "end")}
+    spans = [(starts[i], ends[i]) for i in range(10)]
+    assert _max_overlap(spans) == 2, "the limit is used and never exceeded"
+    assert max(ends[100 + i] for i in range(10)) < max(ends[i] for i in range(10)) - 0.5, \
+        "the other group finished while the limited one still ran"
+    assert _max_overlap([(starts[i], ends[i]) for i in list(range(10)) + list(range(100, 110))]) >= 3
+
+
+def test_cancel_a_whole_group(db):
+    with engine.Queue(db) as q:
+        ids = [q.submit("l.when", args=(i,), group="batch-7", delay=30) for i in range(5)]
+        other = q.submit("l.when", args=(9,), group="batch-8", delay=30)
+        assert q.cancel_group("batch-7") == 5
+        assert {q.get(t).state for t in ids} == {"cancelled"}
+        assert q.get(other).state == "delayed"
+        assert q.cancel_group("batch-7") == 0
+        with pytest.raises(errors.InvalidArgument, match="group"):
+            q.submit("l.when", args=(1,), group="")
