@@ -141,6 +141,8 @@ class Job:
     delay: Optional[float] = None
     run_at: Optional[Any] = None
     group: Optional[str] = None
+    depends_on: Optional[Sequence[int]] = None
+    tags: Optional[Mapping[str, str]] = None
 
 
 class Outcome(NamedTuple):
@@ -462,19 +464,26 @@ class Queue:
     def submit(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None, *,
                priority: int = 0, dedup_key: Optional[Union[str, bytes]] = None, on_duplicate: str = "skip",
                max_attempts: Optional[int] = None, delay: Optional[float] = None, run_at: Optional[Any] = None,
-               group: Optional[str] = None) -> int:
+               group: Optional[str] = None, depends_on: Optional[Sequence[int]] = None,
+               tags: Optional[Mapping[str, str]] = None) -> int:
         """Submit one task; returns its id once it is committed.
 
         With a `dedup_key` that a live task holds: ``skip`` returns that
         task's id, ``supersede`` cancels it and inserts this one, ``reject``
         raises :class:`errors.DuplicateTask`.  `delay` (seconds) or `run_at`
         (a datetime or epoch seconds) keeps the task back until then.  Tasks
-        of one `group` run at most :meth:`set_group_limit` at a time.
+        of one `group` run at most :meth:`set_group_limit` at a time.  A task
+        with `depends_on` (ids of tasks submitted before it) waits until all
+        of them completed, and is cancelled if one ends dead or cancelled.
+        `tags` (up to 32 str pairs) are for :meth:`find`, :meth:`count` and
+        :meth:`cancel_tagged`.
         """
         mode = _mode(on_duplicate)
         now = shm.now_us()
         item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, now,
-                          _run_at_us(delay, run_at, now), group)
+                          _run_at_us(delay, run_at, now), group, depends_on, tags)
+        if item[12]:
+            self._check_parents([item])
         kinds, ids, _, errs = self._send_items([item], mode)
         if kinds[0] == _REJECTED:
             raise errs[0]
@@ -500,10 +509,16 @@ class Queue:
                     raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
                 items.append(item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
                                   job.max_attempts, created, _run_at_us(job.delay, job.run_at, created)
-                                  if job.delay is not None or job.run_at is not None else 0, job.group))
+                                  if job.delay is not None or job.run_at is not None else 0, job.group,
+                                  job.depends_on, job.tags))
                 where.append(k)
             except (TypeError, ValueError, errors.EngineError) as e:
                 bad[k] = e
+        if any(it[12] for it in items):
+            missing = self._missing_parents(items)
+            for j in sorted(missing, reverse=True):
+                bad[where[j]] = missing[j]
+                del items[j], where[j]
         if not bad:  # the common case: outcomes line up with the input
             return BatchOutcome(*self._send_items(items, mode)) if items else BatchOutcome(bytearray(), [], [], {})
         kinds = bytearray([_REJECTED]) * n
@@ -519,7 +534,8 @@ class Queue:
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,
-              run_at: int = 0, group: Optional[str] = None) -> protocol.Item:
+              run_at: int = 0, group: Optional[str] = None, depends_on: Optional[Sequence[int]] = None,
+              tags: Optional[Mapping[str, str]] = None) -> protocol.Item:
         policy = self._names.get(name)
         if policy is None:
             _check_name(name)
@@ -552,7 +568,28 @@ class Queue:
             dedup = key_bytes(name, dedup_key)
         if group is not None:
             _check_group(group)
-        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, group, created, timeout_ms, backoff)
+        deps = _check_deps(depends_on) if depends_on is not None else None
+        pairs = _check_tags(tags) if tags is not None else None
+        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, group, created, timeout_ms, backoff,
+                deps, pairs)
+
+    def _missing_parents(self, items: List[protocol.Item]) -> Dict[int, BaseException]:
+        """Items whose depends_on names a task that does not exist, by index."""
+        wanted = sorted({p for it in items if it[12] for p in it[12]})
+        known = self.reader.last_states(wanted)
+        out: Dict[int, BaseException] = {}
+        for j, it in enumerate(items):
+            gone = [p for p in it[12] or () if p not in known]
+            if gone:
+                out[j] = errors.InvalidArgument(
+                    f"depends_on names task {gone[0]}, which does not exist; a task can only depend on tasks "
+                    "submitted before it (so dependencies never form a cycle)")
+        return out
+
+    def _check_parents(self, items: List[protocol.Item]) -> None:
+        missing = self._missing_parents(items)
+        if missing:
+            raise missing[min(missing)]
 
     def _send_items(self, items: List[protocol.Item], mode: int
                     ) -> Tuple[bytearray, List[Optional[int]], List[int], Dict[int, BaseException]]:
@@ -675,8 +712,12 @@ class Queue:
             spilled = self.reader.spill_count()
         except apsw.Error:
             totals, spilled = {}, 0
+        try:
+            waiting = self.reader.waiting_count()
+        except apsw.Error:
+            waiting = 0
         counts = {
-            "waiting": seg_counts["waiting"],
+            "waiting": seg_counts["waiting"] + waiting,
             "pending": seg_counts["pending"] + spilled,
             "delayed": seg_counts["delayed"],
             "running": seg_counts["running"],
@@ -715,6 +756,8 @@ class Queue:
             if st in shm.TERMINAL:
                 finished = at / 1e6
         live = self.seg.get(tid)
+        if live is None and state not in ("completed", "dead", "cancelled") and self.reader.is_waiting(tid):
+            state = "waiting"
         progress = run_at = None
         base, reached = 0, None
         for _attempt, st, _at, info in hist:
@@ -758,6 +801,49 @@ class Queue:
         """Cancel every task of `group` that has not ended; returns how many."""
         _check_group(group)
         return self._command("cancel_group", (group,))[0]
+
+    def find(self, tags: Optional[Mapping[str, str]] = None, state: Optional[str] = None,
+             limit: int = 1000) -> List[int]:
+        """Ids of tasks carrying every one of `tags`, in `state` if given, oldest first."""
+        pairs = _check_tags(tags or {})
+        if not pairs:
+            raise errors.InvalidArgument("find needs at least one tag")
+        if state is not None and state not in STATE_NAMES[1:]:
+            raise errors.InvalidArgument(f"state must be one of {', '.join(STATE_NAMES[1:])}, got {_short(state)}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise errors.InvalidArgument(f"limit must be a positive int, got {_short(limit)}")
+        ids = self.reader.tagged(pairs)
+        if state is None:
+            return ids[:limit]
+        out = []
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            stored = self.reader.last_states(part)
+            for tid in part:
+                if self._state_of(tid, stored.get(tid, 0)) == state:
+                    out.append(tid)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def count(self, tags: Optional[Mapping[str, str]] = None, state: Optional[str] = None) -> int:
+        """How many tasks carry every one of `tags` (in `state`, if given)."""
+        return len(self.find(tags, state, limit=1 << 62))
+
+    def cancel_tagged(self, tags: Mapping[str, str]) -> int:
+        """Cancel every task carrying all of `tags` that has not ended; returns how many."""
+        pairs = _check_tags(tags)
+        if not pairs:
+            raise errors.InvalidArgument("cancel_tagged needs at least one tag")
+        return self._command("cancel_tagged", (pairs,))[0]
+
+    def _state_of(self, tid: int, stored: int) -> str:
+        live = self.seg.get(tid)
+        if live is not None:
+            return live.state_name
+        if stored == 0 or stored < shm.COMPLETED:
+            return "waiting" if self.reader.is_waiting(tid) else STATE_NAMES[stored or shm.PENDING]
+        return STATE_NAMES[stored]
 
     def cancel(self, tid: int) -> bool:
         """Cancel task `tid` if it has not ended; True if it was cancelled.
@@ -930,6 +1016,37 @@ def _run_at_us(delay: Any, run_at: Any, now: int) -> int:
         raise errors.InvalidArgument(f"run_at must be a datetime or epoch seconds, got {_short(run_at)}")
     at = int(run_at * 1e6)
     return at if at > now else 0
+
+
+#: Most dependencies of one task, and most tags.
+MAX_DEPS = 100_000
+MAX_TAGS = 32
+MAX_TAG_LEN = 256
+
+
+def _check_deps(deps: Any) -> List[int]:
+    if isinstance(deps, (str, bytes)) or not isinstance(deps, Iterable):
+        raise errors.InvalidArgument(f"depends_on must be a list of task ids, got {_short(deps)}")
+    out = list(dict.fromkeys(deps))
+    if len(out) > MAX_DEPS:
+        raise errors.InvalidArgument(f"depends_on names {len(out)} tasks; at most {MAX_DEPS}")
+    for p in out:
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 1 << 63:
+            raise errors.InvalidArgument(f"depends_on must hold task ids (positive ints), got {_short(p)}")
+    return out
+
+
+def _check_tags(tags: Any) -> List[Tuple[str, str]]:
+    if not isinstance(tags, Mapping):
+        raise errors.InvalidArgument(f"tags must be a dict of str to str, got {_short(tags)}")
+    if len(tags) > MAX_TAGS:
+        raise errors.InvalidArgument(f"a task takes at most {MAX_TAGS} tags, got {len(tags)}")
+    for k, v in tags.items():
+        for what, x in (("key", k), ("value", v)):
+            if not isinstance(x, str) or not x or len(x) > MAX_TAG_LEN:
+                raise errors.InvalidArgument(f"a tag {what} must be a non-empty str of at most {MAX_TAG_LEN} "
+                                             f"characters, got {_short(x)}")
+    return sorted(tags.items())
 
 
 def _check_group(group: Any) -> None:

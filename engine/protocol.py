@@ -26,9 +26,11 @@ INSERTED, DUPLICATE, SUPERSEDED, REJECTED = 0, 1, 2, 3
 KIND_NAMES = ("inserted", "duplicate", "superseded", "rejected")
 
 #: One job as it travels: (id, name, body, ser, prio, dedup, run_at, max_attempts, group, created,
-#: timeout_ms, backoff); backoff is shm.pack_backoff's int.
-Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int, int, int]
-ITEM_FIELDS = 12
+#: timeout_ms, backoff, depends_on, tags); backoff is shm.pack_backoff's int, depends_on a list of
+#: task ids or None, tags a list of (key, value) or None.
+Item = Tuple[int, str, bytes, int, int, Optional[bytes], int, int, Optional[str], int, int, int,
+             Optional[List[int]], Optional[List[Tuple[str, str]]]]
+ITEM_FIELDS = 14
 #: In an item's timeout_ms and backoff: the submitter does not know the
 #: task's definition; the writer takes the registered one (max_attempts 0
 #: says the same for the attempt limit).

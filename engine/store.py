@@ -88,6 +88,21 @@ CREATE TABLE IF NOT EXISTS groups(
     idx INTEGER NOT NULL UNIQUE,
     lim INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tags(
+    k TEXT NOT NULL,
+    v TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY(k, v, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deps(
+    parent INTEGER NOT NULL,
+    child INTEGER NOT NULL,
+    PRIMARY KEY(parent, child)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS waiting(
+    child INTEGER PRIMARY KEY,
+    remaining INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS definitions(
     name TEXT PRIMARY KEY,
     max_attempts INTEGER NOT NULL,
@@ -222,6 +237,30 @@ class Store:
         """Group name -> (index, limit)."""
         raise NotImplementedError
 
+    def add_tags(self, rows: Sequence[Tuple[int, str, str]]) -> None:
+        """(id, key, value) rows."""
+        raise NotImplementedError
+
+    def last_states(self, ids: Sequence[int]) -> Dict[int, int]:
+        """id -> last stored state (0: none yet) of those of `ids` that exist."""
+        raise NotImplementedError
+
+    def wait_for(self, child: int, parents: Sequence[int]) -> None:
+        """Make `child` wait until every one of `parents` completed."""
+        raise NotImplementedError
+
+    def parents_done(self, parents: Sequence[int]) -> List[int]:
+        """Count completions of `parents`; returns the children that now wait on nothing."""
+        raise NotImplementedError
+
+    def waiting_children(self, parents: Sequence[int]) -> List[int]:
+        """Still-waiting children of `parents` (to cancel with them); they stop waiting."""
+        raise NotImplementedError
+
+    def stop_waiting(self, tid: int) -> bool:
+        """Take `tid` off the waiting list; False if it was not on it."""
+        raise NotImplementedError
+
     def put_group(self, name: str, idx: int, limit: int) -> None:
         raise NotImplementedError
 
@@ -296,6 +335,27 @@ class _Reads:
     """Reads that the writer's store and the read-only Reader share."""
 
     conn: apsw.Connection
+
+    def tagged(self, tags: Sequence[Tuple[str, str]]) -> List[int]:
+        if not tags:
+            return []
+        q = " INTERSECT ".join(["SELECT id FROM tags WHERE k = ? AND v = ?"] * len(tags))
+        return [r[0] for r in self.conn.execute(q + " ORDER BY 1", [x for kv in tags for x in kv])]
+
+    def last_states(self, ids: Sequence[int]) -> Dict[int, int]:
+        out: Dict[int, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            out.update(self.conn.execute(
+                f"SELECT t.id, COALESCE({_LAST_STATE}, 0) FROM tasks t WHERE t.id IN ({','.join('?' * len(part))})",
+                part))
+        return out
+
+    def waiting_count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM waiting").fetchall()[0][0]
+
+    def is_waiting(self, tid: int) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM waiting WHERE child = ?", (tid,)).fetchall())
 
     def spill_count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM spill").fetchall()[0][0]
@@ -381,6 +441,45 @@ class SQLiteStore(_Reads, Store):
     def groups(self) -> Dict[str, Tuple[int, int]]:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT name, idx, lim FROM groups")}
 
+    def add_tags(self, rows: Sequence[Tuple[int, str, str]]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO tags(id, k, v) VALUES(?, ?, ?)", rows)
+
+    def wait_for(self, child: int, parents: Sequence[int]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO deps(parent, child) VALUES(?, ?)", [(p, child) for p in parents])
+        self.conn.execute("INSERT OR REPLACE INTO waiting(child, remaining) VALUES(?, ?)", (child, len(parents)))
+
+    def parents_done(self, parents: Sequence[int]) -> List[int]:
+        c = self.conn
+        counts: Dict[int, int] = {}
+        for i in range(0, len(parents), 500):
+            part = parents[i:i + 500]
+            for (child,) in c.execute(
+                    f"SELECT d.child FROM deps d JOIN waiting w ON w.child = d.child"
+                    f" WHERE d.parent IN ({','.join('?' * len(part))})", part):
+                counts[child] = counts.get(child, 0) + 1
+        if not counts:
+            return []
+        c.executemany("UPDATE waiting SET remaining = remaining - ? WHERE child = ?",
+                      [(n, ch) for ch, n in counts.items()])
+        ready = [ch for ch in counts
+                 if c.execute("SELECT remaining FROM waiting WHERE child = ?", (ch,)).fetchall()[0][0] <= 0]
+        c.executemany("DELETE FROM waiting WHERE child = ?", [(ch,) for ch in ready])
+        return ready
+
+    def stop_waiting(self, tid: int) -> bool:
+        self.conn.execute("DELETE FROM waiting WHERE child = ?", (tid,))
+        return self.conn.changes() > 0
+
+    def waiting_children(self, parents: Sequence[int]) -> List[int]:
+        out: List[int] = []
+        for i in range(0, len(parents), 500):
+            part = parents[i:i + 500]
+            out.extend(r[0] for r in self.conn.execute(
+                f"SELECT DISTINCT d.child FROM deps d JOIN waiting w ON w.child = d.child"
+                f" WHERE d.parent IN ({','.join('?' * len(part))})", part))
+        self.conn.executemany("DELETE FROM waiting WHERE child = ?", [(ch,) for ch in out])
+        return out
+
     def put_group(self, name: str, idx: int, limit: int) -> None:
         self.conn.execute("INSERT OR REPLACE INTO groups(name, idx, lim) VALUES(?, ?, ?)", (name, idx, limit))
 
@@ -448,6 +547,7 @@ class SQLiteStore(_Reads, Store):
         return self.conn.execute(
             f"SELECT t.id, t.prio, t.seq, {_RUN_AT}, {_LIVE_TAIL}"
             f" FROM tasks t WHERE COALESCE({_LAST_STATE}, 0) < ?"
+            " AND NOT EXISTS (SELECT 1 FROM waiting w WHERE w.child = t.id)"
             " ORDER BY t.prio DESC, t.seq", (TERMINAL_MIN,))
 
     def max_id(self) -> int:

@@ -83,6 +83,8 @@ class Writer:
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
         self._read_spill()
+        #: Tasks waiting on dependencies (kept in memory so that flushes skip the lookup when none do).
+        self.waiting_n = self.store.waiting_count()
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
         self.defs = self.store.definitions()
         head, tail = self.seg.req_bounds()
@@ -255,7 +257,7 @@ class Writer:
                     self.store.put_results([(tid, attempt, kind, body)
                                             for tid, _slot, attempt, kind, _r, _d, body in items])
                 if dirty_n:
-                    self._write_dirty(dirty_n)
+                    self._write_dirty(plan, dirty_n)
                 for h, _, items in manage:  # after the flush: they see its outcomes
                     self._manage(plan, h, items[0])
                 self._fault("commit")
@@ -299,6 +301,8 @@ class Writer:
                 pass  # the ring was rebuilt by a repair; the next peek sees it all again
         if plan.revive:  # once their dead slots are freed (just above)
             self._place_or_spill(self.store.tasks_for(plan.revive))
+        if plan.ready_children:  # their dependencies completed
+            self._place_or_spill(self.store.tasks_for(plan.ready_children))
         return True
 
     def _place_or_spill(self, rows: Sequence[Any]) -> None:
@@ -392,6 +396,9 @@ class Writer:
         elif name == "cancel_group":
             done = [tid for tid in self.store.group_live(args[0]) if self._cancel(plan, tid)]
             plan.answers.append((h, protocol.encode_inserted([len(done)])))  # a count: it fits any answer
+        elif name == "cancel_tagged":
+            done = [tid for tid in self.store.tagged([tuple(kv) for kv in args[0]]) if self._cancel(plan, tid)]
+            plan.answers.append((h, protocol.encode_inserted([len(done)])))
         elif name == "sync":  # answered once this turn's flush is committed
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "cancel":
@@ -436,6 +443,10 @@ class Writer:
             self.store.record_outcomes([(tid, 0, shm.CANCELLED, now_us(), None)])
             plan.count("cancelled")
             return True
+        if self.waiting_n and self.store.stop_waiting(tid):
+            self.waiting_n -= 1
+            self._cancel_waiting(plan, [tid])
+            return True
         return False
 
     def _write_new(self, plan: "_Plan") -> None:
@@ -455,6 +466,12 @@ class Writer:
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
         plan.count("submitted", len(rows))
         plan.count("submit_txns")
+        tagged = [(it[0], k, v) for it in new if it[13] for k, v in it[13]]
+        if tagged:
+            self.store.add_tags(tagged)
+        if any(it[12] for it in new):
+            held = self._hold_dependents(plan, new)
+            rows = [r for r in rows if r[0] not in held]
         top = self.spill_top
         if top is None:
             ahead, spill = rows, []
@@ -471,6 +488,41 @@ class Writer:
         plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in ahead)
         if spill:
             self._spill(spill)
+
+    def _hold_dependents(self, plan: "_Plan", new: List[protocol.Item]) -> set:
+        """Tasks that depend on others wait (in the waiting table, not the
+        segment) until every dependency completed; one whose dependency
+        already ended dead or cancelled is cancelled now.  Returns their ids."""
+        parents = sorted({p for it in new if it[12] for p in it[12]})
+        stored = self.store.last_states(parents)
+        fresh = {it[0] for it in new}  # submitted in this same turn: live
+        held = set()
+        for it in new:
+            if not it[12]:
+                continue
+            tid = it[0]
+            held.add(tid)
+            states = [stored.get(p, 0) if p not in fresh else 0 for p in it[12]]
+            if any(st in (shm.DEAD, shm.CANCELLED) for st in states):
+                self._cancel_waiting(plan, [tid])
+                continue
+            # A parent missing here was purged after it ended; it cannot hold anyone back.
+            open_ = [p for p, st in zip(it[12], states) if st != shm.COMPLETED and (p in stored or p in fresh)]
+            if open_:
+                self.store.wait_for(tid, open_)
+                self.waiting_n += 1
+            else:
+                plan.ready_children.append(tid)
+        return held
+
+    def _cancel_waiting(self, plan: "_Plan", ids: List[int]) -> None:
+        """Cancel tasks that wait (or were about to), and everything that waits on them."""
+        at = now_us()
+        while ids:
+            self.store.record_outcomes([(tid, 0, shm.CANCELLED, at, None) for tid in ids])
+            plan.count("cancelled", len(ids))
+            ids = self.store.waiting_children(ids) if self.waiting_n else []
+            self.waiting_n = max(0, self.waiting_n - len(ids))
 
     def _group(self, name: str, limit: Optional[int] = None) -> int:
         """The index of group `name`, given one (in this transaction) if it is new."""
@@ -505,7 +557,7 @@ class Writer:
         if self.spill_top is None or best < self.spill_top:
             self.spill_top = best
 
-    def _write_dirty(self, n: int) -> None:
+    def _write_dirty(self, plan: "_Plan", n: int) -> None:
         at = now_us()
         # (id, attempt, state) of each peeked slot, unpacked in C.
         # A delayed task's outcome keeps its run-at, so a restart honours the
@@ -519,6 +571,17 @@ class Writer:
         # In the same transaction: a flushed slot is freed right after the
         # commit, and stats must not see it leave before the total grows.
         self.store.bump(done)
+        if self.waiting_n:  # dependents of what just ended
+            completed = [r[0] for r in rows if r[2] == shm.COMPLETED]
+            if completed:
+                ready = self.store.parents_done(completed)
+                self.waiting_n -= len(ready)
+                plan.ready_children.extend(ready)
+            failed = [r[0] for r in rows if r[2] in (shm.DEAD, shm.CANCELLED)]
+            if failed:
+                children = self.store.waiting_children(failed)
+                self.waiting_n -= len(children)
+                self._cancel_waiting(plan, children)
 
     # ---- spill and refill -------------------------------------------------------------
 
@@ -638,7 +701,8 @@ class Writer:
 class _Plan:
     """What one turn will write and then do."""
 
-    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive", "limits")
+    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive", "limits",
+                 "ready_children")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
@@ -650,6 +714,7 @@ class _Plan:
         self.counts: Dict[str, int] = {}
         self.revive: List[Any] = []
         self.limits: List[Tuple[int, int]] = []
+        self.ready_children: List[int] = []
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

@@ -467,3 +467,95 @@ def test_cancel_a_whole_group(db):
         assert q.cancel_group("batch-7") == 0
         with pytest.raises(errors.InvalidArgument, match="group"):
             q.submit("l.when", args=(1,), group="")
+
+
+def test_dependency_chain_of_50_and_fan_in_of_1000_complete_in_order(db, log):
+    with engine.Queue(db) as q:
+        chain = [q.submit("l.when", args=(0,))]
+        for i in range(1, 50):
+            chain.append(q.submit("l.when", args=(i,), depends_on=[chain[-1]]))
+        parents = q.submit_batch([engine.Job("l.when", args=(1000 + i,)) for i in range(1000)]).inserted
+        child = q.submit("l.when", args=(5000,), depends_on=parents)
+        assert q.get(chain[1]).state == "waiting" and q.get(child).state == "waiting"
+        assert q.stats()["counts"]["waiting"] == 50
+        w = start(db, log, processes=2)
+        try:
+            q.result(chain[-1], timeout=120)
+            q.result(child, timeout=120)
+        finally:
+            assert stop(w) == 0
+    ran = {i: t for i, _, t in events(log)}
+    assert [i for i, _, _ in sorted(events(log), key=lambda e: e[2]) if i < 50] == list(range(50))
+    assert ran[5000] >= max(ran[1000 + i] for i in range(1000))
+    assert len(events(log)) == 50 + 1000 + 1, "every task ran once"
+
+
+def test_a_failed_dependency_cancels_its_dependents_transitively(db, log):
+    with engine.Queue(db) as q:
+        parent = q.submit("l.fail", args=(1,))
+        child = q.submit("l.when", args=(2,), depends_on=[parent])
+        grandchild = q.submit("l.when", args=(3,), depends_on=[child])
+        bystander = q.submit("l.when", args=(4,))
+        w = start(db, log)
+        try:
+            with pytest.raises(errors.TaskFailed, match="dead"):
+                q.result(parent, timeout=30)
+            for t in (child, grandchild):
+                with pytest.raises(errors.TaskFailed, match="cancelled"):
+                    q.result(t, timeout=30)
+            q.result(bystander, timeout=30)
+            # A task that depends on a dead one is cancelled at once.
+            late = q.submit("l.when", args=(5,), depends_on=[parent])
+            assert q.get(late).state == "cancelled"
+            # ... and on a completed one, it runs at once.
+            assert q.result(q.submit("l.when", args=(6,), depends_on=[bystander]), timeout=30) is None
+        finally:
+            assert stop(w) == 0
+    assert {i for i, _, _ in events(log)} == {1, 4, 6}
+
+
+def test_cancelling_a_waiting_task_cancels_what_waits_on_it(db):
+    with engine.Queue(db) as q:
+        root = q.submit("l.when", args=(1,), delay=60)
+        mid = q.submit("l.when", args=(2,), depends_on=[root])
+        leaf = q.submit("l.when", args=(3,), depends_on=[mid])
+        assert q.cancel(mid) is True
+        assert (q.get(mid).state, q.get(leaf).state, q.get(root).state) == ("cancelled", "cancelled", "delayed")
+        assert q.stats()["counts"]["waiting"] == 0
+
+
+def test_depends_on_must_name_existing_tasks(db):
+    with engine.Queue(db) as q:
+        ok = q.submit("l.when", args=(1,))
+        with pytest.raises(errors.InvalidArgument, match="does not exist"):
+            q.submit("l.when", args=(2,), depends_on=[ok + 10**9])
+        with pytest.raises(errors.InvalidArgument, match="task ids"):
+            q.submit("l.when", args=(2,), depends_on=["x"])
+        out = q.submit_batch([engine.Job("l.when", args=(3,), depends_on=[ok]),
+                              engine.Job("l.when", args=(4,), depends_on=[ok + 10**9]),
+                              engine.Job("l.when", args=(5,))])
+        assert [o.kind for o in out.outcomes] == ["inserted", "rejected", "inserted"]
+        assert "does not exist" in str(out.outcomes[1].error)
+
+
+def test_tags_find_count_and_cancel(db, log):
+    with engine.Queue(db) as q:
+        for i in range(30):
+            q.submit("l.when", args=(i,), tags={"bucket": f"b{i % 3}", "kind": "thumb" if i < 15 else "full"},
+                     delay=60 if i % 2 else None)
+        assert q.count(tags={"bucket": "b1"}) == 10
+        assert q.count(tags={"bucket": "b1", "kind": "thumb"}) == 5
+        assert q.count(tags={"bucket": "b1"}, state="delayed") == 5
+        assert len(q.find(tags={"kind": "full"}, limit=4)) == 4
+        assert q.cancel_tagged({"bucket": "b2"}) == 10
+        assert q.count(tags={"bucket": "b2"}, state="cancelled") == 10
+        assert q.count(tags={"bucket": "nope"}) == 0
+        with pytest.raises(errors.InvalidArgument, match="at most 32"):
+            q.submit("l.when", args=(1,), tags={f"k{i}": "v" for i in range(33)})
+        with pytest.raises(errors.InvalidArgument, match="tag value"):
+            q.submit("l.when", args=(1,), tags={"k": 5})
+        w = start(db, log)
+        try:
+            wait_for(lambda: q.count(tags={"bucket": "b0"}, state="completed") == 5, what="the undelayed b0 ran")
+        finally:
+            assert stop(w) == 0
