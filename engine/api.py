@@ -13,6 +13,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Op
 import apsw
 
 from . import config, errors, paths, protocol, shm
+from . import cron as cron_mod
 from .shm import Segment, key_bytes
 from .store import Reader
 
@@ -253,6 +254,8 @@ class Task:
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff.none()
         self.timeout = timeout
+        #: (every in us, cron expression) of a periodic task; (0, "") otherwise.
+        self.schedule: Tuple[int, str] = (0, "")
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -458,6 +461,24 @@ class Queue:
             self._names.pop(tname, None)
             return t
         return register(fn) if fn is not None else register
+
+    def periodic(self, every: Optional[Any] = None, *, cron: Optional[str] = None, name: Optional[str] = None,
+                 priority: int = 0, max_attempts: Optional[int] = None, backoff: Optional[Backoff] = None,
+                 timeout: Optional[float] = None) -> Callable[[F], Task]:
+        """Register a task that runs by itself, without arguments: every
+        `every` (a timedelta or seconds) or on a `cron` schedule (five
+        fields, UTC).  The writer submits exactly one run per tick, however
+        many worker processes define it; a tick missed while nothing ran is
+        made up once, not once per missed tick.  The schedule starts when a
+        worker first claims with this definition."""
+        sched = cron_mod.parse(every, cron)
+
+        def register(f: Callable[..., Any]) -> Task:
+            t = self.task(name=name, priority=priority, max_attempts=max_attempts, backoff=backoff,
+                          timeout=timeout)(f)
+            t.schedule = sched
+            return t
+        return register
 
     # ---- submitting ----------------------------------------------------------------------
 
@@ -956,7 +977,7 @@ class Queue:
         """Tell the writer this process's task definitions (their retry
         limits, timeouts and backoff), once per change: tasks submitted by
         name from elsewhere get them."""
-        defs = [(t.name,) + t.policy() for t in self.tasks.values()]
+        defs = [(t.name,) + t.policy() + t.schedule + (t.priority,) for t in self.tasks.values()]
         if defs and defs != self.__dict__.get("_defined"):
             self._command("define", (defs,))
             self.__dict__["_defined"] = defs

@@ -107,7 +107,11 @@ CREATE TABLE IF NOT EXISTS definitions(
     name TEXT PRIMARY KEY,
     max_attempts INTEGER NOT NULL,
     timeout_ms INTEGER NOT NULL,
-    backoff INTEGER NOT NULL
+    backoff INTEGER NOT NULL,
+    every_us INTEGER NOT NULL DEFAULT 0,
+    cron TEXT NOT NULL DEFAULT '',
+    prio INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results(
     id INTEGER NOT NULL,
@@ -226,11 +230,17 @@ class Store:
         """Store what attempts left behind (return values, errors)."""
         raise NotImplementedError
 
-    def define(self, rows: Sequence[Tuple[str, int, int, int]]) -> None:
-        """Record task definitions: (name, max_attempts, timeout_ms, backoff)."""
+    def define(self, rows: Sequence[Tuple[Any, ...]]) -> None:
+        """Record task definitions: (name, max_attempts, timeout_ms, backoff,
+        every_us, cron, prio, next_at); the last four schedule periodic tasks."""
         raise NotImplementedError
 
-    def definitions(self) -> Dict[str, Tuple[int, int, int]]:
+    def definitions(self) -> Dict[str, Tuple[Any, ...]]:
+        """name -> the rest of its :meth:`define` row."""
+        raise NotImplementedError
+
+    def set_next_runs(self, nexts: Dict[str, int]) -> None:
+        """When each periodic task fires next."""
         raise NotImplementedError
 
     def groups(self) -> Dict[str, Tuple[int, int]]:
@@ -431,12 +441,16 @@ class SQLiteStore(_Reads, Store):
         # replaces the timeout that ended it.
         self.conn.executemany("INSERT OR IGNORE INTO results(id,attempt,kind,body) VALUES(?,?,?,?)", rows)
 
-    def define(self, rows: Sequence[Tuple[str, int, int, int]]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO definitions(name,max_attempts,timeout_ms,backoff)"
-                              " VALUES(?,?,?,?)", rows)
+    def define(self, rows: Sequence[Tuple[Any, ...]]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO definitions(name,max_attempts,timeout_ms,backoff,every_us,"
+                              "cron,prio,next_at) VALUES(?,?,?,?,?,?,?,?)", rows)
 
-    def definitions(self) -> Dict[str, Tuple[int, int, int]]:
-        return {r[0]: tuple(r[1:]) for r in self.conn.execute("SELECT * FROM definitions")}  # type: ignore
+    def definitions(self) -> Dict[str, Tuple[Any, ...]]:
+        return {r[0]: tuple(r[1:]) for r in self.conn.execute(
+            "SELECT name,max_attempts,timeout_ms,backoff,every_us,cron,prio,next_at FROM definitions")}
+
+    def set_next_runs(self, nexts: Dict[str, int]) -> None:
+        self.conn.executemany("UPDATE definitions SET next_at = ? WHERE name = ?", [(t, n) for n, t in nexts.items()])
 
     def groups(self) -> Dict[str, Tuple[int, int]]:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT name, idx, lim FROM groups")}

@@ -52,6 +52,7 @@ class Upkeep:
             if n < EXPIRE_BATCH:
                 break
         seg.promote(t)
+        self.w.fire_schedules()
         self.w.rebalance()
         self.reclaim()
         self.w.write_totals()

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apsw
 
-from . import config, errors, paths, protocol, shm
+from . import config, cron, errors, paths, protocol, shm
 from .shm import Segment, now_us
 from .store import SQLiteStore, TaskRow
 from .upkeep import Upkeep
@@ -86,7 +86,10 @@ class Writer:
         #: Tasks waiting on dependencies (kept in memory so that flushes skip the lookup when none do).
         self.waiting_n = self.store.waiting_count()
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
-        self.defs = self.store.definitions()
+        defs = self.store.definitions()
+        self.defs = {n: d[:3] for n, d in defs.items()}
+        #: Periodic tasks: name -> [every_us, cron, prio, next_at].
+        self.schedules = {n: list(d[3:]) for n, d in defs.items() if d[3] or d[4]}
         head, tail = self.seg.req_bounds()
         self.scan = head
         # A record published before this writer started may have been
@@ -273,19 +276,7 @@ class Writer:
             time.sleep(0.05)
             return True
         self._fault("committed")
-        for k, v in plan.counts.items():
-            self.totals[k] = self.totals.get(k, 0) + v
-        # Committed: now the segment may show it.
-        for idx, limit in plan.limits:
-            seg.set_group_limit(idx, limit)
-        for tid in plan.cancel_live:
-            try:
-                seg.cancel(tid)
-            except (errors.TaskNotFound, errors.InvalidState):
-                pass
-        self._place_or_spill(plan.place)
-        if plan.swap:
-            self.rebalance()  # before answering: a claim after the submit sees the best task
+        self._after_commit(plan)
         for h, _, items in reports:
             self._settle(items)
             seg.req_set_state(h.pos, shm.REQ_DONE)  # nobody reads an answer
@@ -304,6 +295,21 @@ class Writer:
         if plan.ready_children:  # their dependencies completed
             self._place_or_spill(self.store.tasks_for(plan.ready_children))
         return True
+
+    def _after_commit(self, plan: "_Plan") -> None:
+        """Committed: now the segment may show it."""
+        for k, v in plan.counts.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+        for idx, limit in plan.limits:
+            self.seg.set_group_limit(idx, limit)
+        for tid in plan.cancel_live:
+            try:
+                self.seg.cancel(tid)
+            except (errors.TaskNotFound, errors.InvalidState):
+                pass
+        self._place_or_spill(plan.place)
+        if plan.swap:
+            self.rebalance()  # before answering: a claim after the submit sees the best task
 
     def _place_or_spill(self, rows: Sequence[Any]) -> None:
         leftover = self._place(self.seg, rows)
@@ -384,9 +390,7 @@ class Writer:
             plan.count("revived", len(dead))
             plan.answers.append((h, protocol.encode_inserted([d[0] for d in dead])))
         elif name == "define":
-            rows = [tuple(r) for r in args[0]]
-            self.store.define(rows)
-            self.defs.update((r[0], r[1:]) for r in rows)
+            self._define(args[0])
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "group_limit":
             gname, limit = args
@@ -409,6 +413,50 @@ class Writer:
             plan.answers.append((h, protocol.encode_inserted(done)))
         else:
             plan.answers.append((h, protocol.encode_error(f"unknown command {name!r}")))
+
+    def _define(self, defs: Sequence[Sequence[Any]]) -> None:
+        """Record task definitions (name, max_attempts, timeout_ms, backoff,
+        every_us, cron, prio); a periodic one keeps its next run unless its
+        schedule changed."""
+        now = now_us()
+        rows = []
+        for name, max_attempts, timeout_ms, backoff, every_us, cron_expr, prio in defs:
+            old = self.schedules.get(name)
+            if not every_us and not cron_expr:
+                self.schedules.pop(name, None)
+                nxt = 0
+            elif old is not None and old[:2] == [every_us, cron_expr]:
+                nxt = old[3]
+            else:
+                nxt = cron.next_tick(every_us, cron_expr, 0, now)
+            if every_us or cron_expr:
+                self.schedules[name] = [every_us, cron_expr, prio, nxt]
+            self.defs[name] = (max_attempts, timeout_ms, backoff)
+            rows.append((name, max_attempts, timeout_ms, backoff, every_us, cron_expr, prio, nxt))
+        self.store.define(rows)
+
+    def fire_schedules(self) -> None:
+        """Submit one instance of each periodic task whose time came, and
+        move its next run on, in one transaction: one run per tick however
+        many processes define it, and a crash cannot fire a tick twice."""
+        now = now_us()
+        due = [(name, sc) for name, sc in self.schedules.items() if sc[3] <= now]
+        if not due:
+            return
+        first = self.seg.reserve_ids(len(due))
+        plan = _Plan()
+        body = b"[[],{}]"  # no arguments, as JSON
+        for k, (name, (every_us, cron_expr, prio, nxt)) in enumerate(due):
+            max_attempts, timeout_ms, backoff = self.defs.get(name, (0, 0, 0))
+            plan.new.append((first + k, name, body, 0, prio, None, 0, max_attempts, None, now, timeout_ms,
+                             backoff, None, None))
+        nexts = {name: cron.next_tick(sc[0], sc[1], sc[3], now) for name, sc in due}
+        with self.store.transaction():
+            self._write_new(plan)
+            self.store.set_next_runs(nexts)
+        for name, t in nexts.items():
+            self.schedules[name][3] = t
+        self._after_commit(plan)
 
     def _live_holder(self, plan: "_Plan", dedup: bytes) -> Optional[int]:
         tid = plan.keys.get(dedup)

@@ -3,6 +3,7 @@ letters, results, timeouts and fenced leases, heartbeats, delays,
 cancellation and progress.  Each test fails if its feature is removed."""
 from __future__ import annotations
 
+import calendar
 import os
 import signal
 import subprocess
@@ -559,3 +560,63 @@ def test_tags_find_count_and_cancel(db, log):
             wait_for(lambda: q.count(tags={"bucket": "b0"}, state="completed") == 5, what="the undelayed b0 ran")
         finally:
             assert stop(w) == 0
+
+
+def test_cron_expressions_give_their_next_time():
+    from engine.cron import Cron
+    t = calendar.timegm((2026, 11, 23, 16, 58, 30))  # a Monday
+
+    def nxt(expr: str) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(Cron(expr).next_after(t)))
+    assert nxt("*/5 * * * *") == "2026-11-23 17:00"
+    assert nxt("0 0 * * *") == "2026-11-24 00:00"
+    assert nxt("0 12 * * 1") == "2026-11-30 12:00"
+    assert nxt("0 0 29 2 *") == "2028-02-29 00:00"
+    assert nxt("15 10 * * 1-5") == "2026-11-24 10:15"
+    assert nxt("0 0 1,15 * 0") == "2026-11-29 00:00", "either day field matches when both are restricted"
+    for bad in ("* * * *", "61 * * * *", "*/0 * * * *", "a * * * *", "0 0 31 2 *"):
+        with pytest.raises(errors.InvalidArgument):
+            Cron(bad).next_after(t)
+
+
+PERIODIC_APP = r'''
+import os, sys, time
+from datetime import timedelta
+import engine
+
+db, log = sys.argv[1], sys.argv[2]
+q = engine.Queue(db)
+
+@q.periodic(every=timedelta(seconds=1), name="p.tick")
+def tick():
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, f"tick {os.getpid()} {time.time():.6f}\n".encode())
+    os.close(fd)
+
+@q.periodic(cron="0 0 1 1 *", name="p.yearly")
+def yearly():
+    raise AssertionError("not due for a long time")
+
+print("ready", flush=True)
+sys.exit(q.run_workers(processes=2, grace=5.0))
+'''
+
+
+def test_periodic_task_runs_once_per_tick_with_two_workers(db, log):
+    with engine.Queue(db) as q:
+        p = subprocess.Popen([sys.executable, "-c", PERIODIC_APP, db, log], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=child_env(), cwd=CHILD_CWD)
+        assert p.stdout.readline().strip() == "ready"
+        wait_for(lambda: os.path.exists(log), timeout=30, what="the first tick")
+        t0 = time.time()
+        time.sleep(5.0)
+        t1 = time.time()
+        assert stop(p) == 0
+        with open(log) as f:
+            ticks = [float(line.split()[2]) for line in f]
+        in_window = [t for t in ticks if t0 <= t < t1]
+        assert 4 <= len(in_window) <= 6, in_window
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        assert min(gaps) > 0.5, "never two runs for one tick"
+        yearly = q.reader.conn.execute("SELECT next_at FROM definitions WHERE name = 'p.yearly'").fetchall()
+        assert time.gmtime(yearly[0][0] / 1e6)[1:3] == (1, 1)
