@@ -608,3 +608,16 @@ int hr_group_info(void *mem, uint32_t group, hr_group *out)
     hr_unlock(&c);
     return HR_OK;
 }
+
+int hr_running(void *mem, uint32_t max, hr_dirty *out)
+{
+    LOCKED(c, mem);
+    uint32_t n = c.h->lease_n < max ? c.h->lease_n : max;
+    for (uint32_t k = 0; k < n; k++) { /* the lease heap holds exactly the running slots */
+        uint32_t i = c.lease.a[k].slot;
+        out[k].slot = i;
+        out[k].rec = c.s[i];
+    }
+    hr_unlock(&c);
+    return (int)n;
+}

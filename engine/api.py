@@ -7,8 +7,8 @@ import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    TypeVar, Union, overload)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, TypeVar, Union, overload)
 
 import apsw
 
@@ -24,6 +24,8 @@ WRITER_START_TIMEOUT = 120.0
 WRITER_CHECK_INTERVAL = 0.25
 #: Longest task name.
 MAX_NAME = 512
+#: Running tasks whose progress :meth:`Queue.stats` reports.
+STATS_RUNNING = 20
 
 SERIALIZERS = {"json": 0, "pickle": 1}
 STATE_NAMES = shm.STATE_NAMES
@@ -242,6 +244,26 @@ class TaskInfo:
     run_at: Optional[float] = None
 
 
+class Event(NamedTuple):
+    """One state change from :meth:`Queue.events`.
+
+    `kind` is "submitted", "batch_submitted" (`id` is the first id, `count`
+    how many), "started", "failed" (an attempt failed; the task runs again),
+    "retried" (put back from dead), "completed", "dead" or "cancelled".
+    `cursor` resumes the stream just after this event."""
+
+    kind: str
+    id: int
+    at: float
+    attempt: int = 0
+    count: int = 1
+    cursor: Tuple[int, int] = (0, 0)
+
+
+_OUTCOME_EVENTS = {shm.RUNNING: "started", shm.COMPLETED: "completed", shm.DEAD: "dead",
+                   shm.CANCELLED: "cancelled", shm.PENDING: "failed", shm.DELAYED: "failed"}
+
+
 class Task:
     """A function registered with :meth:`Queue.task`."""
 
@@ -299,6 +321,8 @@ class Queue:
             raise errors.InvalidArgument(f"sync must be 'normal' or 'full', got {sync!r}")
         if capacity is not None:
             tuning["capacity"] = capacity
+        if hasattr(tuning.get("retention"), "total_seconds"):  # a timedelta
+            tuning["retention"] = tuning["retention"].total_seconds()
         self.settings = config.settings(**tuning)
         self._tuning = tuning
         self.sync = sync
@@ -758,6 +782,8 @@ class Queue:
             "repairs": info["stats"]["repairs"],
             "generation": info["generation"],
             "writer_alive": paths.writer_alive(self.path),
+            # Running tasks that reported progress: id -> fraction done.
+            "progress": {r.id: r.progress / 1e6 for r in self.seg.running(STATS_RUNNING) if r.progress},
         }
 
     def get(self, tid: int) -> Optional[TaskInfo]:
@@ -807,6 +833,43 @@ class Queue:
                         finished=finished, dedup=rec["dedup"] is not None,
                         spilled=rec["spilled"] and live is None, result=result, error=error,
                         progress=progress, run_at=run_at)
+
+    def events(self, after: Tuple[int, int] = (0, 0), *, follow: bool = True,
+               idle_timeout: Optional[float] = None) -> Iterator[Event]:
+        """State changes as the database records them, oldest first, from
+        any process: submits (one ``batch_submitted`` per batch chunk) and
+        outcomes.  Changes within one flush interval collapse into the last
+        (a task that starts and completes between two flushes shows only
+        ``completed``).  With `follow` it waits for more (until
+        `idle_timeout` seconds pass without one); pass an event's `cursor`
+        as `after` to resume."""
+        seq, rowid = after
+        idle_since = time.monotonic()
+        while True:
+            subs, outs = self.reader.events_after(seq, rowid, 500)
+            batch: List[Event] = []
+            for s_seq, kind, tid, n, at in subs:
+                seq = s_seq
+                batch.append(Event("submitted" if kind == protocol.EV_SUBMITTED else "batch_submitted", tid,
+                                   at / 1e6, 0, n, (seq, rowid)))
+            for r, tid, attempt, state, at, info in outs:
+                rowid = r
+                kind = _OUTCOME_EVENTS.get(state, "")
+                if state == shm.PENDING and info is not None:
+                    kind = "retried"
+                elif kind == "failed" and attempt == 0:
+                    continue  # not an attempt's end
+                batch.append(Event(kind, tid, at / 1e6, attempt, 1, (seq, rowid)))
+            batch.sort(key=lambda e: e.at)
+            cursor = (seq, rowid)
+            for e in batch:
+                yield e._replace(cursor=cursor) if e is batch[-1] else e
+            if batch:
+                idle_since = time.monotonic()
+                continue
+            if not follow or (idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout):
+                return
+            time.sleep(0.05)  # nothing new: poll at 20 Hz, not in a tight loop
 
     def set_group_limit(self, group: str, limit: Optional[int]) -> None:
         """Run at most `limit` tasks of `group` at once, across every worker

@@ -63,6 +63,8 @@ def cmd_stats(a: argparse.Namespace) -> int:
     print(f"  in memory  {s['in_memory']:>12,} of {s['capacity']:,} slots; {s['unflushed']:,} changes not yet written")
     print(f"  claims {s['claimed']:,}, fenced {s['fenced']:,}, expired leases {s['expired']:,}, "
           f"lock repairs {s['repairs']:,}; writer {'running' if s['writer_alive'] else 'stopped'}")
+    for tid, frac in sorted(s["progress"].items()):
+        print(f"  task {tid} running, {frac:.0%} done")
     return EXIT_OK
 
 

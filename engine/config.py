@@ -59,6 +59,16 @@ class Settings:
     #: Microseconds a producer or worker spins for its wake-up before it sleeps
     #: (a futex sleep and wake costs 30-80 us on a VM; a commit takes ~20-50 us).
     wait_spin_us: int = 100
+    #: Seconds a finished (completed, dead or cancelled) task is kept before
+    #: the writer purges it; 0 keeps finished tasks for ever.
+    retention: float = 7 * 86400.0
+    #: Most finished tasks kept, the oldest purged first; 0: no limit.
+    retention_count: int = 0
+    #: Tasks one purge transaction looks at (purging runs between turns, so
+    #: a small batch keeps submits and flushes flowing).
+    purge_batch: int = 2000
+    #: Seconds between purge passes.
+    purge_interval: float = 0.5
 
     def check(self) -> "Settings":
         """Validate every value; raises InvalidArgument naming the bad one."""

@@ -43,6 +43,9 @@ REPORT = 0x200
 #: A report item: (id, slot, attempt, kind, retry, delay_us, body)
 Report = Tuple[int, int, int, int, int, int, bytes]
 RESULT, ERROR = 0, 1
+#: Submit events as the events table stores them.
+EV_SUBMITTED, EV_BATCH_SUBMITTED = 1, 2
+
 #: Management commands that need the writer: ``(MANAGE, (command, args))``.
 MANAGE = 0x400
 

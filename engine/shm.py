@@ -21,7 +21,7 @@ import stat
 import struct
 import tempfile
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from . import errors
 from ._core import ffi, lib
@@ -445,6 +445,12 @@ class Segment:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 32:
             raise errors.InvalidArgument(f"a group limit must be an int >= 0, got {limit!r}")
         check(lib.hr_set_group_limit(self._mem, group, limit), "set_group_limit")
+
+    def running(self, max: int = 100) -> List[SlotInfo]:
+        """Snapshots of up to `max` running tasks (in no particular order)."""
+        out = ffi.new("hr_dirty[]", max)
+        n = check(lib.hr_running(self._mem, max, out), "running")
+        return [_slot_info(out[k].slot, out[k].rec) for k in range(n)]
 
     def group_info(self, group: int) -> Dict[str, int]:
         """A group's limit, running count and parked count."""

@@ -94,14 +94,23 @@ CREATE TABLE IF NOT EXISTS tags(
     id INTEGER NOT NULL,
     PRIMARY KEY(k, v, id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_id ON tags(id);
 CREATE TABLE IF NOT EXISTS deps(
     parent INTEGER NOT NULL,
     child INTEGER NOT NULL,
     PRIMARY KEY(parent, child)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deps_child ON deps(child);
 CREATE TABLE IF NOT EXISTS waiting(
     child INTEGER PRIMARY KEY,
     remaining INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS definitions(
     name TEXT PRIMARY KEY,
@@ -243,6 +252,18 @@ class Store:
         """When each periodic task fires next."""
         raise NotImplementedError
 
+    def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
+        """(id, last state, its time) of the `limit` tasks after `after_id`, in id order."""
+        raise NotImplementedError
+
+    def log_submits(self, rows: Sequence[Tuple[int, int, int, int]]) -> None:
+        """(kind, first id, count, time) per submit request, for the event stream."""
+        raise NotImplementedError
+
+    def purge(self, ids: Sequence[int]) -> None:
+        """Delete finished tasks and everything stored about them."""
+        raise NotImplementedError
+
     def groups(self) -> Dict[str, Tuple[int, int]]:
         """Group name -> (index, limit)."""
         raise NotImplementedError
@@ -364,6 +385,19 @@ class _Reads:
     def waiting_count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM waiting").fetchall()[0][0]
 
+    def counters(self) -> Dict[str, int]:
+        return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
+
+    def events_after(self, seq: int, rowid: int, limit: int
+                     ) -> Tuple[List[Tuple[int, int, int, int, int]], List[Tuple[int, int, int, int, int, Any]]]:
+        """Submit events after `seq` (seq, kind, id, n, at) and outcome rows
+        after `rowid` (rowid, id, attempt, state, at, info), oldest first."""
+        subs = list(self.conn.execute("SELECT seq, kind, id, n, at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (seq, limit)))
+        outs = list(self.conn.execute("SELECT rowid, id, attempt, state, at, info FROM outcomes WHERE rowid > ?"
+                                      " ORDER BY rowid LIMIT ?", (rowid, limit)))
+        return subs, outs
+
     def is_waiting(self, tid: int) -> bool:
         return bool(self.conn.execute("SELECT 1 FROM waiting WHERE child = ?", (tid,)).fetchall())
 
@@ -448,6 +482,24 @@ class SQLiteStore(_Reads, Store):
     def definitions(self) -> Dict[str, Tuple[Any, ...]]:
         return {r[0]: tuple(r[1:]) for r in self.conn.execute(
             "SELECT name,max_attempts,timeout_ms,backoff,every_us,cron,prio,next_at FROM definitions")}
+
+    def log_submits(self, rows: Sequence[Tuple[int, int, int, int]]) -> None:
+        self.conn.executemany("INSERT INTO events(kind, id, n, at) VALUES(?, ?, ?, ?)", rows)
+
+    def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
+        return list(self.conn.execute(
+            f"SELECT t.id, COALESCE({_LAST_STATE}, 0),"
+            " COALESCE((SELECT o.at FROM outcomes o WHERE o.id = t.id ORDER BY o.rowid DESC LIMIT 1), 0)"
+            " FROM tasks t WHERE t.id > ? ORDER BY t.id LIMIT ?", (after_id, limit)))
+
+    def purge(self, ids: Sequence[int]) -> None:
+        c = self.conn
+        for i in range(0, len(ids), 500):
+            part = list(ids[i:i + 500])
+            marks = ",".join("?" * len(part))
+            for table, col in (("tasks", "id"), ("payloads", "id"), ("outcomes", "id"), ("results", "id"),
+                               ("tags", "id"), ("deps", "parent"), ("deps", "child")):
+                c.execute(f"DELETE FROM {table} WHERE {col} IN ({marks})", part)
 
     def set_next_runs(self, nexts: Dict[str, int]) -> None:
         self.conn.executemany("UPDATE definitions SET next_at = ? WHERE name = ?", [(t, n) for n, t in nexts.items()])
@@ -657,8 +709,6 @@ class Reader(_Reads):
                 "history": hist, "spilled": spilled, "results": results,
                 "timeout_ms": r[10], "backoff": r[11]}
 
-    def counters(self) -> Dict[str, int]:
-        return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
 
     def ending(self, tid: int) -> Optional[Tuple[int, int, Optional[int], Optional[bytes], int]]:
         """How task `tid` stands on disk: (last state or 0, last attempt, result

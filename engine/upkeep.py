@@ -28,6 +28,7 @@ class Upkeep:
         now = time.monotonic()
         self.next_pass = now
         self.next_checkpoint = now + writer.cfg.checkpoint_interval
+        self.next_purge = now + writer.cfg.purge_interval
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
         self.expire_states = shm.ffi.new("uint8_t[]", EXPIRE_BATCH)
@@ -38,6 +39,12 @@ class Upkeep:
             return
         self.next_pass = now + self.w.cfg.upkeep_interval
         self.run_once()
+        if now >= self.next_purge:
+            self.next_purge = now + self.w.cfg.purge_interval
+            try:
+                self.w.purge()
+            except apsw.Error as e:
+                print(f"headrace writer: purge failed ({e}); it will try again", file=sys.stderr)
         if now >= self.next_checkpoint:
             self.next_checkpoint = now + self.w.cfg.checkpoint_interval
             self.checkpoint()

@@ -83,6 +83,8 @@ class Writer:
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
         self._read_spill()
+        #: Where the next purge pass starts looking (task id).
+        self.purge_cursor = 0
         #: Tasks waiting on dependencies (kept in memory so that flushes skip the lookup when none do).
         self.waiting_n = self.store.waiting_count()
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
@@ -323,6 +325,7 @@ class Writer:
         if not mode & protocol.REPLAY and h.pos >= self.replay_before and not any(it[5] for it in items):
             plan.new.extend(items)  # no dedup key, no replay: every job is new
             plan.answers.append((h, protocol.encode_inserted([it[0] for it in items])))
+            plan.requests.append(([it[0] for it in items], items[0][9]))
             return
         kinds = bytearray(n)
         ids = [0] * n
@@ -365,6 +368,10 @@ class Writer:
                 w = last[dedup]
                 kinds[k], ids[k] = protocol.DUPLICATE, ids[w]
         plan.answers.append((h, protocol.encode_answer(kinds, ids, others)))
+        new = [ids[k] for k in range(n)
+               if kinds[k] in (protocol.INSERTED, protocol.SUPERSEDED) and ids[k] not in replay]
+        if new:
+            plan.requests.append((new, items[0][9]))
 
     def _settle(self, reports: List[protocol.Report]) -> None:
         """Apply reported outcomes once their data is committed; a fenced
@@ -435,6 +442,39 @@ class Writer:
             rows.append((name, max_attempts, timeout_ms, backoff, every_us, cron_expr, prio, nxt))
         self.store.define(rows)
 
+    def purge(self) -> int:
+        """Delete finished tasks past their retention: one batch of tasks
+        looked at per call, walking the ids round; returns how many went."""
+        cfg = self.cfg
+        if not cfg.retention and not cfg.retention_count:
+            return 0
+        excess = 0
+        if cfg.retention_count:
+            finished = sum(self.store_totals(("completed", "dead", "cancelled"))) - self.store_totals(("purged",))[0]
+            excess = max(0, finished - cfg.retention_count)
+        if excess:  # over the count: the oldest go first, so look from the start
+            rows = self.store.finished_after(0, cfg.purge_batch)
+        else:  # by age: walk the ids round, a batch per pass
+            rows = self.store.finished_after(self.purge_cursor, cfg.purge_batch)
+            self.purge_cursor = rows[-1][0] if len(rows) == cfg.purge_batch else 0
+        cutoff = now_us() - int(cfg.retention * 1e6) if cfg.retention else -1
+        doomed = []
+        for tid, state, at in rows:  # oldest ids first
+            if state < shm.COMPLETED or self.seg.get(tid) is not None:
+                continue
+            if at < cutoff or len(doomed) < excess:
+                doomed.append(tid)
+        if doomed:
+            with self.store.transaction():
+                self.store.purge(doomed)
+                self.store.bump({"purged": len(doomed)})
+        return len(doomed)
+
+    def store_totals(self, names: Sequence[str]) -> List[int]:
+        """Running totals: on disk plus those committed but not yet written."""
+        counters = self.store.counters()
+        return [counters.get(n, 0) + self.totals.get(n, 0) for n in names]
+
     def fire_schedules(self) -> None:
         """Submit one instance of each periodic task whose time came, and
         move its next run on, in one transaction: one run per tick however
@@ -450,6 +490,7 @@ class Writer:
             max_attempts, timeout_ms, backoff = self.defs.get(name, (0, 0, 0))
             plan.new.append((first + k, name, body, 0, prio, None, 0, max_attempts, None, now, timeout_ms,
                              backoff, None, None))
+            plan.requests.append(([first + k], now))
         nexts = {name: cron.next_tick(sc[0], sc[1], sc[3], now) for name, sc in due}
         with self.store.transaction():
             self._write_new(plan)
@@ -512,6 +553,9 @@ class Writer:
             if it[8] is not None and it[8] not in self.groups:
                 self._group(it[8])
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
+        self.store.log_submits([(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
+                                else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at)
+                                for ids, at in plan.requests])
         plan.count("submitted", len(rows))
         plan.count("submit_txns")
         tagged = [(it[0], k, v) for it in new if it[13] for k, v in it[13]]
@@ -750,7 +794,7 @@ class _Plan:
     """What one turn will write and then do."""
 
     __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive", "limits",
-                 "ready_children")
+                 "ready_children", "requests")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
@@ -763,6 +807,8 @@ class _Plan:
         self.revive: List[Any] = []
         self.limits: List[Tuple[int, int]] = []
         self.ready_children: List[int] = []
+        #: (ids inserted, time) per submit request, for the event stream.
+        self.requests: List[Tuple[List[int], int]] = []
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

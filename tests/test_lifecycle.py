@@ -366,6 +366,10 @@ def test_cancel_pending_and_running(db, log):
             running = q.submit("l.watch", args=(2,))
             wait_for(lambda: events(log, i=2), what="the watcher started")
             wait_for(lambda: q.get(running).progress == 0.5, what="its progress is visible")
+            assert q.stats()["progress"] == {running: 0.5}
+            cli = subprocess.run([sys.executable, "-m", "engine", "stats", db], capture_output=True, text=True,
+                                 env=child_env(), cwd=CHILD_CWD, timeout=60)
+            assert f"task {running} running, 50% done" in cli.stdout, cli.stdout + cli.stderr
             assert q.cancel(running) is True
             wait_for(lambda: events(log, "saw-cancel", 2), what="the running task saw the cancel")
             with pytest.raises(errors.TaskFailed, match="cancelled"):
@@ -620,3 +624,85 @@ def test_periodic_task_runs_once_per_tick_with_two_workers(db, log):
         assert min(gaps) > 0.5, "never two runs for one tick"
         yearly = q.reader.conn.execute("SELECT next_at FROM definitions WHERE name = 'p.yearly'").fetchall()
         assert time.gmtime(yearly[0][0] / 1e6)[1:3] == (1, 1)
+
+
+def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
+    from datetime import timedelta
+    with engine.Queue(db, retention=timedelta(seconds=1), purge_batch=500, purge_interval=0.05) as q:
+        live = q.submit("l.when", args=(-1,), delay=60)
+        done = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(3000)]).inserted
+        dead = q.submit("l.fail", args=(7,))
+        w = start(db, log, processes=2)
+        try:
+            q.result(done[-1], timeout=60)
+            with pytest.raises(errors.TaskFailed):
+                q.result(dead, timeout=60)
+            wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] == 1,
+                     timeout=60, what="every finished task purged")
+            # While it purges, submits keep going.
+            assert q.result(q.submit("l.square", args=(3,)), timeout=30)["square"] == 9
+        finally:
+            assert stop(w) == 0
+        assert q.get(done[0]) is None and q.get(dead) is None
+        assert q.get(live).state == "delayed", "a live task is never purged"
+        assert q.reader.counters()["purged"] >= 3001
+        for table in ("payloads", "outcomes", "results"):
+            ids = {r[0] for r in q.reader.conn.execute(f"SELECT id FROM {table}")}
+            assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
+
+
+def test_retention_count_keeps_the_newest_finished_tasks(db, log):
+    with engine.Queue(db, retention=0, retention_count=100, purge_batch=500, purge_interval=0.05) as q:
+        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(1000)]).inserted
+        w = start(db, log, processes=2)
+        try:
+            q.result(ids[-1], timeout=60)
+            wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] <= 100,
+                     timeout=60, what="purged down to 100")
+        finally:
+            assert stop(w) == 0
+        kept = [r[0] for r in q.reader.conn.execute("SELECT id FROM tasks ORDER BY id")]
+        assert len(kept) >= 90 and kept[-1] == ids[-1], "the oldest went first"
+
+
+EVENTS_FOLLOWER = r'''
+import json, sys
+import engine
+q = engine.Queue(sys.argv[1])
+print("ready", flush=True)
+for e in q.events(idle_timeout=3.0):
+    print(json.dumps([e.kind, e.id, e.attempt, e.count]), flush=True)
+'''
+
+
+def test_another_process_follows_the_event_stream(db, log):
+    with engine.Queue(db) as q:
+        follower = subprocess.Popen([sys.executable, "-c", EVENTS_FOLLOWER, db], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=child_env(), cwd=CHILD_CWD)
+        assert follower.stdout.readline().strip() == "ready"
+        one = q.submit("l.square", args=(2,))
+        batch = q.submit_batch([engine.Job("l.square", args=(i,)) for i in range(5)]).inserted
+        bad = q.submit("l.const", args=(1,))  # fails 3 times, 0.4 s apart: each failure is flushed
+        gone = q.submit("l.when", args=(1,), delay=60)
+        q.cancel(gone)
+        w = start(db, log)
+        try:
+            q.result(batch[-1], timeout=30)
+            with pytest.raises(errors.TaskFailed):
+                q.result(bad, timeout=30)
+            q.result(one, timeout=30)
+        finally:
+            assert stop(w) == 0
+        out, err = follower.communicate(timeout=60)
+    seen = [tuple(__import__("json").loads(line)) for line in out.splitlines()]
+    kinds = [k for k, *_ in seen]
+    assert ("submitted", one, 0, 1) in seen
+    assert ("batch_submitted", batch[0], 0, 5) in seen and kinds.count("batch_submitted") == 1
+    assert {("completed", t) for t in [one, *batch]} <= {(k, i) for k, i, *_ in seen}
+    assert ("dead", bad, 3, 1) in seen and ("cancelled", gone, 0, 1) in seen
+    assert ("failed", bad, 1, 1) in seen and ("failed", bad, 2, 1) in seen
+    # A resumed stream starts after the cursor.
+    with engine.Queue(db) as q:
+        evs = list(q.events(follow=False))
+        assert len(evs) == len(seen)
+        assert list(q.events(after=evs[-1].cursor, follow=False)) == []
