@@ -14,7 +14,7 @@ from typing import Dict, List
 import pytest
 
 import engine
-from engine import Backoff, errors, shm
+from engine import Backoff, errors, paths, shm
 from engine_helpers import kill_writer, stop, wait_for
 from helpers import CHILD_CWD, child_env
 
@@ -103,6 +103,11 @@ def grouped(i, secs):
     _log("run", i)
     time.sleep(secs)
     _log("end", i)
+
+@q.task(name="l.backoff30", max_attempts=2, backoff=Backoff.constant(30))
+def backoff30(i):
+    _log("run", i)
+    raise RuntimeError("try again in 30 s")
 
 @q.task(name="l.unstorable")
 def unstorable(i):
@@ -384,27 +389,57 @@ def test_cancel_pending_and_running(db, log):
 
 def test_lifecycle_state_survives_a_reboot(db, log):
     """kill -9 every process and delete the segment: dead tasks stay dead with
-    their error, results stay readable, a backoff delay is still honoured."""
+    their error, results stay readable, a backoff delay is still honoured, a
+    waiting task still waits and then runs, group limits hold."""
     with engine.Queue(db) as q:
+        q.set_group_limit("g1", 3)
         w = start(db, log)
         dead = q.submit("l.fail", args=(1,))
         done = q.submit("l.square", args=(4,))
+        backed = q.submit("l.backoff30", args=(5,))
         with pytest.raises(errors.TaskFailed):
             q.result(dead, timeout=30)
         assert q.result(done, timeout=30)["square"] == 16
         later = q.submit("l.when", args=(2,), delay=30)
+        parent = q.submit("l.when", args=(30,), delay=2.0)
+        child = q.submit("l.when", args=(40,), depends_on=[parent])
+        wait_for(lambda: q.get(backed).state == "delayed", what="the first attempt failed")
         time.sleep(0.3)  # flushed
         w.send_signal(signal.SIGKILL)
         w.wait()
-        for child in __import__("psutil").Process().children(recursive=True):
-            child.kill()
+        for proc in __import__("psutil").Process().children(recursive=True):
+            proc.kill()
         kill_writer(db)
     shm.Segment.unlink(__import__("engine.paths", fromlist=["x"]).segment_name(db))
     with engine.Queue(db) as q:
         assert q.get(dead).state == "dead" and q.get(dead).error["message"] == "bad input 1"
         assert q.result(done, timeout=5)["square"] == 16
         assert q.get(later).state == "delayed"
+        info = q.get(backed)
+        assert (info.state, info.attempts) == ("delayed", 1) and info.run_at > time.time() + 20
+        assert q.get(child).state == "waiting"
         assert [d.id for d in q.dead_letters()] == [dead]
+        assert q.seg.group_info(1)["limit"] == 3
+        w = start(db, log)
+        try:
+            q.result(child, timeout=30)
+        finally:
+            assert stop(w) == 0
+        assert [i for i, _, _ in events(log) if i in (30, 40)] == [30, 40]
+
+
+def test_graceful_stop_flushes_reported_outcomes(db, log):
+    """SIGTERM while a task runs: it finishes, its result is stored, and the
+    next open after everything closed sees it completed."""
+    with engine.Queue(db) as q:
+        w = start(db, log)
+        tid = q.submit("l.grouped", args=(1, 1.0))
+        wait_for(lambda: events(log, i=1), what="the task started")
+        assert stop(w) == 0
+        assert events(log, "end", 1), "the running task finished within the grace period"
+    wait_for(lambda: not paths.writer_alive(db), timeout=30, what="the writer exited")
+    with engine.Queue(db) as q:
+        assert q.get(tid).state == "completed"
 
 
 def test_workers_register_definitions_for_submits_by_name(db, log):
