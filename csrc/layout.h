@@ -277,6 +277,7 @@ typedef struct hr_info {
     uint64_t req_head;
     uint64_t req_tail;
     uint64_t req_cap;
+    int64_t next_run_at;   /* the earliest delayed task's run-at, 0 if none */
     hr_counters stats;
 } hr_info;
 

@@ -68,6 +68,7 @@ void hr_ctx_of(void *mem, hr_ctx *c)
     hr_header *h = (hr_header *)mem;
     char *b = (char *)mem;
     c->h = h;
+    c->wake_writer = 0;
     c->s = (hr_slot *)(b + h->off_slots);
     c->pos = (uint32_t *)(b + h->off_pos);
     c->ready = (hr_heap){(hr_hent *)(b + h->off_ready), &h->ready_n, c->pos};
@@ -304,7 +305,14 @@ int hr_lock(hr_ctx *c)
     return HR_OK;
 }
 
-void hr_unlock(hr_ctx *c) { pthread_mutex_unlock(&c->h->lock); }
+void hr_unlock(hr_ctx *c)
+{
+    pthread_mutex_unlock(&c->h->lock);
+    /* The dirty ring just stopped being empty: the writer may be asleep with
+     * nothing to flush, so wake it (once per flush cycle, not per change). */
+    if (c->wake_writer)
+        hr_notify(c->h, HR_EV_WRITER);
+}
 
 /* ---- verify --------------------------------------------------------------- */
 
@@ -456,6 +464,7 @@ int hr_get_info(void *mem, hr_info *out)
     out->req_head = __atomic_load_n(&h->req_head, __ATOMIC_ACQUIRE);
     out->req_tail = h->req_tail;
     out->req_cap = h->req_cap;
+    out->next_run_at = h->delay_n ? (int64_t)c.delay.a[0].key : 0;
     out->stats = h->stats;
     hr_unlock(&c);
     return HR_OK;

@@ -765,7 +765,14 @@ class Writer:
                             break
                 else:
                     idle_since = None
-            timeout = cfg.flush_interval if seg.raw_info().ring_size else cfg.upkeep_interval
+            info = seg.raw_info()
+            timeout = cfg.flush_interval if info.ring_size else cfg.upkeep_interval
+            if info.next_run_at:  # a delayed task (a retry's backoff) comes due at its time, not a pass later
+                wait_us = info.next_run_at - now_us()
+                if wait_us <= 0:
+                    seg.promote(now_us())
+                    continue
+                timeout = min(timeout, wait_us / 1e6)
             seg.wait(shm.EV_WRITER, seen, timeout)
         self.shutdown()
         return EXIT_OK
