@@ -145,6 +145,7 @@ typedef struct hr_counters {
     uint64_t evicted;
     uint64_t lock_spins_won;  /* acquisitions that succeeded while spinning */
     uint64_t lock_sleeps;     /* acquisitions that had to block */
+    uint64_t flush_seq;       /* the writer's last flush whose slots are freed (see stats) */
 } hr_counters;
 
 typedef struct hr_header {

@@ -621,3 +621,11 @@ int hr_running(void *mem, uint32_t max, hr_dirty *out)
     hr_unlock(&c);
     return (int)n;
 }
+
+int hr_set_flush_seq(void *mem, uint64_t seq)
+{
+    LOCKED(c, mem);
+    c.h->stats.flush_seq = seq;
+    hr_unlock(&c);
+    return HR_OK;
+}

@@ -750,13 +750,23 @@ class Queue:
 
     def stats(self) -> Dict[str, Any]:
         """Counts by state plus totals (completed counts flushed and unflushed work)."""
-        info = self.seg.info()
+        # A finished task is counted by the database once the writer's flush
+        # committed, and by the segment until that flush freed its slot.
+        # Matching flush sequences mean both views split at the same flush.
+        for _ in range(200):
+            try:
+                totals, seq = self.reader.counters_at_flush()
+            except apsw.Error:
+                totals, seq = {}, -1
+            info = self.seg.info()
+            if info["stats"]["flush_seq"] == seq or seq < 0:
+                break
+            time.sleep(0.0005)
         seg_counts = info["counts"]
         try:
-            totals = self.reader.counters()
             spilled = self.reader.spill_count()
         except apsw.Error:
-            totals, spilled = {}, 0
+            spilled = 0
         try:
             waiting = self.reader.waiting_count()
         except apsw.Error:

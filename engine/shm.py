@@ -446,6 +446,10 @@ class Segment:
             raise errors.InvalidArgument(f"a group limit must be an int >= 0, got {limit!r}")
         check(lib.hr_set_group_limit(self._mem, group, limit), "set_group_limit")
 
+    def set_flush_seq(self, seq: int) -> None:
+        """Writer only: its flush `seq` is committed and its slots are freed."""
+        check(lib.hr_set_flush_seq(self._mem, seq), "set_flush_seq")
+
     def running(self, max: int = 100) -> List[SlotInfo]:
         """Snapshots of up to `max` running tasks (in no particular order)."""
         out = ffi.new("hr_dirty[]", max)
@@ -744,7 +748,7 @@ class Segment:
             "req_cap": int(i.req_cap),
             "stats": {f: int(getattr(s, f)) for f in (
                 "repairs", "fenced", "claimed", "finished", "inserted", "expired", "evicted",
-                "lock_spins_won", "lock_sleeps")},
+                "lock_spins_won", "lock_sleeps", "flush_seq")},
         }
 
 

@@ -388,6 +388,13 @@ class _Reads:
     def counters(self) -> Dict[str, int]:
         return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
 
+    def counters_at_flush(self) -> Tuple[Dict[str, int], int]:
+        """The running totals and the writer's flush sequence, from one snapshot."""
+        with self.conn:  # one read transaction: both from the same commit
+            totals = self.counters()
+            seq = self.meta_get("flush_seq", 0)
+        return totals, int(seq)
+
     def events_after(self, seq: int, rowid: int, limit: int
                      ) -> Tuple[List[Tuple[int, int, int, int, int]], List[Tuple[int, int, int, int, int, Any]]]:
         """Submit events after `seq` (seq, kind, id, n, at) and outcome rows

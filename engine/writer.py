@@ -83,6 +83,8 @@ class Writer:
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
         self._read_spill()
+        self.flush_seq = int(self.store.meta_get("flush_seq", 0))
+        self.seg.set_flush_seq(self.flush_seq)
         #: Where the next purge pass starts looking (task id).
         self.purge_cursor = 0
         #: Tasks waiting on dependencies (kept in memory so that flushes skip the lookup when none do).
@@ -263,6 +265,9 @@ class Writer:
                                             for tid, _slot, attempt, kind, _r, _d, body in items])
                 if dirty_n:
                     self._write_dirty(plan, dirty_n)
+                    # Readers match this against the segment's to count each
+                    # finished task once (see Queue.stats).
+                    self.store.meta_set("flush_seq", self.flush_seq + 1)
                 for h, _, items in manage:  # after the flush: they see its outcomes
                     self._manage(plan, h, items[0])
                 self._fault("commit")
@@ -292,6 +297,8 @@ class Writer:
                 seg.advance_dirty(dirty_n, epoch)
             except errors.Stale:
                 pass  # the ring was rebuilt by a repair; the next peek sees it all again
+            self.flush_seq += 1
+            seg.set_flush_seq(self.flush_seq)  # after the advance: its slots are gone
         if plan.revive:  # once their dead slots are freed (just above)
             self._place_or_spill(self.store.tasks_for(plan.revive))
         if plan.ready_children:  # their dependencies completed

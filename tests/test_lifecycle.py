@@ -741,3 +741,23 @@ def test_another_process_follows_the_event_stream(db, log):
         evs = list(q.events(follow=False))
         assert len(evs) == len(seen)
         assert list(q.events(after=evs[-1].cursor, follow=False)) == []
+
+
+def test_stats_count_each_finished_task_once_while_workers_drain(db, log):
+    """The database and the segment each hold part of the finished count; a
+    flush moves tasks from one to the other.  stats never counts one twice
+    (nor drops one): the completed count only grows and never passes the total."""
+    n = 20000
+    with engine.Queue(db) as q:
+        q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(n)])
+        w = start(db, log, processes=2)
+        seen = []
+        try:
+            while not seen or seen[-1] < n:
+                seen.append(q.stats()["counts"]["completed"])
+                assert seen[-1] <= n, seen[-5:]
+                assert len(seen) < 10**6
+        finally:
+            assert stop(w) == 0
+        assert all(a <= b for a, b in zip(seen, seen[1:])), "the count went back"
+        assert len(set(seen)) > 5, "it was sampled while the drain ran"
