@@ -68,7 +68,6 @@ void hr_ctx_of(void *mem, hr_ctx *c)
     hr_header *h = (hr_header *)mem;
     char *b = (char *)mem;
     c->h = h;
-    c->wake_writer = 0;
     c->s = (hr_slot *)(b + h->off_slots);
     c->pos = (uint32_t *)(b + h->off_pos);
     c->ready = (hr_heap){(hr_hent *)(b + h->off_ready), &h->ready_n, c->pos};
@@ -305,14 +304,7 @@ int hr_lock(hr_ctx *c)
     return HR_OK;
 }
 
-void hr_unlock(hr_ctx *c)
-{
-    pthread_mutex_unlock(&c->h->lock);
-    /* The dirty ring just stopped being empty: the writer may be asleep with
-     * nothing to flush, so wake it (once per flush cycle, not per change). */
-    if (c->wake_writer)
-        hr_notify(c->h, HR_EV_WRITER);
-}
+void hr_unlock(hr_ctx *c) { pthread_mutex_unlock(&c->h->lock); }
 
 /* ---- verify --------------------------------------------------------------- */
 

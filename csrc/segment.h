@@ -18,7 +18,6 @@ typedef struct hr_ctx {
     hr_ring ring;
     hr_group *g;   /* HR_MAX_GROUPS entries */
     hr_glink *gl;  /* one per slot */
-    int wake_writer; /* set when this locked call made the dirty ring non-empty */
 } hr_ctx;
 
 uint64_t hr_segment_size(uint32_t capacity, uint64_t req_bytes);

@@ -75,7 +75,6 @@ static inline void hr_slot_touch(hr_ctx *c, hr_slot *s, uint32_t i)
         s->version = 1;
     if (!s->dirty) {
         s->dirty = 1;
-        c->wake_writer |= *c->ring.len == 0;
         hr_ring_push(&c->ring, i);
     }
 }

@@ -773,7 +773,10 @@ class Writer:
                 else:
                     idle_since = None
             info = seg.raw_info()
-            timeout = cfg.flush_interval if info.ring_size else cfg.upkeep_interval
+            # Idle, it still looks every flush interval: a change that a worker
+            # reported (which wakes nobody, to keep its path free of system
+            # calls) reaches disk within about one interval.
+            timeout = cfg.flush_interval
             if info.next_run_at:  # a delayed task (a retry's backoff) comes due at its time, not a pass later
                 wait_us = info.next_run_at - now_us()
                 if wait_us <= 0:
