@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import operator
 import os
 import pickle
 import time
@@ -29,6 +30,7 @@ STATS_RUNNING = 20
 
 SERIALIZERS = {"json": 0, "pickle": 1}
 STATE_NAMES = shm.STATE_NAMES
+_DEPS = operator.itemgetter(12)  # an item's depends_on
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -559,7 +561,7 @@ class Queue:
                 where.append(k)
             except (TypeError, ValueError, errors.EngineError) as e:
                 bad[k] = e
-        if any(it[12] for it in items):
+        if any(map(_DEPS, items)):
             missing = self._missing_parents(items)
             for j in sorted(missing, reverse=True):
                 bad[where[j]] = missing[j]

@@ -783,7 +783,10 @@ def pack_tasks(rows: Any) -> Tuple[Any, int]:
     key = split_key
     parts = []
     for tid, prio, seq, state, run_at, dedup, attempt, max_attempts, timeout_ms, bo, group in rows:
-        kind, base, cap = bo & 0xFF, (bo >> 8) & BO_MS_MAX, (bo >> 36) & BO_MS_MAX
+        if bo:
+            kind, base, cap = bo & 0xFF, (bo >> 8) & BO_MS_MAX, (bo >> 36) & BO_MS_MAX
+        else:
+            kind = base = cap = 0
         if dedup is None:
             parts.append(pack(tid, seq, run_at, 0, 0, 0, group, attempt, max_attempts, timeout_ms, base, cap,
                               prio, state, 0, kind))

@@ -141,6 +141,7 @@ ALTER TABLE tasks ADD COLUMN backoff INTEGER NOT NULL DEFAULT 0;
 _INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max_attempts,ser,timeout_ms,backoff) "
                 "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
 _INSERT_PAYLOAD = "INSERT INTO payloads(id,body) VALUES(?,?)"
+_INSERT_EVENT = "INSERT INTO events(kind,id,n,at) VALUES(?,?,?,?)"
 #: A task's last attempt from the outcome log (0 if it never started); `t` is the task row.
 _LAST_ATTEMPT = "COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = t.id), 0)"
 #: Attempts a task used before it was last put back from dead (a pending
@@ -491,7 +492,10 @@ class SQLiteStore(_Reads, Store):
             "SELECT name,max_attempts,timeout_ms,backoff,every_us,cron,prio,next_at FROM definitions")}
 
     def log_submits(self, rows: Sequence[Tuple[int, int, int, int]]) -> None:
-        self.conn.executemany("INSERT INTO events(kind, id, n, at) VALUES(?, ?, ?, ?)", rows)
+        if len(rows) == 1:  # the one-by-one submit: execute is cheaper than executemany
+            self.conn.execute(_INSERT_EVENT, rows[0])
+        elif rows:
+            self.conn.executemany(_INSERT_EVENT, rows)
 
     def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
         return list(self.conn.execute(
