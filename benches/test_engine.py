@@ -63,8 +63,9 @@ def _stop(p: multiprocessing.Process) -> None:
 
 
 @pytest.mark.benchmark(group="engine-submit")
-def test_submit_single(benchmark, queue, record):
-    n = 500
+def test_submit_1000_tasks(benchmark, queue, record):
+    """1,000 one-by-one durable submits (each returns once committed)."""
+    n = 1000
     counter = iter(range(10**9))
 
     def run() -> None:
@@ -75,7 +76,7 @@ def test_submit_single(benchmark, queue, record):
 
 
 @pytest.mark.benchmark(group="engine-submit")
-def test_submit_batch_1000(benchmark, queue, record):
+def test_batch_submit_1000(benchmark, queue, record):
     n = 1000
 
     def setup():
@@ -183,8 +184,9 @@ def _claim_drain(q: engine.Queue, n: int) -> None:
 
 
 @pytest.mark.benchmark(group="engine-backlog")
-@pytest.mark.parametrize("backlog", [1_000, 100_000, pytest.param(1_000_000, marks=pytest.mark.slow)],
-                         ids=["1k", "100k", "1M"])
+@pytest.mark.parametrize("backlog", [1_000, 100_000, pytest.param(1_000_000, marks=pytest.mark.slow),
+                                     pytest.param(10_000_000, marks=pytest.mark.slow)],
+                         ids=["1k", "100k", "1M", "10M"])
 def test_backlog_drain(benchmark, queue, record, backlog):
     """Claim+complete through the public API until a preloaded backlog is
     empty: above the segment's capacity (65,536) the rest spills to SQLite."""
@@ -194,5 +196,98 @@ def test_backlog_drain(benchmark, queue, record, backlog):
                                 for i in range(lo, min(backlog, lo + 10_000))])
         return (), {}
 
-    benchmark.pedantic(lambda: _claim_drain(queue, backlog), setup=setup, rounds=3 if backlog < 10**6 else 1)
+    benchmark.pedantic(lambda: _claim_drain(queue, backlog), setup=setup, rounds=3 if backlog < 10**6 else 1,
+                       warmup_rounds=0)
     record(backlog, backlog, spilled_above=queue.stats()["capacity"])
+
+
+# ---- more cases named like taskmill's ---------------------------------------------------
+
+
+@pytest.mark.benchmark(group="engine-submit")
+def test_submit_dedup_hit_1000(benchmark, queue, record):
+    """1,000 one-by-one submits whose dedup key a live task holds (skip)."""
+    n = 1000
+    queue.submit("bench.noop", args=(0, PAYLOAD), dedup_key="the-one", delay=3600)
+
+    def run() -> None:
+        for i in range(n):
+            queue.submit("bench.noop", args=(i, PAYLOAD), dedup_key="the-one", on_duplicate="skip")
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    assert queue.stats()["submitted"] <= 1 + n  # nothing new went in (the counter lags; never over)
+    record(n, 1)
+
+
+@pytest.mark.benchmark(group="engine-dispatch")
+def test_dispatch_and_complete_1000(benchmark, queue, record):
+    """Claim and complete 1,000 preloaded tasks through the public API, in this process."""
+    n = 1000
+
+    def setup():
+        queue.submit_batch([engine.Job("bench.noop", args=(i, PAYLOAD)) for i in range(n)])
+        return (), {}
+    benchmark.pedantic(lambda: _claim_drain(queue, n), setup=setup, rounds=ROUNDS)
+    record(n, n)
+
+
+@pytest.mark.benchmark(group="engine-dispatch")
+def test_dispatch_permanent_failure_500(benchmark, queue, record):
+    """Claim 500 tasks and fail each for good (no retry): they end dead."""
+    n = 500
+    err = RuntimeError("permanent")
+
+    def setup():
+        queue.submit_batch([engine.Job("bench.noop", args=(i, PAYLOAD)) for i in range(n)])
+        return (), {}
+
+    def run() -> None:
+        got = 0
+        while got < n:
+            jobs = queue.claim(max=256, timeout=5)
+            assert jobs
+            for j in jobs:
+                j.fail(err, retry=False)
+            got += len(jobs)
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
+    record(n, n)
+
+
+@pytest.mark.benchmark(group="engine-peek")
+@pytest.mark.parametrize("pending", [100, 1000, 5000])
+def test_peek_next(benchmark, queue, record, pending):
+    """Look at the task a claim would take next, with `pending` tasks queued."""
+    queue.submit_batch([engine.Job("bench.noop", args=(i, PAYLOAD), priority=i % 7) for i in range(pending)])
+    seg = queue.seg
+
+    def run() -> None:
+        for _ in range(1000):
+            seg.peek_best()
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    record(1000, pending)
+
+
+@pytest.mark.benchmark(group="engine-concurrency")
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_concurrency_scaling(benchmark, queue, record, workers):
+    """Drain 10,000 preloaded tasks with `workers` worker processes (on this
+    2-core machine, more than 2 compete for the same cores)."""
+    n = 10_000
+    state = {}
+
+    def setup():
+        if "p" in state:
+            _stop(state.pop("p"))
+        base = _completed(queue)
+        queue.submit_batch([engine.Job("bench.noop", args=(i, PAYLOAD)) for i in range(n)])
+        state["target"] = base + n
+        return (), {}
+
+    def run() -> None:
+        state["p"] = _start_workers(queue, workers)
+        _drained(queue, state["target"])
+    try:
+        benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=0)
+    finally:
+        if "p" in state:
+            _stop(state.pop("p"))
+    record(n, n, workers=workers)
