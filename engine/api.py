@@ -25,6 +25,8 @@ WRITER_START_TIMEOUT = 120.0
 WRITER_CHECK_INTERVAL = 0.25
 #: Longest task name.
 MAX_NAME = 512
+#: Seconds between a worker's reports of its task definitions to the writer.
+DEFINE_INTERVAL = 5.0
 #: Running tasks whose progress :meth:`Queue.stats` reports.
 STATS_RUNNING = 20
 
@@ -485,6 +487,7 @@ class Queue:
             t = Task(self, f, tname, priority, attempts, backoff, timeout)
             self.tasks[tname] = t
             self._names.pop(tname, None)
+            self.__dict__["_define_next"] = 0.0  # tell the writer at the next claim
             return t
         return register(fn) if fn is not None else register
 
@@ -1052,10 +1055,15 @@ class Queue:
         """Tell the writer this process's task definitions (their retry
         limits, timeouts and backoff), once per change: tasks submitted by
         name from elsewhere get them."""
+        now = time.monotonic()
+        if now < self.__dict__.get("_define_next", 0.0):
+            return
         defs = [(t.name,) + t.policy() + t.schedule + (t.priority,) for t in self.tasks.values()]
-        if defs and defs != self.__dict__.get("_defined"):
+        if defs:
+            # Again every few seconds: a restarted writer learns who defines
+            # what (periodic tasks fire only while a definer lives).
             self._command("define", (defs,))
-            self.__dict__["_defined"] = defs
+        self.__dict__["_define_next"] = now + DEFINE_INTERVAL
 
     def _report(self, reports: List[protocol.Report]) -> None:
         """Hand attempt outcomes with data to the writer; no answer is awaited."""

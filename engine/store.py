@@ -261,6 +261,10 @@ class Store:
         """(kind, first id, count, time) per submit request, for the event stream."""
         raise NotImplementedError
 
+    def purge_events(self, before_us: int, limit: int) -> None:
+        """Drop up to `limit` of the oldest submit events from before `before_us`."""
+        raise NotImplementedError
+
     def purge(self, ids: Sequence[int]) -> None:
         """Delete finished tasks and everything stored about them."""
         raise NotImplementedError
@@ -496,6 +500,10 @@ class SQLiteStore(_Reads, Store):
             self.conn.execute(_INSERT_EVENT, rows[0])
         elif rows:
             self.conn.executemany(_INSERT_EVENT, rows)
+
+    def purge_events(self, before_us: int, limit: int) -> None:
+        self.conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? ORDER BY seq LIMIT ?)",
+                          (before_us, limit))
 
     def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
         return list(self.conn.execute(

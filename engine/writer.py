@@ -96,6 +96,8 @@ class Writer:
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
         defs = self.store.definitions()
         self.defs = {n: d[:3] for n, d in defs.items()}
+        #: Processes that defined each task (a periodic one fires only while one lives).
+        self.definers: Dict[str, set] = {}
         #: Periodic tasks: name -> [every_us, cron, prio, next_at].
         self.schedules = {n: list(d[3:]) for n, d in defs.items() if d[3] or d[4]}
         head, tail = self.seg.req_bounds()
@@ -408,7 +410,7 @@ class Writer:
             plan.count("revived", len(dead))
             plan.answers.append((h, protocol.encode_inserted([d[0] for d in dead])))
         elif name == "define":
-            self._define(args[0])
+            self._define(args[0], h.pid)
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "group_limit":
             gname, limit = args
@@ -432,13 +434,14 @@ class Writer:
         else:
             plan.answers.append((h, protocol.encode_error(f"unknown command {name!r}")))
 
-    def _define(self, defs: Sequence[Sequence[Any]]) -> None:
+    def _define(self, defs: Sequence[Sequence[Any]], pid: int) -> None:
         """Record task definitions (name, max_attempts, timeout_ms, backoff,
-        every_us, cron, prio); a periodic one keeps its next run unless its
-        schedule changed."""
+        every_us, cron, prio) from process `pid`; a periodic one keeps its
+        next run unless its schedule changed."""
         now = now_us()
         rows = []
         for name, max_attempts, timeout_ms, backoff, every_us, cron_expr, prio in defs:
+            self.definers.setdefault(name, set()).add(pid)
             old = self.schedules.get(name)
             if not every_us and not cron_expr:
                 self.schedules.pop(name, None)
@@ -479,6 +482,9 @@ class Writer:
             with self.store.transaction():
                 self.store.purge(doomed)
                 self.store.bump({"purged": len(doomed)})
+        if cfg.retention:  # the event log keeps the same time
+            with self.store.transaction():
+                self.store.purge_events(cutoff, cfg.purge_batch)
         return len(doomed)
 
     def store_totals(self, names: Sequence[str]) -> List[int]:
@@ -491,7 +497,10 @@ class Writer:
         move its next run on, in one transaction: one run per tick however
         many processes define it, and a crash cannot fire a tick twice."""
         now = now_us()
-        due = [(name, sc) for name, sc in self.schedules.items() if sc[3] <= now]
+        # Only while a process that defines it lives: a periodic task dropped
+        # from the code stops, and ticks missed while no worker ran are made
+        # up once when one comes back.
+        due = [(name, sc) for name, sc in self.schedules.items() if sc[3] <= now and self._defined_live(name)]
         if not due:
             return
         first = self.seg.reserve_ids(len(due))
@@ -509,6 +518,11 @@ class Writer:
         for name, t in nexts.items():
             self.schedules[name][3] = t
         self._after_commit(plan)
+
+    def _defined_live(self, name: str) -> bool:
+        pids = self.definers.get(name, set())
+        pids.difference_update([p for p in pids if not paths.pid_alive(p)])
+        return bool(pids)
 
     def _live_holder(self, plan: "_Plan", dedup: bytes) -> Optional[int]:
         tid = plan.keys.get(dedup)

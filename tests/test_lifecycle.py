@@ -651,6 +651,12 @@ def test_periodic_task_runs_once_per_tick_with_two_workers(db, log):
         time.sleep(5.0)
         t1 = time.time()
         assert stop(p) == 0
+        # With no process defining it, the schedule stops submitting runs.
+        def runs() -> int:
+            return q.reader.conn.execute("SELECT count(*) FROM tasks WHERE name = 'p.tick'").fetchall()[0][0]
+        before = runs()
+        time.sleep(2.5)
+        assert runs() <= before + 1, "a periodic task nobody defines any more kept firing"
         with open(log) as f:
             ticks = [float(line.split()[2]) for line in f]
         in_window = [t for t in ticks if t0 <= t < t1]
@@ -681,6 +687,8 @@ def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
         assert q.get(done[0]) is None and q.get(dead) is None
         assert q.get(live).state == "delayed", "a live task is never purged"
         assert q.reader.counters()["purged"] >= 3001
+        wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM events").fetchall()[0][0] <= 3,
+                 timeout=30, what="old submit events purged too")
         for table in ("payloads", "outcomes", "results"):
             ids = {r[0] for r in q.reader.conn.execute(f"SELECT id FROM {table}")}
             assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
