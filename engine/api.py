@@ -866,7 +866,7 @@ class Queue:
             for s_seq, kind, tid, n, at in subs:
                 seq = s_seq
                 batch.append(Event("submitted" if kind == protocol.EV_SUBMITTED else "batch_submitted", tid,
-                                   at / 1e6, 0, n, (seq, rowid)))
+                                   at / 1e6, 0, n, (s_seq, -1)))  # cursor: its own place, set below
             for r, tid, attempt, state, at, info in outs:
                 rowid = r
                 kind = _OUTCOME_EVENTS.get(state, "")
@@ -874,11 +874,21 @@ class Queue:
                     kind = "retried"
                 elif kind == "failed" and attempt == 0:
                     continue  # not an attempt's end
-                batch.append(Event(kind, tid, at / 1e6, attempt, 1, (seq, rowid)))
+                batch.append(Event(kind, tid, at / 1e6, attempt, 1, (-1, r)))
             batch.sort(key=lambda e: e.at)
-            cursor = (seq, rowid)
-            for e in batch:
-                yield e._replace(cursor=cursor) if e is batch[-1] else e
+            # An event's cursor lies below every event after it in this order:
+            # resuming from it skips nothing (it may repeat a few).
+            cursors = []
+            cur_seq, cur_row = seq, rowid
+            for e in reversed(batch):
+                cursors.append((cur_seq, cur_row))
+                own_seq, own_row = e.cursor
+                if own_seq >= 0:
+                    cur_seq = min(cur_seq, own_seq - 1)
+                if own_row >= 0:
+                    cur_row = min(cur_row, own_row - 1)
+            for e, c in zip(batch, reversed(cursors)):
+                yield e._replace(cursor=c)
             if batch:
                 idle_since = time.monotonic()
                 continue

@@ -98,7 +98,7 @@ def parse(every: object, cron: object) -> Tuple[int, str]:
     if (every is None) == (cron is None):
         raise errors.InvalidArgument("a periodic task needs every= or cron=, not both")
     if cron is not None:
-        Cron(cron)  # raises on a bad expression
+        Cron(cron).next_after(0)  # raises on a bad expression, or one that never matches
         return 0, str(cron)
     seconds = every.total_seconds() if hasattr(every, "total_seconds") else every  # type: ignore[union-attr]
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0.01 <= seconds <= 10**8:

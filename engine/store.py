@@ -546,6 +546,11 @@ class SQLiteStore(_Reads, Store):
             return []
         c.executemany("UPDATE waiting SET remaining = remaining - ? WHERE child = ?",
                       [(n, ch) for ch, n in counts.items()])
+        # An edge counts once: a flush repeated after a writer crash (between
+        # its commit and the ring's advance) finds nothing left to count.
+        for i in range(0, len(parents), 500):
+            part = parents[i:i + 500]
+            c.execute(f"DELETE FROM deps WHERE parent IN ({','.join('?' * len(part))})", part)
         ready = [ch for ch in counts
                  if c.execute("SELECT remaining FROM waiting WHERE child = ?", (ch,)).fetchall()[0][0] <= 0]
         c.executemany("DELETE FROM waiting WHERE child = ?", [(ch,) for ch in ready])
@@ -651,10 +656,12 @@ class SQLiteStore(_Reads, Store):
 
     def recount(self) -> None:
         c = self.conn
-        totals = {"submitted": c.execute("SELECT count(*) FROM tasks").fetchall()[0][0]}
+        # Purged tasks are gone from the tables but not from the totals.
+        gone = {k: v for k, v in c.execute("SELECT name, n FROM counters WHERE name LIKE 'purged%'")}
+        totals = {"submitted": c.execute("SELECT count(*) FROM tasks").fetchall()[0][0] + gone.get("purged", 0)}
         for state, name in ((COMPLETED, "completed"), (DEAD, "dead"), (CANCELLED, "cancelled")):
             totals[name] = c.execute("SELECT count(DISTINCT id) FROM outcomes WHERE state = ?",
-                                     (state,)).fetchall()[0][0]
+                                     (state,)).fetchall()[0][0] + gone.get(f"purged_{name}", 0)
         c.executemany("INSERT OR REPLACE INTO counters(name, n) VALUES(?, ?)", list(totals.items()))
 
     # ---- checkpoints (the writer owns them) ----------------------------------------

@@ -37,7 +37,7 @@ class ClaimedJob:
     """A claimed attempt of one task; report it with :meth:`complete` or :meth:`fail`."""
 
     __slots__ = ("queue", "seg", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
-                 "done", "ser")
+                 "done", "ser", "reported")
 
     def __init__(self, queue: "Queue", ticket: Ticket, name: str, args: tuple, kwargs: dict,
                  max_attempts: int, created_us: int, ser: int = 0) -> None:
@@ -55,6 +55,10 @@ class ClaimedJob:
         self.created = created_us / 1e6
         self.done = False
         self.ser = ser
+        #: Reported through the writer, which settles the slot later: until
+        #: then the lease is still renewed, so a slow writer cannot make a
+        #: finished attempt expire.
+        self.reported = False
 
     def complete(self, result: Any = None) -> bool:
         """Mark the task completed with `result` (serialised like payloads);
@@ -66,9 +70,13 @@ class ClaimedJob:
         if result is None:
             return seg.finish(self.ticket, shm.COMPLETED)
         body = dumps_value(self.ser, result)  # TypeError names a value that cannot be stored
+        if len(body) > self.queue._max_payload:
+            raise errors.PayloadTooLarge(f"the result of task {self.id} is {len(body)} bytes; the limit is "
+                                         f"{self.queue._max_payload} (setting max_payload)")
         # The writer stores the value, then completes the slot: the task is
         # never completed on disk without its result.
         self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.RESULT, 0, 0, body)])
+        self.done, self.reported = False, True
         return self.current()
 
     def fail(self, error: Optional[BaseException] = None, retry: bool = True, delay: Optional[float] = None
@@ -87,6 +95,7 @@ class ClaimedJob:
         body = errors.describe_error(type(error).__name__, str(error)[:MAX_ERROR], _summary(error))
         self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.ERROR, 1 if retry else 0,
                              delay_us, body)])
+        self.done, self.reported = False, True
         return self.current()
 
     def current(self) -> bool:
@@ -221,7 +230,7 @@ def _execute(q: "Queue", job: ClaimedJob) -> bool:
         return False
     try:
         job.complete(result)
-    except TypeError as e:  # a return value that cannot be stored fails the attempt, for good
+    except (TypeError, errors.PayloadTooLarge) as e:  # a result that cannot be stored fails it, for good
         print(f"headrace worker: task {job.id} ({job.name}): {e}", file=sys.stderr)
         job.fail(e, retry=False)
         return False
@@ -260,8 +269,8 @@ class _Leases(threading.Thread):
             with self.lock:
                 jobs = list(self.held.values())
             for j in jobs:
-                if not j.done:
-                    j.heartbeat()
+                if not j.done and not j.heartbeat():  # settled, or fenced: nothing more to renew
+                    self.drop(j)
 
 
 def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
@@ -287,7 +296,8 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
                         leases.drop(rest)
                     break
                 execute(q, job)
-                leases.drop(job)
+                if not job.reported:  # a reported one is renewed until the writer settles it
+                    leases.drop(job)
     finally:
         leases.quit.set()
 

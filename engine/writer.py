@@ -275,9 +275,13 @@ class Writer:
                     # finished task once (see Queue.stats).
                     self.store.meta_set("flush_seq", self.flush_seq + 1)
                 for h, _, items in manage:  # after the flush: they see its outcomes
-                    self._manage(plan, h, items[0])
+                    try:
+                        self._manage(plan, h, items[0])
+                    except (errors.EngineError, TypeError, ValueError) as e:
+                        # Refuse this command alone; a bad one must not stop the writer.
+                        plan.answers.append((h, protocol.encode_error(f"{type(e).__name__}: {e}")))
                 self._fault("commit")
-        except (apsw.Error, OSError) as e:
+        except (apsw.Error, OSError, errors.EngineError) as e:
             msg = f"{type(e).__name__}: {e}"
             print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
             for h, _, _ in recs + manage:
@@ -286,6 +290,7 @@ class Writer:
                 seg.notify(shm.EV_COMMIT)
             self.scan = min([h.pos for h, _, _ in reports] + [self.scan])  # stored later, not dropped
             self._read_spill()  # the rolled-back turn may have counted spills
+            self.waiting_n = self.store.waiting_count()  # ... and waiting dependents
             time.sleep(0.05)
             return True
         self._fault("committed")
@@ -473,15 +478,18 @@ class Writer:
             self.purge_cursor = rows[-1][0] if len(rows) == cfg.purge_batch else 0
         cutoff = now_us() - int(cfg.retention * 1e6) if cfg.retention else -1
         doomed = []
+        by_state: Dict[str, int] = {}
         for tid, state, at in rows:  # oldest ids first
             if state < shm.COMPLETED or self.seg.get(tid) is not None:
                 continue
             if at < cutoff or len(doomed) < excess:
                 doomed.append(tid)
+                key = "purged_" + _TERMINAL_NAMES[state]
+                by_state[key] = by_state.get(key, 0) + 1
         if doomed:
             with self.store.transaction():
                 self.store.purge(doomed)
-                self.store.bump({"purged": len(doomed)})
+                self.store.bump({"purged": len(doomed), **by_state})
         if cfg.retention:  # the event log keeps the same time
             with self.store.transaction():
                 self.store.purge_events(cutoff, cfg.purge_batch)

@@ -114,6 +114,11 @@ def unstorable(i):
     _log("run", i)
     return object()
 
+@q.task(name="l.huge")
+def huge(i):
+    _log("run", i)
+    return "x" * (5 << 20)
+
 print("ready", flush=True)
 sys.exit(q.run_workers(processes=procs, grace=5.0))
 '''
@@ -174,6 +179,10 @@ def test_result_is_stored_and_awaited(db, log):
             with pytest.raises(errors.TaskFailed, match="TypeError") as e:
                 q.result(bad, timeout=30)
             assert e.value.state == "dead" and "object" in e.value.error["message"]
+            big = q.submit("l.huge", args=(2,))
+            with pytest.raises(errors.TaskFailed, match="PayloadTooLarge"):
+                q.result(big, timeout=30)
+            assert q.result(q.submit("l.square", args=(5,)), timeout=30)["square"] == 25, "the worker lives"
         finally:
             assert stop(w) == 0
 
@@ -694,16 +703,22 @@ def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
             assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
 
 
+def _run_and_purge_down_to(q: engine.Queue, db: str, log: str, n: int, keep: int) -> List[int]:
+    """Run `n` tasks through 2 workers; returns their ids once at most `keep` rows are left."""
+    ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(n)]).inserted
+    w = start(db, log, processes=2)
+    try:
+        q.result(ids[-1], timeout=60)
+        wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] <= keep,
+                 timeout=60, what=f"purged down to {keep}")
+    finally:
+        assert stop(w) == 0
+    return ids
+
+
 def test_retention_count_keeps_the_newest_finished_tasks(db, log):
     with engine.Queue(db, retention=0, retention_count=100, purge_batch=500, purge_interval=0.05) as q:
-        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(1000)]).inserted
-        w = start(db, log, processes=2)
-        try:
-            q.result(ids[-1], timeout=60)
-            wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] <= 100,
-                     timeout=60, what="purged down to 100")
-        finally:
-            assert stop(w) == 0
+        ids = _run_and_purge_down_to(q, db, log, 1000, 100)
         kept = [r[0] for r in q.reader.conn.execute("SELECT id FROM tasks ORDER BY id")]
         assert len(kept) >= 90 and kept[-1] == ids[-1], "the oldest went first"
 
@@ -769,3 +784,70 @@ def test_stats_count_each_finished_task_once_while_workers_drain(db, log):
             assert stop(w) == 0
         assert all(a <= b for a, b in zip(seen, seen[1:])), "the count went back"
         assert len(set(seen)) > 5, "it was sampled while the drain ran"
+
+
+def test_a_bad_command_is_refused_and_the_writer_lives(db):
+    with pytest.raises(errors.InvalidArgument, match="never matches"):
+        engine.Queue.periodic(engine.Queue.__new__(engine.Queue), cron="0 0 30 2 *")
+    with engine.Queue(db) as q:
+        with pytest.raises(errors.SubmitFailed, match="never matches"):
+            q._command("define", ([("x.never", 1, 0, 0, 0, "0 0 30 2 *", 0)],))
+        assert paths.writer_alive(db)
+        assert q.submit("l.when", args=(1,)) > 0
+
+
+def test_a_dependency_counts_once_when_the_writer_dies_between_commit_and_advance(db, monkeypatch):
+    """The flush that completes a parent commits, then the writer is killed
+    before the segment shows it; the next writer flushes that completion
+    again.  The child must still wait for its other parent."""
+    with engine.Queue(db, lease=600.0) as q:
+        p1 = q.submit("l.when", args=(1,))
+        p2 = q.submit("l.when", args=(2,))
+        child = q.submit("l.when", args=(3,), depends_on=[p1, p2])
+        jobs = {j.id: j for j in q.claim(max=2, timeout=5)}
+        assert set(jobs) == {p1, p2}
+        kill_writer(db)
+        # The next writer kills itself right after its second commit: the
+        # first answers this sync, the second is the flush below.
+        monkeypatch.setenv("HEADRACE_WRITER_FAULT", "committed:2")
+        q._command("sync", ([],))
+        monkeypatch.delenv("HEADRACE_WRITER_FAULT")
+        assert q.seg.get(p1).state == shm.RUNNING
+        q.seg.finish(shm.Ticket(p1, q.seg.get(p1).slot, q.seg.get(p1).attempt), shm.COMPLETED)
+        wait_for(lambda: not paths.writer_alive(db), timeout=30, what="the writer killed after its commit")
+        assert q.reader.conn.execute("SELECT count(*) FROM outcomes WHERE id = ? AND state = ?",
+                                     (p1, shm.COMPLETED)).fetchall()[0][0] == 1, "the flush committed"
+        q._command("sync", ([],))  # a healthy writer, which flushes p1's completion again
+        wait_for(lambda: q.get(p1).state == "completed", timeout=30, what="p1 flushed")
+        time.sleep(0.3)
+        assert q.get(child).state == "waiting", "the child was released while p2 still runs"
+        assert q.claim(max=1, timeout=0.3) == []
+        q.seg.finish(shm.Ticket(p2, q.seg.get(p2).slot, q.seg.get(p2).attempt), shm.COMPLETED)
+        (job,) = q.claim(max=1, timeout=10)
+        assert job.id == child
+
+
+def test_totals_survive_a_writer_crash_after_a_purge(db, log):
+    with engine.Queue(db, retention=0, retention_count=5, purge_batch=500, purge_interval=0.05) as q:
+        _run_and_purge_down_to(q, db, log, 40, 5)
+        wait_for(lambda: q.stats()["counts"]["completed"] == 40, timeout=10, what="the totals written")
+        kill_writer(db)  # the next writer recounts from the tables
+        q._refresh()
+        q._command("sync", ([],))  # answered once the new writer serves, its recount done
+        assert q.stats()["counts"]["completed"] == 40
+        assert q.stats()["submitted"] == 40
+
+
+def test_resuming_events_from_any_cursor_skips_nothing(db):
+    with engine.Queue(db) as q:
+        for i in range(5):
+            q.submit("l.when", args=(i,), delay=60)
+        q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(3)])
+        for t in q.find(tags={"x": "y"}) or []:
+            pass
+        wait_for(lambda: len(list(q.events(follow=False))) >= 6, what="the submits logged")
+        evs = list(q.events(follow=False))
+        for k, e in enumerate(evs):
+            rest = list(q.events(after=e.cursor, follow=False))
+            want = {(x.kind, x.id) for x in evs[k + 1:]}
+            assert want <= {(x.kind, x.id) for x in rest}, (k, e)
