@@ -898,7 +898,8 @@ class Queue:
 
     def set_group_limit(self, group: str, limit: Optional[int]) -> None:
         """Run at most `limit` tasks of `group` at once, across every worker
-        process (None or 0: no limit).  Other groups are never held up."""
+        process (None or 0: no limit).  Other groups are not held up while
+        the backlog fits in the segment (see the README for the gap beyond)."""
         _check_group(group)
         if limit is None:
             limit = 0
