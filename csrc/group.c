@@ -2,15 +2,26 @@
 #include "headrace.h"
 
 /* Insert pending slot i into its group's parked list, keeping rank order.
- * New tasks usually rank last (FIFO), so the walk from the tail is short. */
+ * The place is searched from both ends at once, so a task that ranks last
+ * (FIFO) or near the front (a higher priority) is placed in a few steps. */
 void hr_park(hr_ctx *c, uint32_t i)
 {
     hr_slot *s = &c->s[i];
     hr_group *g = &c->g[s->group];
     uint64_t key = hr_rkey(s);
-    uint32_t after = g->tail;
-    while (after != HR_NONE && hr_rkey(&c->s[after]) > key)
-        after = c->gl[after].prev;
+    uint32_t after, t = g->tail, h = g->head;
+    for (;;) {
+        if (t == HR_NONE || hr_rkey(&c->s[t]) <= key) { /* everything after t ranks below */
+            after = t;
+            break;
+        }
+        if (hr_rkey(&c->s[h]) > key) { /* everything before h ranks above */
+            after = c->gl[h].prev;
+            break;
+        }
+        t = c->gl[t].prev;
+        h = c->gl[h].next;
+    }
     uint32_t before = after == HR_NONE ? g->head : c->gl[after].next;
     c->gl[i] = (hr_glink){before, after};
     if (after == HR_NONE)
