@@ -25,6 +25,10 @@ WRITER_START_TIMEOUT = 120.0
 WRITER_CHECK_INTERVAL = 0.25
 #: Longest task name.
 MAX_NAME = 512
+#: Most reported outcomes (results, errors) a worker holds before it sends
+#: them in one request, and most bytes of them.
+REPORT_BATCH = 256
+REPORT_BYTES = 1 << 20
 #: Seconds between a worker's reports of its task definitions to the writer.
 DEFINE_INTERVAL = 5.0
 #: Running tasks whose progress :meth:`Queue.stats` reports.
@@ -1077,7 +1081,35 @@ class Queue:
         self.__dict__["_define_next"] = now + DEFINE_INTERVAL
 
     def _report(self, reports: List[protocol.Report]) -> None:
-        """Hand attempt outcomes with data to the writer; no answer is awaited."""
+        """Hand attempt outcomes with data to the writer; no answer is awaited.
+
+        Inside a worker loop they are held and sent together (one request
+        per claimed batch, see :meth:`_flush_reports`)."""
+        held = self.__dict__.get("_held_reports")
+        if held is None:
+            self._send_reports(reports)
+            return
+        held.extend(reports)
+        self.__dict__["_held_bytes"] = self.__dict__.get("_held_bytes", 0) + sum(len(r[6]) for r in reports)
+        if len(held) >= REPORT_BATCH or self.__dict__["_held_bytes"] >= REPORT_BYTES:
+            self._flush_reports()
+
+    def _hold_reports(self, on: bool) -> None:
+        """Start (or stop, after sending what is held) holding reports."""
+        if on:
+            self.__dict__.setdefault("_held_reports", [])
+        else:
+            self._flush_reports()
+            self.__dict__["_held_reports"] = None
+
+    def _flush_reports(self) -> None:
+        held = self.__dict__.get("_held_reports")
+        if held:
+            self.__dict__["_held_reports"] = []
+            self.__dict__["_held_bytes"] = 0
+            self._send_reports(held)
+
+    def _send_reports(self, reports: List[protocol.Report]) -> None:
         data = protocol.encode_reports(reports)
         seg = self.seg
         pos = self._reserve(len(data), 1)

@@ -279,6 +279,7 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
     leases.start()
     batch = q.settings.claim_batch
     parent = os.getppid()
+    q._hold_reports(True)  # one request per claimed batch, not one per result
     try:
         # A worker whose supervisor died (reparented) stops too.
         while not stopping() and os.getppid() == parent:
@@ -298,7 +299,9 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
                 execute(q, job)
                 if not job.reported:  # a reported one is renewed until the writer settles it
                     leases.drop(job)
+            q._flush_reports()
     finally:
+        q._hold_reports(False)
         leases.quit.set()
 
 
