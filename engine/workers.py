@@ -166,6 +166,7 @@ def _tickets(q: "Queue", n: int) -> Any:
 
 def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
     rows = q.reader.jobs([t.id for t in tickets])
+    policies: Dict[str, Any] = {}
     jobs = []
     for t in tickets:
         row = rows.get(t.id)
@@ -173,13 +174,16 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
-        name, ser, created, body, max_attempts = row
+        name, ser, created, body, max_attempts, base = row
         if not max_attempts:
             # Submitted by name before any worker defined the task: this
             # worker's definition fills in the limits.
-            task = q.tasks.get(name)
-            max_attempts, timeout_ms, backoff = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
-            max_attempts += q.reader.attempt_base(t.id)
+            policy = policies.get(name)
+            if policy is None:
+                task = q.tasks.get(name)
+                policy = policies[name] = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
+            max_attempts, timeout_ms, backoff = policy
+            max_attempts += base
             q.seg.adopt(t, max_attempts, timeout_ms, backoff)
         try:
             args, kwargs = loads(ser, body)
