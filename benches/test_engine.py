@@ -126,10 +126,9 @@ def test_submit_single_4_producers(benchmark, queue, record):
     record(4 * per, 0, per_call=1, producers=4)
 
 
-@pytest.mark.benchmark(group="engine-drain")
-def test_drain_2_workers(benchmark, queue, record):
-    """Preloaded tasks, drained by 2 worker processes running task functions."""
-    n = 20_000
+def _drain_with_workers(benchmark, queue: engine.Queue, n: int, workers: int) -> None:
+    """Each round: preload `n` tasks (untimed), then time `workers` worker
+    processes started on them until all completed."""
     state = {}
 
     def setup():
@@ -141,13 +140,20 @@ def test_drain_2_workers(benchmark, queue, record):
         return (), {}
 
     def run() -> None:
-        state["p"] = _start_workers(queue, 2)
+        state["p"] = _start_workers(queue, workers)
         _drained(queue, state["target"])
     try:
         benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=0)
     finally:
         if "p" in state:
             _stop(state.pop("p"))
+
+
+@pytest.mark.benchmark(group="engine-drain")
+def test_drain_2_workers(benchmark, queue, record):
+    """Preloaded tasks, drained by 2 worker processes running task functions."""
+    n = 20_000
+    _drain_with_workers(benchmark, queue, n, 2)
     record(n, n, workers=2)
 
 
@@ -272,22 +278,5 @@ def test_concurrency_scaling(benchmark, queue, record, workers):
     """Drain 10,000 preloaded tasks with `workers` worker processes (on this
     2-core machine, more than 2 compete for the same cores)."""
     n = 10_000
-    state = {}
-
-    def setup():
-        if "p" in state:
-            _stop(state.pop("p"))
-        base = _completed(queue)
-        queue.submit_batch([engine.Job("bench.noop", args=(i, PAYLOAD)) for i in range(n)])
-        state["target"] = base + n
-        return (), {}
-
-    def run() -> None:
-        state["p"] = _start_workers(queue, workers)
-        _drained(queue, state["target"])
-    try:
-        benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=0)
-    finally:
-        if "p" in state:
-            _stop(state.pop("p"))
+    _drain_with_workers(benchmark, queue, n, workers)
     record(n, n, workers=workers)

@@ -752,10 +752,6 @@ class Reader(_Reads):
         kind, body = res[0] if res else (None, None)
         return state, attempt, kind, body, ser
 
-    def attempt_base(self, tid: int) -> int:
-        """Attempts task `tid` used before it was last put back from dead."""
-        return self.conn.execute(f"SELECT {_ATTEMPT_BASE} FROM tasks t WHERE t.id = ?", (tid,)).fetchall()[0][0]
-
     def result_of(self, tid: int, attempt: int) -> Optional[bytes]:
         """Attempt `attempt`'s stored return value, or None."""
         for (body,) in self.conn.execute("SELECT body FROM results WHERE id = ? AND attempt = ? AND kind = ?",

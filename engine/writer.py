@@ -74,7 +74,7 @@ class Writer:
         #: Group name -> (index in the segment, concurrency limit).
         self.groups: Dict[str, Tuple[int, int]] = self.store.groups()
         self.seg, rebuilt = self._open_segment()
-        self._apply_group_limits()
+        self._apply_group_limits(self.seg)
         clean = self.store.meta_get("clean", 0)
         with self.store.transaction():
             self.store.meta_set("clean", 0)
@@ -145,8 +145,7 @@ class Writer:
                 Segment.unlink(f[len(shm.PREFIX):])
         tmp = f"{self.name}.new{os.getpid()}"
         seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
-        for idx, limit in self.groups.values():
-            seg.set_group_limit(idx, limit)
+        self._apply_group_limits(seg)
         fill = self._fill_target(seg.capacity)
         live = self.store.live()
         batch: List[Any] = []
@@ -469,7 +468,8 @@ class Writer:
             return 0
         excess = 0
         if cfg.retention_count:
-            finished = sum(self.store_totals(("completed", "dead", "cancelled"))) - self.store_totals(("purged",))[0]
+            done, dead, cancelled, purged = self.store_totals(("completed", "dead", "cancelled", "purged"))
+            finished = done + dead + cancelled - purged
             excess = max(0, finished - cfg.retention_count)
         if excess:  # over the count: the oldest go first, so look from the start
             rows = self.store.finished_after(0, cfg.purge_batch)
@@ -664,9 +664,9 @@ class Writer:
             self.groups[name] = (idx, limit)
         return idx
 
-    def _apply_group_limits(self) -> None:
+    def _apply_group_limits(self, seg: Segment) -> None:
         for idx, limit in self.groups.values():
-            self.seg.set_group_limit(idx, limit)
+            seg.set_group_limit(idx, limit)
 
     def _defined(self, it: protocol.Item, seq: int) -> TaskRow:
         """The row of an item whose submitter did not know its definition:
