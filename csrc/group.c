@@ -70,12 +70,12 @@ void hr_group_freed(hr_ctx *c, uint32_t gi)
     }
 }
 
-/* Before a rebuild: no running counts, nothing parked (limits stay). */
+/* Before a rebuild: no members or running counts, nothing parked (limits stay). */
 void hr_groups_reset(hr_ctx *c)
 {
     for (uint32_t k = 0; k < HR_MAX_GROUPS; k++) {
         hr_group *g = &c->g[k];
-        g->running = g->parked = 0;
+        g->running = g->parked = g->members = 0;
         g->head = g->tail = HR_NONE;
     }
 }
@@ -106,7 +106,7 @@ int hr_groups_check(hr_ctx *c, char *msg, uint32_t msglen)
             GFAIL("group %u counts %u parked, its list holds %u", k, g->parked, n);
         parked_total += n;
     }
-    uint32_t running[HR_MAX_GROUPS] = {0};
+    uint32_t running[HR_MAX_GROUPS] = {0}, members[HR_MAX_GROUPS] = {0};
     uint32_t flagged = 0;
     for (uint32_t i = 0; i < cap; i++) {
         hr_slot *s = &c->s[i];
@@ -114,13 +114,18 @@ int hr_groups_check(hr_ctx *c, char *msg, uint32_t msglen)
             GFAIL("slot %u has group %u", i, s->group);
         if (s->state == HR_RUNNING && s->group)
             running[s->group]++;
+        if (s->state != HR_FREE)
+            members[s->group]++;
         if (s->flags & HR_F_PARKED)
             flagged++;
     }
     if (flagged != parked_total)
         GFAIL("%u slots are flagged parked, the lists hold %u", flagged, parked_total);
-    for (uint32_t k = 1; k < HR_MAX_GROUPS; k++)
+    for (uint32_t k = 1; k < HR_MAX_GROUPS; k++) {
         if (running[k] != c->g[k].running)
             GFAIL("group %u runs %u tasks, it counts %u", k, running[k], c->g[k].running);
+        if (members[k] != c->g[k].members)
+            GFAIL("group %u holds %u slots, it counts %u", k, members[k], c->g[k].members);
+    }
     return HR_OK;
 }

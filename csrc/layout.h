@@ -13,7 +13,7 @@
 #include <pthread.h>
 
 #define HR_MAGIC 0x4543415244414548ULL /* "HEADRACE", little-endian */
-#define HR_LAYOUT_VERSION 3u
+#define HR_LAYOUT_VERSION 4u
 #define HR_MAX_CAPACITY (1u << 26)     /* 67M slots; keeps every size in range */
 #define HR_NONE 0xFFFFFFFFu            /* "no slot" / "no position" */
 #define HR_REQ_MIN (1u << 12)          /* request area bounds, a power of two */
@@ -51,15 +51,17 @@ enum hr_backoff {
 /* Group slots: index 0 is "no group". */
 #define HR_MAX_GROUPS 16384u
 
-/* A group: its concurrency limit (0 = none), how many of its tasks run and
- * its parked list (see group.h). */
+/* A group: its concurrency limit (0 = none), how many of its tasks run, its
+ * parked list (see group.h), and how many slots its tasks hold (any state:
+ * the writer keeps a limited group's backlog beyond its share on disk). */
 typedef struct hr_group {
     uint32_t limit;
     uint32_t running;
     uint32_t head;
     uint32_t tail;
     uint32_t parked;
-    uint32_t _pad[3];
+    uint32_t members;
+    uint32_t _pad[2];
 } hr_group;
 
 /* A slot's links in its group's parked list. */

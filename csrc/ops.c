@@ -38,6 +38,8 @@ static int insert_one(hr_ctx *c, const hr_task *t)
     s->attempt = t->attempt;
     s->max_attempts = t->max_attempts;
     s->group = t->group;
+    if (s->group)
+        c->g[s->group].members++;
     s->version = 1;
     s->timeout_ms = t->timeout_ms;
     s->progress = 0;
@@ -441,6 +443,19 @@ static int peek_at(void *mem, int worst, hr_slot *out)
 int hr_peek_best(void *mem, hr_slot *out) { return peek_at(mem, 0, out); }
 int hr_peek_worst(void *mem, hr_slot *out) { return peek_at(mem, 1, out); }
 
+/* Drop pending slot i (already out of the ready heap and parked list). */
+static void evict_slot(hr_ctx *c, uint32_t i, hr_slot *out)
+{
+    hr_slot *s = &c->s[i];
+    *out = *s;
+    if (s->flags & HR_F_DEDUP)
+        hr_hs_erase(&c->dedup, s->dedup_lo, s->dedup_hi);
+    hr_hs_erase(&c->ids, s->id, 0);
+    HR_FAULT(HR_FS_EVICT);
+    hr_slot_release(c, i);
+    c->h->stats.evicted++;
+}
+
 /* Remove the worst pending task so that a better one can take its slot;
  * the caller keeps it on disk (the spill store).  A slot with an unflushed
  * change is refused: its change must reach disk first. */
@@ -451,20 +466,35 @@ int hr_evict_worst(void *mem, hr_slot *out)
     if (c.h->ready_n > 0) {
         uint32_t pos = hr_mm_max_pos(&c.ready);
         uint32_t i = c.ready.a[pos].slot;
-        hr_slot *s = &c.s[i];
-        if (s->dirty) {
+        if (c.s[i].dirty) {
             rc = HR_E_BUSY;
         } else {
-            *out = *s;
+            uint32_t group = c.s[i].group;
             hr_mm_remove(&c.ready, pos);
-            if (s->flags & HR_F_DEDUP)
-                hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
-            hr_hs_erase(&c.ids, s->id, 0);
-            uint32_t group = s->group;
-            HR_FAULT(HR_FS_EVICT);
-            hr_slot_release(&c, i);
+            evict_slot(&c, i, out);
             hr_group_freed(&c, group); /* it may have been its group's only unparked task */
-            c.h->stats.evicted++;
+            rc = (int)i;
+        }
+    }
+    hr_unlock(&c);
+    return rc;
+}
+
+/* Remove the worst parked task of `group` (its share of the segment shrank
+ * below what it holds); the caller keeps it on disk. */
+int hr_evict_parked(void *mem, uint32_t group, hr_slot *out)
+{
+    if (group == 0 || group >= HR_MAX_GROUPS)
+        return HR_E_INVALID;
+    LOCKED(c, mem);
+    int rc = HR_E_NOT_FOUND;
+    uint32_t i = c.g[group].tail;
+    if (i != HR_NONE) {
+        if (c.s[i].dirty) {
+            rc = HR_E_BUSY;
+        } else {
+            hr_unpark(&c, i);
+            evict_slot(&c, i, out);
             rc = (int)i;
         }
     }

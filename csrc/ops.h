@@ -28,6 +28,7 @@ int hr_promote(void *mem, int64_t now, uint32_t max);
 int hr_peek_best(void *mem, hr_slot *out);
 int hr_peek_worst(void *mem, hr_slot *out);
 int hr_evict_worst(void *mem, hr_slot *out);
+int hr_evict_parked(void *mem, uint32_t group, hr_slot *out);
 int hr_mark_dirty(void *mem, uint32_t slot);
 int hr_dirty_peek(void *mem, uint32_t max, hr_dirty *out, uint32_t *epoch);
 int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch);

@@ -237,6 +237,8 @@ void hr_rebuild(hr_ctx *c)
             h->poisoned = 1;
             s->group = 0;
         }
+        if (s->group)
+            c->g[s->group].members++;
         if (s->state == HR_RUNNING && s->group)
             c->g[s->group].running++;
         if (s->id == 0 || hr_hs_insert(&c->ids, s->id, 0, i) != HR_OK)

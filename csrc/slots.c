@@ -18,6 +18,8 @@ void hr_slot_release(hr_ctx *c, uint32_t i)
     hr_slot_begin(c, i);
     c->h->count[s->state]--;
     c->h->count[HR_FREE]++;
+    if (s->group)
+        c->g[s->group].members--;
     memset(s, 0, sizeof *s);
     c->pos[i] = c->h->free_head;
     hr_slot_end(c);

@@ -457,10 +457,10 @@ class Segment:
         return [_slot_info(out[k].slot, out[k].rec) for k in range(n)]
 
     def group_info(self, group: int) -> Dict[str, int]:
-        """A group's limit, running count and parked count."""
+        """A group's limit, running and parked counts, and the slots its tasks hold."""
         g = ffi.new("hr_group *")
         check(lib.hr_group_info(self._mem, group, g), "group_info")
-        return {"limit": int(g.limit), "running": int(g.running), "parked": int(g.parked)}
+        return {"limit": int(g.limit), "running": int(g.running), "parked": int(g.parked), "members": int(g.members)}
 
     def progress(self, ticket: Ticket, fraction: float) -> bool:
         """Record a running attempt's progress (0..1); False if it was fenced."""
@@ -531,6 +531,10 @@ class Segment:
     def evict_worst(self) -> Optional[SlotInfo]:
         """Remove and return the worst pending task (to spill it), or None."""
         return self._peek(lib.hr_evict_worst)
+
+    def evict_parked(self, group: int) -> Optional[SlotInfo]:
+        """Remove and return the worst parked task of `group` (to spill it), or None."""
+        return self._peek(lambda mem, out: lib.hr_evict_parked(mem, group, out))
 
     # ---- dedup -------------------------------------------------------------
 

@@ -14,8 +14,9 @@ The schema keeps a task's life to appended rows:
   keyed by (task, attempt), so a stale attempt's row never passes for the
   current one;
 - ``spill`` holds the live tasks that do not fit in the segment, keyed by
-  rank (priority descending, then FIFO sequence) - the only ordered index on
-  the hot path;
+  gate (0, or a limited group whose backlog exceeds its share of the
+  segment), then rank (priority descending, then FIFO sequence) - the only
+  ordered index on the hot path;
 - ``counters`` keeps running totals, so that stats need no table scan.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import apsw
 from . import errors
 
 #: Schema version written into a new database; a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Milliseconds a connection waits on a busy database before it gives up.
 BUSY_TIMEOUT_MS = 10_000
 
@@ -47,6 +48,8 @@ OutcomeRow = Tuple[int, int, int, int, Optional[bytes]]
 #: What the segment needs to hold a live task:
 #: (id, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff, group name)
 LiveRow = Tuple[int, int, int, int, Optional[bytes], int, int, int, int, Optional[str]]
+#: A spilled task: (prio, seq, id, gate).
+SpillRow = Tuple[int, int, int, int]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -75,10 +78,11 @@ CREATE TABLE IF NOT EXISTS outcomes(
 );
 CREATE INDEX IF NOT EXISTS outcomes_id ON outcomes(id);
 CREATE TABLE IF NOT EXISTS spill(
+    gate INTEGER NOT NULL,
     nprio INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     id INTEGER NOT NULL,
-    PRIMARY KEY(nprio, seq)
+    PRIMARY KEY(gate, nprio, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spill_id ON spill(id);
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
@@ -135,6 +139,16 @@ CREATE TABLE IF NOT EXISTS results(
 _MIGRATE_1 = """
 ALTER TABLE tasks ADD COLUMN timeout_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN backoff INTEGER NOT NULL DEFAULT 0;
+"""
+#: Schema 3: the spill store is partitioned by gate (see Store.spill_add).
+_MIGRATE_2 = """
+CREATE TABLE spill3(gate INTEGER NOT NULL, nprio INTEGER NOT NULL, seq INTEGER NOT NULL, id INTEGER NOT NULL,
+                    PRIMARY KEY(gate, nprio, seq)) WITHOUT ROWID;
+INSERT INTO spill3 SELECT COALESCE((SELECT g.idx FROM tasks t JOIN groups g ON g.name = t.grp
+                                    WHERE t.id = s.id AND g.lim > 0), 0), s.nprio, s.seq, s.id FROM spill s;
+DROP TABLE spill;
+ALTER TABLE spill3 RENAME TO spill;
+CREATE INDEX spill_id ON spill(id);
 """
 
 
@@ -312,36 +326,44 @@ class Store:
         """Live rows for `ids` as stored (to put dead tasks back)."""
         raise NotImplementedError
 
-    def spill_add(self, rows: Iterable[Tuple[int, int, int]]) -> None:
-        """Add (prio, seq, id) to the spill store."""
+    def spill_add(self, rows: Iterable[SpillRow]) -> None:
+        """Add (prio, seq, id, gate) to the spill store.  Gate 0 holds the
+        tasks that rank behind everything in the segment; gate g > 0 the
+        backlog of limited group g beyond its share of the segment."""
         raise NotImplementedError
 
-    def spill_take(self, n: int) -> List[LiveRow]:
-        """Remove and return the `n` best-ranked spilled tasks."""
+    def spill_take(self, n: int, gate: int = 0) -> List[LiveRow]:
+        """Remove and return the `n` best-ranked spilled tasks of `gate`."""
         raise NotImplementedError
 
     def spill_best(self) -> Optional[Tuple[int, int]]:
-        """(prio, seq) of the best spilled task, or None."""
+        """(prio, seq) of the best spilled task of gate 0, or None."""
         raise NotImplementedError
 
     def spill_count(self) -> int:
         raise NotImplementedError
 
+    def spill_gates(self) -> Dict[int, int]:
+        """Spilled tasks per gate above 0."""
+        raise NotImplementedError
+
     def spill_ranks(self, n: int) -> List[Tuple[int, int]]:
-        """(prio, seq) of the `n` best spilled tasks, best first."""
+        """(prio, seq) of the `n` best spilled tasks of gate 0, best first."""
         raise NotImplementedError
 
     def spill_find_dedup(self, dedup: bytes) -> Optional[int]:
         """The id of a spilled (live) task holding `dedup`, or None."""
         raise NotImplementedError
 
-    def spill_remove(self, ids: Sequence[int]) -> None:
+    def spill_remove(self, tid: int) -> Optional[int]:
+        """Take task `tid` out of the spill store; returns its gate, or None if it was not there."""
         raise NotImplementedError
 
-    def spill_has(self, tid: int) -> bool:
+    def spill_regate(self, group: str, gate: int) -> None:
+        """Move the spilled tasks of `group` to `gate` (its limit was set or lifted)."""
         raise NotImplementedError
 
-    def spill_reset(self, rows: Iterable[Tuple[int, int, int]]) -> None:
+    def spill_reset(self, rows: Iterable[SpillRow]) -> None:
         """Replace the whole spill store."""
         raise NotImplementedError
 
@@ -440,8 +462,9 @@ class SQLiteStore(_Reads, Store):
                 v = self.meta_get("schema_version")
                 if v is None:
                     self.meta_set("schema_version", SCHEMA_VERSION)
-                elif int(v) == 1:
-                    c.execute(_MIGRATE_1)
+                elif int(v) < SCHEMA_VERSION:
+                    for script in (_MIGRATE_1, _MIGRATE_2)[int(v) - 1:]:
+                        c.execute(script)
                     self.meta_set("schema_version", SCHEMA_VERSION)
                 elif int(v) > SCHEMA_VERSION:
                     raise errors.SchemaMismatch(
@@ -595,27 +618,32 @@ class SQLiteStore(_Reads, Store):
                 f" WHERE t.id IN ({','.join('?' * len(part))})", part))
         return out
 
-    def spill_add(self, rows: Iterable[Tuple[int, int, int]]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO spill(nprio,seq,id) VALUES(?,?,?)",
-                              [(255 - p, s, i) for p, s, i in rows])
+    def spill_add(self, rows: Iterable[SpillRow]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO spill(nprio,seq,id,gate) VALUES(?,?,?,?)",
+                              [(255 - p, s, i, g) for p, s, i, g in rows])
 
-    def spill_take(self, n: int) -> List[LiveRow]:
+    def spill_take(self, n: int, gate: int = 0) -> List[LiveRow]:
         rows = list(self.conn.execute(
             f"SELECT s.id, 255 - s.nprio, s.seq, {_RUN_AT}, {_LIVE_TAIL}"
-            " FROM spill s JOIN tasks t ON t.id = s.id ORDER BY s.nprio, s.seq LIMIT ?", (n,)))
+            " FROM spill s JOIN tasks t ON t.id = s.id WHERE s.gate = ? ORDER BY s.nprio, s.seq LIMIT ?",
+            (gate, n)))
         if rows:
-            self.conn.executemany("DELETE FROM spill WHERE nprio = ? AND seq = ?",
-                                  [(255 - r[1], r[2]) for r in rows])
+            self.conn.executemany("DELETE FROM spill WHERE gate = ? AND nprio = ? AND seq = ?",
+                                  [(gate, 255 - r[1], r[2]) for r in rows])
         return rows
 
     def spill_best(self) -> Optional[Tuple[int, int]]:
-        for nprio, seq in self.conn.execute("SELECT nprio, seq FROM spill ORDER BY nprio, seq LIMIT 1"):
+        for nprio, seq in self.conn.execute(
+                "SELECT nprio, seq FROM spill WHERE gate = 0 ORDER BY nprio, seq LIMIT 1"):
             return 255 - nprio, seq
         return None
 
+    def spill_gates(self) -> Dict[int, int]:
+        return dict(self.conn.execute("SELECT gate, count(*) FROM spill WHERE gate > 0 GROUP BY gate"))
+
     def spill_ranks(self, n: int) -> List[Tuple[int, int]]:
         return [(255 - p, s) for p, s in self.conn.execute(
-            "SELECT nprio, seq FROM spill ORDER BY nprio, seq LIMIT ?", (n,))]
+            "SELECT nprio, seq FROM spill WHERE gate = 0 ORDER BY nprio, seq LIMIT ?", (n,))]
 
     def spill_find_dedup(self, dedup: bytes) -> Optional[int]:
         for (tid,) in self.conn.execute(
@@ -623,13 +651,16 @@ class SQLiteStore(_Reads, Store):
             return tid
         return None
 
-    def spill_remove(self, ids: Sequence[int]) -> None:
-        self.conn.executemany("DELETE FROM spill WHERE id = ?", [(i,) for i in ids])
+    def spill_remove(self, tid: int) -> Optional[int]:
+        for (gate,) in self.conn.execute("DELETE FROM spill WHERE id = ? RETURNING gate", (tid,)):
+            return gate
+        return None
 
-    def spill_has(self, tid: int) -> bool:
-        return bool(self.conn.execute("SELECT 1 FROM spill WHERE id = ?", (tid,)).fetchall())
+    def spill_regate(self, group: str, gate: int) -> None:
+        self.conn.execute("UPDATE spill SET gate = ? WHERE id IN (SELECT id FROM tasks WHERE grp = ?)",
+                          (gate, group))
 
-    def spill_reset(self, rows: Iterable[Tuple[int, int, int]]) -> None:
+    def spill_reset(self, rows: Iterable[SpillRow]) -> None:
         self.conn.execute("DELETE FROM spill")
         self.spill_add(rows)
 

@@ -28,7 +28,7 @@ import apsw
 
 from . import config, cron, errors, paths, protocol, shm
 from .shm import Segment, now_us
-from .store import SQLiteStore, TaskRow
+from .store import LiveRow, SQLiteStore, SpillRow, TaskRow
 from .upkeep import Upkeep
 
 #: Ids handed out by a rebuilt segment start this far above any seen before,
@@ -37,6 +37,10 @@ from .upkeep import Upkeep
 ID_GAP = 1 << 32
 #: Most spilled tasks one rebalance moves into the segment.
 SWAP_MAX = 4096
+#: Limited groups together may hold about 1/GROUP_SHARE of the segment
+#: beyond their limits; the rest of their backlog waits on disk, so that
+#: parked tasks never crowd out the tasks of other groups.
+GROUP_SHARE = 4
 #: Exit codes.
 EXIT_OK = 0
 EXIT_LOCKED = 0  # another writer runs: not an error
@@ -58,6 +62,10 @@ def _rank(prio: int, seq: int) -> Tuple[int, int]:
     return 255 - prio, seq
 
 
+def _live_rank(r: LiveRow) -> Tuple[int, int]:
+    return 255 - r[1], r[2]
+
+
 class Writer:
     """One writer for one database; :meth:`run` until no client is left."""
 
@@ -73,6 +81,10 @@ class Writer:
         self.name = paths.segment_name(db)
         #: Group name -> (index in the segment, concurrency limit).
         self.groups: Dict[str, Tuple[int, int]] = self.store.groups()
+        #: Limited groups: index -> limit; and name -> index.
+        self.limited: Dict[int, int] = {}
+        self.gates: Dict[str, int] = {}
+        self._read_limits()
         self.seg, rebuilt = self._open_segment()
         self._apply_group_limits(self.seg)
         clean = self.store.meta_get("clean", 0)
@@ -149,18 +161,22 @@ class Writer:
         fill = self._fill_target(seg.capacity)
         live = self.store.live()
         batch: List[Any] = []
-        spilled: List[Tuple[int, int, int]] = []
+        spilled: List[SpillRow] = []
+        members: Dict[int, int] = {}
         max_seq = placed = 0
         for row in live:
             max_seq = max(max_seq, row[2])
-            if placed < fill:
+            gate = self.gates.get(row[9], 0) if row[9] else 0
+            if gate:
+                members[gate] = members.get(gate, 0) + 1
+            if placed < fill and (not gate or members[gate] <= self._quota(gate, seg.capacity)):
                 batch.append(row)
                 placed += 1
                 if len(batch) >= 4096:
                     self._place(seg, batch)
                     batch = []
             else:
-                spilled.append((row[1], row[2], row[0]))
+                spilled.append(self._spill_row(row))
         self._place(seg, batch)
         first = seg.reserve_seq(0)
         if max_seq >= first:
@@ -196,15 +212,58 @@ class Writer:
     def _reconcile(self) -> None:
         """After a crash with the segment intact: every live task is in the
         segment or in the spill store, never in neither."""
-        rows = [(r[1], r[2], r[0]) for r in self.store.live() if self.seg.get(r[0]) is None]
+        rows = [self._spill_row(r) for r in self.store.live() if self.seg.get(r[0]) is None]
         with self.store.transaction():
             self.store.spill_reset(rows)
 
     def _read_spill(self) -> None:
-        """Reload the spill store's size and best rank (kept in memory between changes)."""
+        """Reload the spill store's size, gates and best rank (kept in memory between changes)."""
         self.spill_n = self.store.spill_count()
+        #: Spilled tasks per limited group (gate > 0).
+        self.gate_n: Dict[int, int] = self.store.spill_gates()
+        self._read_spill_top()
+
+    def _read_spill_top(self) -> None:
         best = self.store.spill_best()
         self.spill_top = None if best is None else _rank(*best)
+
+    def _read_limits(self) -> None:
+        self.limited = {idx: limit for idx, limit in self.groups.values() if limit}
+        self.gates = {name: idx for name, (idx, limit) in self.groups.items() if limit}
+
+    def _quota(self, gate: int, capacity: int) -> int:
+        """Slots a limited group's tasks may hold: its limit, and as many
+        again waiting or its share of the segment, whichever is more."""
+        limit = self.limited[gate]
+        return limit + max(limit, capacity // (GROUP_SHARE * len(self.limited)))
+
+    def _spill_row(self, r: LiveRow) -> SpillRow:
+        return r[1], r[2], r[0], self.gates.get(r[9], 0) if r[9] else 0
+
+    def _hold_back(self, rows: List[LiveRow]) -> Tuple[List[LiveRow], List[SpillRow]]:
+        """Split rows about to enter the segment: tasks of a limited group
+        beyond its quota (or behind its spilled backlog) wait in its gate."""
+        if not self.gates or not rows:
+            return rows, []
+        by_gate: Dict[int, List[LiveRow]] = {}
+        keep = []
+        for r in rows:
+            gate = self.gates.get(r[9], 0) if r[9] else 0
+            if gate:
+                by_gate.setdefault(gate, []).append(r)
+            else:
+                keep.append(r)
+        back: List[SpillRow] = []
+        for gate, rs in by_gate.items():
+            room = 0
+            if not self.gate_n.get(gate):  # else FIFO: they queue behind the group's spilled ones
+                room = self._quota(gate, self.seg.capacity) - self.seg.group_info(gate)["members"]
+            if room < len(rs):
+                rs.sort(key=_live_rank)
+                back.extend(self._spill_row(r) for r in rs[max(0, room):])
+                rs = rs[:max(0, room)]
+            keep.extend(rs)
+        return keep, back
 
     # ---- one turn ------------------------------------------------------------------
 
@@ -330,11 +389,12 @@ class Writer:
         if plan.swap:
             self.rebalance()  # before answering: a claim after the submit sees the best task
 
-    def _place_or_spill(self, rows: Sequence[Any]) -> None:
-        leftover = self._place(self.seg, rows)
-        if leftover:  # only when the segment is full; they stay live on disk
+    def _place_or_spill(self, rows: List[LiveRow]) -> None:
+        rows, back = self._hold_back(rows)
+        back.extend(map(self._spill_row, self._place(self.seg, rows)))
+        if back:  # the segment is full, or their group's share is; they stay live on disk
             with self.store.transaction():
-                self._spill([(r[1], r[2], r[0]) for r in leftover])
+                self._spill(back)
 
     def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
         """Authoritative dedup for one request; fills the plan and its answer."""
@@ -418,7 +478,12 @@ class Writer:
             plan.answers.append((h, protocol.encode_inserted([])))
         elif name == "group_limit":
             gname, limit = args
+            was = self.gates.get(gname, 0)
             idx = self._group(gname, limit)
+            self._read_limits()
+            if bool(was) != bool(limit) and self.spill_n:
+                self.store.spill_regate(gname, idx if limit else 0)
+                self._read_spill()
             plan.limits.append((idx, limit))
             plan.answers.append((h, protocol.encode_inserted([idx])))
         elif name == "cancel_group":
@@ -559,9 +624,11 @@ class Writer:
                 return False
             plan.cancel_live.append(tid)
             return True
-        if self.spill_n and self.store.spill_has(tid):
-            self.store.spill_remove([tid])
+        gate = self.store.spill_remove(tid) if self.spill_n else None
+        if gate is not None:
             self.spill_n -= 1
+            if gate:
+                self.gate_n[gate] -= 1
             self.store.record_outcomes([(tid, 0, shm.CANCELLED, now_us(), None)])
             plan.count("cancelled")
             return True
@@ -598,20 +665,21 @@ class Writer:
         if any(map(_DEPS, new)):
             held = self._hold_dependents(plan, new)
             rows = [r for r in rows if r[0] not in held]
+        ahead, spill = self._hold_back([(r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in rows])
         top = self.spill_top
-        if top is None:
-            ahead, spill = rows, []
-        else:
-            ahead = [r for r in rows if _rank(r[2], r[3]) < top]
-            behind = {r[0] for r in ahead}
-            spill = [(r[2], r[3], r[0]) for r in rows if r[0] not in behind]
+        if top is not None:  # gate 0 keeps every spilled task behind the segment's
+            behind = [r for r in ahead if not _live_rank(r) < top and not self.gates.get(r[9])]
+            if behind:
+                spill.extend(map(self._spill_row, behind))
+                out = {r[0] for r in behind}
+                ahead = [r for r in ahead if r[0] not in out]
         free = self.seg.raw_info().nfree
         if len(ahead) > free:
-            ahead = sorted(ahead, key=lambda r: _rank(r[2], r[3]))
-            spill.extend((r[2], r[3], r[0]) for r in ahead[free:])
+            ahead.sort(key=_live_rank)
+            spill.extend(map(self._spill_row, ahead[free:]))
             ahead = ahead[:free]
             plan.swap = True  # some may outrank what the segment holds
-        plan.place.extend((r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in ahead)
+        plan.place.extend(ahead)
         if spill:
             self._spill(spill)
 
@@ -676,12 +744,14 @@ class Writer:
         return (it[0], it[1], it[4], seq, it[9], it[6], it[5], it[8], it[7] or max_attempts, it[3],
                 timeout_ms, backoff)
 
-    def _spill(self, rows: List[Tuple[int, int, int]]) -> None:
+    def _spill(self, rows: List[SpillRow]) -> None:
         self.store.spill_add(rows)
         self.spill_n += len(rows)
-        best = min(_rank(p, s) for p, s, _ in rows)
-        if self.spill_top is None or best < self.spill_top:
-            self.spill_top = best
+        for r in rows:
+            if r[3]:
+                self.gate_n[r[3]] = self.gate_n.get(r[3], 0) + 1
+            elif self.spill_top is None or _rank(r[0], r[1]) < self.spill_top:
+                self.spill_top = _rank(r[0], r[1])
 
     def _write_dirty(self, plan: "_Plan", n: int) -> None:
         at = now_us()
@@ -719,23 +789,28 @@ class Writer:
             self.totals = {}
 
     def rebalance(self) -> None:
-        """Keep every spilled task ranked below every pending one in the
-        segment (swapping when a spilled one outranks the segment's worst),
-        and refill the segment from the spill store as it drains."""
+        """Keep every spilled task of gate 0 ranked below every pending one in
+        the segment (swapping when a spilled one outranks the segment's
+        worst), and refill the segment from the spill store as it drains."""
         if not self.spill_n:
             return
         seg = self.seg
         info = seg.info()
         cap, free = info["capacity"], info["free"]
+        if self.limited:
+            free += self._shed_parked()
+        if any(self.gate_n.values()):
+            free = self._refill_gates(free)
         tops = self.store.spill_ranks(SWAP_MAX)
         take = 0
-        if free >= cap * self.cfg.refill_free or info["counts"]["pending"] == 0:
+        # Pending tasks that are all parked (their groups are full) cannot run: refill.
+        if free >= cap * self.cfg.refill_free or seg.peek_worst() is None:
             take = min(len(tops), free, max(1, self._fill_target(cap) - (cap - free)))
         free -= take
-        evicted: List[Tuple[int, int, int]] = []
+        evicted: List[SpillRow] = []
         for r in tops[take:]:
             w = seg.peek_worst()
-            if w is None or not r < _rank(w.prio, w.seq):
+            if w is None or not _rank(*r) < _rank(w.prio, w.seq):
                 break
             if free > 0:
                 free -= 1
@@ -746,17 +821,61 @@ class Writer:
                     break  # its change must reach disk first; the next pass tries again
                 if e is None:
                     break
-                evicted.append((e.prio, e.seq, e.id))
+                evicted.append((e.prio, e.seq, e.id, e.group if e.group in self.limited else 0))
             take += 1
         if not take:
             return
         with self.store.transaction():
             if evicted:
-                self.store.spill_add(evicted)
+                self._spill(evicted)
             rows = self.store.spill_take(take)
-        rows = [r for r in rows if seg.get(r[0]) is None]
-        self._place(seg, rows)
-        self._read_spill()
+            self.spill_n -= len(rows)
+            self._read_spill_top()
+        self._place_or_spill([r for r in rows if seg.get(r[0]) is None])
+
+    def _shed_parked(self) -> int:
+        """Spill the parked tasks of limited groups that hold more than their
+        quota (their limit was set, or more groups were limited, after they
+        filled the segment); returns how many slots that freed."""
+        seg = self.seg
+        out: List[SpillRow] = []
+        for gate in self.limited:
+            g = seg.group_info(gate)
+            for _ in range(min(g["parked"], g["members"] - self._quota(gate, seg.capacity))):
+                try:
+                    e = seg.evict_parked(gate)
+                except errors.SlotBusy:
+                    break  # its change must reach disk first; the next pass tries again
+                if e is None:
+                    break
+                out.append((e.prio, e.seq, e.id, gate))
+        if out:
+            with self.store.transaction():
+                self._spill(out)
+        return len(out)
+
+    def _refill_gates(self, free: int) -> int:
+        """Move the backlog of limited groups that ran down below half their
+        quota into the segment; returns the slots left free."""
+        seg = self.seg
+        for gate, n in self.gate_n.items():
+            if not n or free <= 0 or gate not in self.limited:
+                continue
+            quota = self._quota(gate, seg.capacity)
+            members = seg.group_info(gate)["members"]
+            room = quota - members
+            if room <= 0 or (members > self.limited[gate] and room < (quota - self.limited[gate]) // 2):
+                continue  # enough of it waits in the segment; move a bigger batch later
+            with self.store.transaction():
+                rows = self.store.spill_take(min(room, n, free), gate)
+            self.gate_n[gate] -= len(rows)
+            self.spill_n -= len(rows)
+            free -= len(rows)
+            left = self._place(seg, [r for r in rows if seg.get(r[0]) is None])
+            if left:
+                with self.store.transaction():
+                    self._spill(list(map(self._spill_row, left)))
+        return free
 
     # ---- lifecycle ---------------------------------------------------------------------
 

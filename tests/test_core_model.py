@@ -347,6 +347,24 @@ class SegmentModel(RuleBasedStateMachine):
         self._free(t)
         self._freed(t.group)
 
+    @rule(group=st.sampled_from([1, 2]))
+    def evict_parked(self, group: int) -> None:
+        parked = self.parked[group]
+        if not parked:
+            assert self.seg.evict_parked(group) is None
+            return
+        t = self.tasks[parked[-1][2]]
+        if t.dirty:
+            with pytest.raises(errors.SlotBusy):
+                self.seg.evict_parked(group)
+            return
+        got = self.seg.evict_parked(group)
+        assert got is not None and got.id == t.id and got.group == group
+        parked.remove((*t.rkey(), t.id))
+        if t.dedup is not None:
+            del self.dedup[t.dedup]
+        self._free(t)
+
     @precondition(lambda self: self.tasks)
     @rule(data=st.data())
     def mark_dirty(self, data: st.DataObject) -> None:
@@ -431,6 +449,8 @@ class SegmentModel(RuleBasedStateMachine):
         assert info["ring"] == len(self.ring)
         for code, name in enumerate(STATE_NAMES[1:], start=1):
             assert info["counts"][name] == sum(1 for t in self.tasks.values() if t.state == code), name
+        for g in self.limits:
+            assert self.seg.group_info(g)["members"] == sum(1 for t in self.tasks.values() if t.group == g)
 
 
 TestSegmentModel = SegmentModel.TestCase

@@ -374,6 +374,8 @@ def test_backlog_three_times_capacity_drains_in_priority_order(db):
         assert s["spilled"] > 0 and s["in_memory"] <= cap
         # A new high-priority task still runs before every spilled one.
         q.submit("t", args=("urgent",), priority=200)
+        time.sleep(0.3)  # several upkeep passes
+        assert q._seg.info()["stats"]["evicted"] == 1, "only the urgent task swapped with the worst in memory"
         got = _order(q, 3 * cap + 1)
         assert got[0] == "urgent"
         assert got[1:] == sorted(range(3 * cap), key=lambda i: (-prios[i], i))

@@ -506,6 +506,34 @@ def test_group_limit_holds_across_workers_and_other_groups_flow(db, log):
     assert _max_overlap([(starts[i], ends[i]) for i in list(range(10)) + list(range(100, 110))]) >= 3
 
 
+@pytest.mark.parametrize("limit_first", [True, False], ids=["limit-then-submit", "submit-then-limit"])
+def test_a_saturated_group_beyond_capacity_does_not_hold_back_other_tasks(db, log, limit_first):
+    """A limited group's backlog larger than the segment: its surplus waits
+    on disk, so tasks submitted after it (spilled at first) still flow while
+    the group runs one at a time.  Also when the limit comes after the
+    group's tasks already fill the segment."""
+    with engine.Queue(db, capacity=32) as q:
+        if limit_first:
+            q.set_group_limit("slow-api", 1)
+        limited = [q.submit("l.grouped", args=(i, 0.1), group="slow-api") for i in range(60)]
+        q.set_group_limit("slow-api", 1)
+        free = [q.submit("l.grouped", args=(1000 + i, 0), group=None if i % 2 else "fast") for i in range(120)]
+        w = start(db, log, processes=2, tuning={"capacity": 32})
+        try:
+            for t in free:
+                q.result(t, timeout=60)
+            done_limited = sum(1 for t in limited if q.get(t).state == "completed")
+            for t in limited:
+                q.result(t, timeout=120)
+        finally:
+            assert stop(w) == 0
+        assert q.stats()["counts"]["completed"] == 180
+    spans = [(s, e) for (i, _, s), (_, _, e) in zip(sorted(events(log, "run")), sorted(events(log, "end"))) if i < 1000]
+    assert _max_overlap(spans) == 1
+    # Run one at a time, the group takes 6 s; the others need a fraction of a second.
+    assert done_limited < 12, f"the other tasks waited for {done_limited} of the group's 60 to finish"
+
+
 def test_cancel_a_whole_group(db):
     with engine.Queue(db) as q:
         ids = [q.submit("l.when", args=(i,), group="batch-7", delay=30) for i in range(5)]

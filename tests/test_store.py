@@ -1,0 +1,65 @@
+"""The SQLite store on its own: schema migrations and the spill partitions."""
+from __future__ import annotations
+
+import apsw
+
+from engine.store import SQLiteStore
+
+_V2_SPILL = """
+DROP TABLE spill;
+CREATE TABLE spill(nprio INTEGER NOT NULL, seq INTEGER NOT NULL, id INTEGER NOT NULL,
+                   PRIMARY KEY(nprio, seq)) WITHOUT ROWID;
+CREATE INDEX spill_id ON spill(id);
+"""
+
+
+def _task(tid: int, prio: int, grp: str = None):
+    # id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser, timeout_ms, backoff
+    return (tid, "t", prio, tid, 0, 0, None, grp, 1, 0, 0, 0)
+
+
+def test_schema_2_spill_migrates_into_gates(tmp_path):
+    """A database whose spill table predates gates: on open, the backlog of
+    a limited group moves to its gate and the rest keeps its rank order."""
+    db = str(tmp_path / "q.db")
+    store = SQLiteStore(db)
+    with store.transaction():
+        store.put_group("limited", 1, 2)
+        store.put_group("free", 2, 0)
+        store.insert_tasks([_task(1, 5), _task(2, 9, "limited"), _task(3, 7, "free"), _task(4, 9, "limited")],
+                           [(i, b"{}") for i in range(1, 5)])
+    store.close()
+    conn = apsw.Connection(db)
+    conn.execute(_V2_SPILL)
+    conn.executemany("INSERT INTO spill(nprio, seq, id) VALUES(?,?,?)",
+                     [(255 - p, tid, tid) for tid, p in [(1, 5), (2, 9), (3, 7), (4, 9)]])
+    conn.execute("UPDATE meta SET v = 2 WHERE k = 'schema_version'")
+    conn.close()
+
+    store = SQLiteStore(db)
+    assert store.meta_get("schema_version") == 3
+    assert store.spill_count() == 4
+    assert store.spill_gates() == {1: 2}
+    assert store.spill_best() == (7, 3)
+    with store.transaction():
+        assert [r[0] for r in store.spill_take(10)] == [3, 1]
+        assert [r[0] for r in store.spill_take(10, gate=1)] == [2, 4]
+    assert store.spill_count() == 0
+    store.close()
+
+
+def test_spill_remove_and_regate(tmp_path):
+    store = SQLiteStore(str(tmp_path / "q.db"))
+    with store.transaction():
+        store.put_group("g", 3, 0)
+        store.insert_tasks([_task(1, 1, "g"), _task(2, 1, "g"), _task(3, 1)], [(i, b"{}") for i in (1, 2, 3)])
+        store.spill_add([(1, 1, 1, 0), (1, 2, 2, 0), (1, 3, 3, 0)])
+        store.spill_regate("g", 3)
+        assert store.spill_gates() == {3: 2}
+        assert store.spill_remove(2) == 3
+        assert store.spill_remove(2) is None
+        assert store.spill_remove(3) == 0
+        store.spill_regate("g", 0)
+        assert store.spill_gates() == {}
+        assert store.spill_ranks(5) == [(1, 1)]
+    store.close()
