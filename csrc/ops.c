@@ -78,7 +78,7 @@ int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out)
     return ok;
 }
 
-int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticket *out)
+int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, int start, hr_ticket *out)
 {
     LOCKED(c, mem);
     uint32_t k = 0;
@@ -91,7 +91,8 @@ int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticke
         }
         hr_slot_begin(&c, i);
         s->attempt++;
-        s->deadline = s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
+        /* Without `start`, the claimer starts each attempt's clock itself (hr_clock). */
+        s->deadline = start && s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
         /* The lease never outlives the deadline: expiry is what enforces both. */
         s->lease_until = s->deadline && s->deadline < lease_until ? s->deadline : lease_until;
         s->progress = 0;
@@ -186,6 +187,29 @@ int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
         if (s->deadline && s->deadline < lease_until)
             lease_until = s->deadline;
         hr_slot_begin(&c, t->slot);
+        s->lease_until = lease_until;
+        HR_FAULT(HR_FS_HEARTBEAT);
+        hr_slot_end(&c);
+        hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)lease_until);
+    }
+    hr_unlock(&c);
+    return s ? HR_OK : HR_E_STALE;
+}
+
+/* Start a running attempt's processing clock (its deadline is `now` plus
+ * its timeout), or stop it (`start` 0: the attempt ended and its outcome is
+ * on its way to the writer; only the lease applies).  Either way the lease
+ * is renewed to `lease_until`, never past the deadline. */
+int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start)
+{
+    LOCKED(c, mem);
+    hr_slot *s = attempt_slot(&c, t);
+    if (s) {
+        int64_t deadline = start && s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
+        if (deadline && deadline < lease_until)
+            lease_until = deadline;
+        hr_slot_begin(&c, t->slot);
+        s->deadline = deadline;
         s->lease_until = lease_until;
         HR_FAULT(HR_FS_HEARTBEAT);
         hr_slot_end(&c);
@@ -331,7 +355,7 @@ int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay
     return rc;
 }
 
-int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, uint32_t timeout_ms,
+int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t timeout_ms,
              uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms)
 {
     if ((bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL)
@@ -347,14 +371,8 @@ int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, 
             s->bo_base_ms = bo_base_ms;
             s->bo_cap_ms = bo_cap_ms;
         }
-        if (!s->timeout_ms && timeout_ms) {
-            s->timeout_ms = timeout_ms;
-            s->deadline = now + (int64_t)timeout_ms * 1000;
-            if (s->deadline < s->lease_until) {
-                s->lease_until = s->deadline;
-                hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)s->lease_until);
-            }
-        }
+        if (!s->timeout_ms)
+            s->timeout_ms = timeout_ms; /* its clock starts with hr_clock */
         hr_slot_end(&c);
     }
     hr_unlock(&c);

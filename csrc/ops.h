@@ -7,10 +7,11 @@
 
 int hr_reserve_seq(void *mem, uint32_t n, uint64_t *first);
 int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out);
-int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, hr_ticket *out);
+int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, int start, hr_ticket *out);
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
                     int64_t run_at, uint64_t aux, int32_t *out);
 int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until);
+int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start);
 int hr_cancel(void *mem, uint64_t id);
 int hr_get(void *mem, uint64_t id, hr_slot *out);
 int hr_read_slot(void *mem, uint32_t slot, hr_slot *out);
@@ -21,7 +22,7 @@ int hr_set_group_limit(void *mem, uint32_t group, uint32_t limit);
 int hr_group_info(void *mem, uint32_t group, hr_group *out);
 int hr_running(void *mem, uint32_t max, hr_dirty *out);
 int hr_set_flush_seq(void *mem, uint64_t seq);
-int hr_adopt(void *mem, const hr_ticket *t, int64_t now, uint32_t max_attempts, uint32_t timeout_ms,
+int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t timeout_ms,
              uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms);
 int64_t hr_backoff_us(uint8_t kind, uint32_t base_ms, uint32_t cap_ms, uint32_t attempt, uint64_t rnd);
 int hr_promote(void *mem, int64_t now, uint32_t max);

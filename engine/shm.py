@@ -384,19 +384,20 @@ class Segment:
     def pop(self, lease_until: int, now: Optional[int] = None) -> Optional[Ticket]:
         """Claim the best pending task, or None if there is none."""
         t = self._ticket
-        if check(lib.hr_claim(self._mem, 1, now_us() if now is None else now, lease_until, t), "pop") == 0:
+        if check(lib.hr_claim(self._mem, 1, now_us() if now is None else now, lease_until, 1, t), "pop") == 0:
             return None
         return Ticket(t.id, t.slot, t.attempt)
 
-    def pop_batch(self, max: int, lease_until: int, out: Any = None, now: Optional[int] = None
-                  ) -> Tuple[Any, int]:
+    def pop_batch(self, max: int, lease_until: int, out: Any = None, now: Optional[int] = None,
+                  start: bool = True) -> Tuple[Any, int]:
         """Claim up to `max` best pending tasks; returns (tickets, count).
 
-        A task with a timeout gets a deadline of `now` plus its timeout, and
-        its lease never runs past that deadline."""
+        With `start`, a task with a timeout gets a deadline of `now` plus its
+        timeout, and its lease never runs past that deadline; without, the
+        claimer starts each attempt's clock when it runs it (:meth:`clock`)."""
         out = self.tickets(max) if out is None else out
         now = now_us() if now is None else now
-        return out, check(lib.hr_claim(self._mem, max, now, lease_until, out), "pop_batch")
+        return out, check(lib.hr_claim(self._mem, max, now, lease_until, 1 if start else 0, out), "pop_batch")
 
     def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:
         """Report one attempt's outcome; False if the attempt was fenced."""
@@ -424,15 +425,14 @@ class Segment:
             return None
         return check(rc, "fail")
 
-    def adopt(self, ticket: Ticket, max_attempts: int, timeout_ms: int, backoff: int,
-              now: Optional[int] = None) -> bool:
+    def adopt(self, ticket: Ticket, max_attempts: int, timeout_ms: int, backoff: int) -> bool:
         """Fill a running attempt's unset limits (max attempts, timeout,
-        backoff: 0 in the slot) from the task's definition; a new timeout
-        starts counting at `now`.  False if the attempt was fenced."""
+        backoff: 0 in the slot) from the task's definition (a new timeout
+        counts from :meth:`clock`).  False if the attempt was fenced."""
         t = ffi.new("hr_ticket *")
         t.id, t.slot, t.attempt = ticket
         kind, base, cap = unpack_backoff(backoff)
-        rc = lib.hr_adopt(self._mem, t, now_us() if now is None else now, max_attempts, timeout_ms, kind, base, cap)
+        rc = lib.hr_adopt(self._mem, t, max_attempts, timeout_ms, kind, base, cap)
         if rc == lib.HR_E_STALE:
             return False
         check(rc, "adopt")
@@ -470,6 +470,19 @@ class Segment:
         if rc == lib.HR_E_STALE:
             return False
         check(rc, "progress")
+        return True
+
+    def clock(self, ticket: Ticket, start: bool, lease_until: int, now: Optional[int] = None) -> bool:
+        """Start a running attempt's deadline (now plus its timeout), or stop
+        it once the attempt ended and its outcome is on its way to the
+        writer; renews the lease to `lease_until` (never past the deadline).
+        False if the attempt was fenced."""
+        t = ffi.new("hr_ticket *")
+        t.id, t.slot, t.attempt = ticket
+        rc = lib.hr_clock(self._mem, t, now_us() if now is None else now, lease_until, 1 if start else 0)
+        if rc == lib.HR_E_STALE:
+            return False
+        check(rc, "clock")
         return True
 
     def heartbeat(self, ticket: Ticket, lease_until: int) -> bool:

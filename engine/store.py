@@ -736,14 +736,14 @@ class Reader(_Reads):
     def close(self) -> None:
         self.conn.close()
 
-    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, bytes, int, int]]:
+    def jobs(self, ids: Sequence[int]) -> Dict[int, Tuple[str, int, int, bytes, int, int, int]]:
         """id -> (name, ser, created, body, max_attempts as stored (0: unset),
-        attempt base (looked up only where max_attempts is unset)) for `ids`."""
-        out: Dict[int, Tuple[str, int, int, bytes, int, int]] = {}
+        attempt base (looked up only where max_attempts is unset), timeout_ms) for `ids`."""
+        out: Dict[int, Tuple[str, int, int, bytes, int, int, int]] = {}
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
             q = ("SELECT t.id, t.name, t.ser, t.created, p.body, t.max_attempts,"
-                 f" CASE WHEN t.max_attempts = 0 THEN {_ATTEMPT_BASE} ELSE 0 END FROM tasks t"
+                 f" CASE WHEN t.max_attempts = 0 THEN {_ATTEMPT_BASE} ELSE 0 END, t.timeout_ms FROM tasks t"
                  f" JOIN payloads p ON p.id = t.id WHERE t.id IN ({','.join('?' * len(part))})")
             for r in self.conn.execute(q, part):
                 out[r[0]] = r[1:]

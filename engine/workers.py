@@ -37,10 +37,10 @@ class ClaimedJob:
     """A claimed attempt of one task; report it with :meth:`complete` or :meth:`fail`."""
 
     __slots__ = ("queue", "seg", "id", "name", "args", "kwargs", "attempt", "max_attempts", "created", "ticket",
-                 "done", "ser", "reported")
+                 "done", "ser", "reported", "timeout_ms")
 
     def __init__(self, queue: "Queue", ticket: Ticket, name: str, args: tuple, kwargs: dict,
-                 max_attempts: int, created_us: int, ser: int = 0) -> None:
+                 max_attempts: int, created_us: int, ser: int = 0, timeout_ms: int = 0) -> None:
         self.queue = queue
         # A ticket is only meaningful in the segment it came from: after a
         # rebuild, slot numbers and unflushed attempt counts start afresh.
@@ -59,6 +59,22 @@ class ClaimedJob:
         #: then the lease is still renewed, so a slow writer cannot make a
         #: finished attempt expire.
         self.reported = False
+        #: The attempt's processing deadline (0: none), counted from :meth:`start`.
+        self.timeout_ms = timeout_ms
+
+    def start(self) -> bool:
+        """Start this attempt's deadline now (a batch claimed ahead of time
+        starts each job's clock as it runs); False if it was fenced."""
+        seg = self.queue.seg
+        return seg is self.seg and seg.clock(self.ticket, True, self._lease_until())
+
+    def _sent(self) -> bool:
+        """The outcome went to the writer: the deadline no longer applies
+        (a finished attempt never times out while its report waits)."""
+        self.done, self.reported = False, True
+        if self.timeout_ms:
+            return self.seg.clock(self.ticket, False, self._lease_until())
+        return self.current()
 
     def complete(self, result: Any = None) -> bool:
         """Mark the task completed with `result` (serialised like payloads);
@@ -76,8 +92,7 @@ class ClaimedJob:
         # The writer stores the value, then completes the slot: the task is
         # never completed on disk without its result.
         self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.RESULT, 0, 0, body)])
-        self.done, self.reported = False, True
-        return self.current()
+        return self._sent()
 
     def fail(self, error: Optional[BaseException] = None, retry: bool = True, delay: Optional[float] = None
              ) -> bool:
@@ -95,8 +110,7 @@ class ClaimedJob:
         body = errors.describe_error(type(error).__name__, str(error)[:MAX_ERROR], _summary(error))
         self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.ERROR, 1 if retry else 0,
                              delay_us, body)])
-        self.done, self.reported = False, True
-        return self.current()
+        return self._sent()
 
     def current(self) -> bool:
         """Whether this attempt still counts: not cancelled, not timed out,
@@ -122,14 +136,18 @@ class ClaimedJob:
     def heartbeat(self) -> bool:
         """Renew this attempt's lease; False if it was fenced."""
         seg = self.queue.seg
-        return seg is self.seg and seg.heartbeat(self.ticket, now_us() + int(self.queue.settings.lease * 1e6))
+        return seg is self.seg and seg.heartbeat(self.ticket, self._lease_until())
+
+    def _lease_until(self) -> int:
+        return now_us() + int(self.queue.settings.lease * 1e6)
 
     def __repr__(self) -> str:
         return f"<ClaimedJob {self.id} {self.name} attempt {self.attempt}>"
 
 
-def claim(q: "Queue", max: int, timeout: Optional[float]) -> List[ClaimedJob]:
-    """Claim up to `max` best pending tasks, waiting up to `timeout` seconds."""
+def claim(q: "Queue", max: int, timeout: Optional[float], start: bool = True) -> List[ClaimedJob]:
+    """Claim up to `max` best pending tasks, waiting up to `timeout` seconds.
+    With `start`, their deadlines count from now; else from each job's start()."""
     if not isinstance(max, int) or isinstance(max, bool) or not 1 <= max <= 1 << 20:
         raise errors.InvalidArgument(f"max must be an int in 1..{1 << 20}, got {max!r}")
     if timeout is not None and not timeout >= 0:
@@ -142,9 +160,9 @@ def claim(q: "Queue", max: int, timeout: Optional[float]) -> List[ClaimedJob]:
     while True:
         seg = q.seg
         seen = seg.event(shm.EV_PENDING)
-        _, n = seg.pop_batch(max, now_us() + lease_us, buf)
+        _, n = seg.pop_batch(max, now_us() + lease_us, buf, start=start)
         if n:
-            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)])
+            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)], start)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return []
@@ -164,7 +182,7 @@ def _tickets(q: "Queue", n: int) -> Any:
     return buf
 
 
-def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
+def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
     rows = q.reader.jobs([t.id for t in tickets])
     policies: Dict[str, Any] = {}
     jobs = []
@@ -174,7 +192,7 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
-        name, ser, created, body, max_attempts, base = row
+        name, ser, created, body, max_attempts, base, timeout_ms = row
         if not max_attempts:
             # Submitted by name before any worker defined the task: this
             # worker's definition fills in the limits.
@@ -185,6 +203,8 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
             max_attempts, timeout_ms, backoff = policy
             max_attempts += base
             q.seg.adopt(t, max_attempts, timeout_ms, backoff)
+            if start and timeout_ms:  # the claim started the others' clocks
+                q.seg.clock(t, True, now_us() + int(q.settings.lease * 1e6))
         try:
             args, kwargs = loads(ser, body)
         except Exception as e:
@@ -192,7 +212,7 @@ def _jobs(q: "Queue", tickets: List[Ticket]) -> List[ClaimedJob]:
                   file=sys.stderr)
             q.seg.finish(t, shm.DEAD)
             continue
-        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created, ser))
+        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created, ser, timeout_ms))
     return jobs
 
 
@@ -292,7 +312,7 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
             # so hoarding a short queue would idle them (and hold places of
             # limited groups before the jobs start).
             pending = q.seg.raw_info().count[shm.PENDING]
-            jobs = claim(q, max(1, min(batch, pending // peers)), IDLE_CHECK)
+            jobs = claim(q, max(1, min(batch, pending // peers)), IDLE_CHECK, start=False)
             leases.hold(jobs)
             for i, job in enumerate(jobs):
                 if stopping():
@@ -300,6 +320,9 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
                         q.seg.finish(rest.ticket, shm.PENDING)
                         leases.drop(rest)
                     break
+                if job.timeout_ms and not job.start():
+                    leases.drop(job)  # timed out or cancelled while it waited its turn
+                    continue
                 execute(q, job)
                 if not job.reported:  # a reported one is renewed until the writer settles it
                     leases.drop(job)

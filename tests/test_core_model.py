@@ -169,9 +169,9 @@ class SegmentModel(RuleBasedStateMachine):
                 ok += 1
         assert inserted == ok
 
-    @rule(max=st.integers(1, 6), lease=st.integers(1, 40))
-    def claim(self, max: int, lease: int) -> None:
-        out, n = self.seg.pop_batch(max, self.clock + lease, now=self.clock)
+    @rule(max=st.integers(1, 6), lease=st.integers(1, 40), start=st.booleans())
+    def claim(self, max: int, lease: int, start: bool) -> None:
+        out, n = self.seg.pop_batch(max, self.clock + lease, now=self.clock, start=start)
         # The best pending tasks whose group is below its limit, counting the
         # ones this claim takes; a popped task of a full group is parked.
         want = []
@@ -189,7 +189,7 @@ class SegmentModel(RuleBasedStateMachine):
             t = self.tasks[id]
             assert (out[k].id, out[k].slot) == (id, t.slot)
             t.attempt += 1
-            t.deadline = self.clock + t.timeout_ms * 1000 if t.timeout_ms else 0
+            t.deadline = self.clock + t.timeout_ms * 1000 if t.timeout_ms and start else 0
             t.lease = min(self.clock + lease, t.deadline) if t.deadline else self.clock + lease
             assert out[k].attempt == t.attempt
             self._touch(t)
@@ -232,6 +232,16 @@ class SegmentModel(RuleBasedStateMachine):
         t = self._live_ticket(tk)
         assert self.seg.heartbeat(tk, self.clock + extra) == (t is not None)
         if t is not None:  # never past the deadline
+            t.lease = min(self.clock + extra, t.deadline) if t.deadline else self.clock + extra
+
+    @precondition(lambda self: self.tickets)
+    @rule(data=st.data(), start=st.booleans(), extra=st.integers(1, 60))
+    def clock_(self, data: st.DataObject, start: bool, extra: int) -> None:
+        tk = data.draw(st.sampled_from(self.tickets))
+        t = self._live_ticket(tk)
+        assert self.seg.clock(tk, start, self.clock + extra, now=self.clock) == (t is not None)
+        if t is not None:
+            t.deadline = self.clock + t.timeout_ms * 1000 if start and t.timeout_ms else 0
             t.lease = min(self.clock + extra, t.deadline) if t.deadline else self.clock + extra
 
     def _after_failure(self, t: Task, retry: bool, delay_us: int) -> int:

@@ -305,6 +305,24 @@ def test_deadline_reruns_a_slow_attempt_and_only_the_fenced_outcome_counts(db, l
     assert 0.9 <= runs[1][2] - runs[0][2] <= 3.0, "attempt 2 started once the deadline passed"
 
 
+def test_deadline_counts_from_each_jobs_start_and_stops_when_it_finishes(db, log):
+    """One worker claims 8 jobs of 0.3 s with a 1 s timeout in one batch and
+    runs them one after another (2.4 s), holding their results until the
+    batch ends: none times out, because each deadline starts when its job
+    starts and stops once its outcome is sent."""
+    with engine.Queue(db) as q:
+        ids = [q.submit("l.slow", args=(i, 0.3)) for i in range(8)]
+        w = start(db, log, processes=1)
+        try:
+            assert [q.result(t, timeout=30) for t in ids] == ["attempt 1"] * 8
+        finally:
+            assert stop(w) == 0
+        assert [q.get(t).attempts for t in ids] == [1] * 8
+    runs = events(log)
+    assert sorted(i for i, _, _ in runs) == list(range(8)), "each ran once"
+    assert runs[-1][2] - runs[0][2] >= 2.0, "they ran one after another, in one batch"
+
+
 def test_late_completion_of_a_presumed_dead_worker_is_discarded(db):
     """A claim whose lease runs out goes back to pending; the next claim gets
     attempt 2, and the first holder's complete is refused."""
