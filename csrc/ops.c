@@ -179,33 +179,14 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
     return ok;
 }
 
-int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
+/* Set a running attempt's deadline (0: none) and renew its lease to
+ * `lease_until`, never past the deadline.  -1 keeps the deadline it has. */
+static int renew(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start)
 {
     LOCKED(c, mem);
     hr_slot *s = attempt_slot(&c, t);
     if (s) {
-        if (s->deadline && s->deadline < lease_until)
-            lease_until = s->deadline;
-        hr_slot_begin(&c, t->slot);
-        s->lease_until = lease_until;
-        HR_FAULT(HR_FS_HEARTBEAT);
-        hr_slot_end(&c);
-        hr_bh_rekey(&c.lease, c.pos[t->slot], (uint64_t)lease_until);
-    }
-    hr_unlock(&c);
-    return s ? HR_OK : HR_E_STALE;
-}
-
-/* Start a running attempt's processing clock (its deadline is `now` plus
- * its timeout), or stop it (`start` 0: the attempt ended and its outcome is
- * on its way to the writer; only the lease applies).  Either way the lease
- * is renewed to `lease_until`, never past the deadline. */
-int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start)
-{
-    LOCKED(c, mem);
-    hr_slot *s = attempt_slot(&c, t);
-    if (s) {
-        int64_t deadline = start && s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
+        int64_t deadline = start < 0 ? s->deadline : start && s->timeout_ms ? now + (int64_t)s->timeout_ms * 1000 : 0;
         if (deadline && deadline < lease_until)
             lease_until = deadline;
         hr_slot_begin(&c, t->slot);
@@ -217,6 +198,19 @@ int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, in
     }
     hr_unlock(&c);
     return s ? HR_OK : HR_E_STALE;
+}
+
+int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until)
+{
+    return renew(mem, t, 0, lease_until, -1);
+}
+
+/* Start a running attempt's processing clock (its deadline is `now` plus
+ * its timeout), or stop it (`start` 0: the attempt ended and its outcome is
+ * on its way to the writer; only the lease applies), renewing the lease. */
+int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start)
+{
+    return renew(mem, t, now, lease_until, start ? 1 : 0);
 }
 
 static int find_id(hr_ctx *c, uint64_t id)
