@@ -967,9 +967,16 @@ class Queue:
             raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(tid)}")
         return bool(self._command("cancel", ([tid],)))
 
-    def verify(self) -> None:
-        """Check the segment's invariants; raises SegmentCorrupt naming the first broken one."""
+    def verify(self) -> int:
+        """Check the segment's invariants, the database's integrity, and that
+        the two agree on every live task (after a flush; the writer checks).
+        Raises SegmentCorrupt or StoreCorrupt naming the first problem;
+        returns the number of live tasks checked."""
         self.seg.verify()
+        try:
+            return self._command("verify", ())[0]
+        except errors.SubmitFailed as e:
+            raise errors.StoreCorrupt(str(e).split(": ", 1)[-1]) from None
 
     # ---- results and management -------------------------------------------------------------
 

@@ -412,6 +412,16 @@ class _Reads:
     def waiting_count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM waiting").fetchall()[0][0]
 
+    def waiting_ids(self) -> List[int]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT child FROM waiting")]
+
+    def spill_ids(self) -> List[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM spill")]
+
+    def quick_check(self) -> str:
+        """SQLite's quick_check: "ok", or the first problems it found."""
+        return "; ".join(str(r[0]) for r in self.conn.execute("PRAGMA quick_check(5)"))
+
     def counters(self) -> Dict[str, int]:
         return {k: v for k, v in self.conn.execute("SELECT name, n FROM counters")}
 

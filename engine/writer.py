@@ -494,6 +494,8 @@ class Writer:
             plan.answers.append((h, protocol.encode_inserted([len(done)])))
         elif name == "sync":  # answered once this turn's flush is committed
             plan.answers.append((h, protocol.encode_inserted([])))
+        elif name == "verify":  # after this turn's flush: only what changed since may differ
+            plan.answers.append((h, protocol.encode_inserted([self._check_agreement()])))
         elif name == "cancel":
             done = []
             for tid in args[0]:
@@ -778,6 +780,50 @@ class Writer:
                 children = self.store.waiting_children(failed)
                 self.waiting_n -= len(children)
                 self._cancel_waiting(plan, children)
+
+    def _check_agreement(self) -> int:
+        """The database and the segment agree: every live task is in the
+        segment or the spill store (not both, not neither), every slot holds
+        a stored task, and a slot with no unflushed change is live exactly
+        when its task is live on disk.  Raises StoreCorrupt naming the first
+        disagreement (SegmentCorrupt for a broken segment); returns the
+        number of tasks checked."""
+        seg, store = self.seg, self.store
+        seg.verify()
+        check = store.quick_check()
+        if check != "ok":
+            raise errors.StoreCorrupt(f"database {self.db} fails quick_check: {check}")
+        slots = {}
+        for i in range(seg.capacity):
+            s = seg.read_slot(i)
+            if s.state != shm.FREE:
+                slots[s.id] = s
+        live = {r[0] for r in store.live()}
+        spilled = store.spill_ids()
+        waiting = set(store.waiting_ids())
+        stored = store.last_states(list(slots))
+
+        def fail(what: str) -> None:
+            raise errors.StoreCorrupt(f"database {self.db} and its segment disagree: {what}")
+        if len(spilled) != len(set(spilled)):
+            fail("a task is spilled twice")
+        for tid in spilled:
+            if tid in slots:
+                fail(f"task {tid} is both in the segment and in the spill store")
+            if tid not in live:
+                fail(f"spilled task {tid} is not live on disk")
+        for tid, s in slots.items():
+            if tid not in stored:
+                fail(f"slot {s.slot} holds task {tid}, which is not in the database")
+            if tid in waiting:
+                fail(f"task {tid} waits for its dependencies but is in the segment")
+            if not s.dirty and (s.state not in shm.TERMINAL) != (tid in live):
+                fail(f"task {tid} is {shm.STATE_NAMES[s.state]} in slot {s.slot} (no unflushed change) "
+                     f"but {'live' if tid in live else 'ended'} on disk")
+        lost = live.difference(slots, spilled)
+        if lost:
+            fail(f"{len(lost)} live tasks are neither in the segment nor spilled (e.g. {min(lost)})")
+        return len(live) + len(waiting)
 
     # ---- spill and refill -------------------------------------------------------------
 

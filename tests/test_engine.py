@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import apsw
 import pytest
 
 import engine
@@ -560,3 +561,20 @@ def test_a_rebuild_removes_a_half_built_segment_left_by_a_dead_writer(db):
     with engine.Queue(db) as q:
         assert q.seg.path == seg_path
         assert not os.path.exists(leftover.path)
+
+
+def test_verify_checks_that_the_database_and_the_segment_agree(db):
+    with engine.Queue(db, capacity=8) as q:
+        ids = [q.submit("t", args=(i,)) for i in range(12)]  # 8 in memory, 4 spilled
+        job = q.claim(1, timeout=5)[0]
+        assert job.complete()
+        assert q.verify() == 11
+        victim = next(t for t in ids if q.get(t).spilled)
+        conn = apsw.Connection(db)
+        conn.execute("DELETE FROM spill WHERE id = ?", (victim,))  # live on disk, but nowhere to run from
+        conn.close()
+        with pytest.raises(errors.StoreCorrupt, match=f"neither in the segment nor spilled \\(e.g. {victim}\\)"):
+            q.verify()
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "verify", db], capture_output=True, text=True,
+                           env=child_env(), cwd=CHILD_CWD, timeout=60)
+        assert r.returncode != 0 and "neither in the segment nor spilled" in r.stderr, r

@@ -447,6 +447,7 @@ def test_lifecycle_state_survives_a_reboot(db, log):
         assert q.get(child).state == "waiting"
         assert [d.id for d in q.dead_letters()] == [dead]
         assert q.seg.group_info(1)["limit"] == 3
+        assert q.verify() == 4  # later, backed, parent (delayed) and child (waiting)
         w = start(db, log)
         try:
             q.result(child, timeout=30)
