@@ -377,6 +377,7 @@ class Queue:
         deadline = time.monotonic() + WRITER_START_TIMEOUT
         spawned_at = -1e9
         pause = 0.002
+        failed: Optional[errors.WriterUnavailable] = None
         while True:
             seg = self._try_attach()
             if seg is not None:
@@ -388,13 +389,17 @@ class Queue:
                 # A chunk's request stays well under the area's half-size record limit.
                 self._chunk_bytes = seg.info()["req_cap"] // 4
                 return
-            if not paths.writer_alive(self.path) and time.monotonic() - spawned_at > 5.0:
-                paths.spawn_writer(self.path, self._writer_args())
+            if not paths.writer_alive(self.path) and time.monotonic() - spawned_at > (5.0 if failed is None else 0.5):
                 spawned_at = time.monotonic()
+                try:
+                    paths.spawn_writer(self.path, self._writer_args())
+                    failed = None
+                except errors.WriterUnavailable as e:  # killed while starting, say: try again
+                    failed = e
             if time.monotonic() > deadline:
                 raise errors.WriterUnavailable(
-                    f"no writer came up for {self.path} within {WRITER_START_TIMEOUT:.0f} s; "
-                    f"see {paths.log_path(self.path)}")
+                    f"no writer came up for {self.path} within {WRITER_START_TIMEOUT:.0f} s"
+                    + (f" ({failed})" if failed else f"; see {paths.log_path(self.path)}"))
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from . import __version__, errors
+from . import __version__, chaos, errors
 
 #: Exit codes.
 EXIT_OK = 0
@@ -158,6 +158,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("path")
     v.set_defaults(fn=cmd_verify)
 
+    c = sub.add_parser("chaos", add_help=False,
+                       help="kill -9 real processes at random for a while, then check nothing was lost "
+                            "(headrace chaos --help)")
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c.set_defaults(fn=lambda a: chaos.main(a.rest))
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:  # its own parser, options included
+        return chaos.main(argv[1:])
     a = p.parse_args(argv)
     if a.cmd is None:
         print(f"headrace {__version__}")

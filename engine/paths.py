@@ -71,6 +71,16 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def writer_pid(db: str) -> Optional[int]:
+    """The pid the last writer of `db` wrote into its lock file (it may have exited since)."""
+    try:
+        with open(lock_path(db)) as f:
+            txt = f.read().strip()
+        return int(txt) if txt else None
+    except (OSError, ValueError):
+        return None
+
+
 def writer_alive(db: str) -> bool:
     """Is a writer holding `db`'s writer lock right now?"""
     fd = open_private(lock_path(db))

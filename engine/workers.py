@@ -29,6 +29,8 @@ EXIT_CRASHED = 1
 SUPERVISE_INTERVAL = 0.1
 #: Seconds an idle claim waits before it checks that its segment is current.
 IDLE_CHECK = 0.5
+#: Longest a stopping worker waits for the writer to settle the outcomes it sent (seconds).
+SETTLE_WAIT = 10.0
 #: Longest stored error message or traceback summary, in characters.
 MAX_ERROR = 4000
 
@@ -287,6 +289,18 @@ class _Leases(threading.Thread):
         with self.lock:
             self.held.pop(job.id, None)
 
+    def settle(self, timeout: float) -> None:
+        """Before exit: wait (renewing their leases) until the writer settled
+        the outcomes this worker sent, so that a finished job does not run
+        again because its lease ran out while its report waited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                jobs = [j for j in self.held.values() if j.reported]
+            if not any(j.current() for j in jobs):
+                return
+            time.sleep(0.01)
+
     def run(self) -> None:
         period = max(0.05, self.q.settings.lease / 3)
         while not self.quit.wait(period):
@@ -329,6 +343,7 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
             q._flush_reports()
     finally:
         q._hold_reports(False)
+        leases.settle(SETTLE_WAIT)
         leases.quit.set()
 
 
@@ -370,7 +385,10 @@ class Supervisor:
                 now = time.monotonic()
                 if now >= next_writer_check:
                     next_writer_check = now + 0.5
-                    self.q._refresh()
+                    try:
+                        self.q._refresh()
+                    except errors.WriterUnavailable as e:  # the workers wait for one; so do we
+                        print(f"headrace: {e}; trying again", file=sys.stderr)
             self._drain()
         finally:
             for s, h in old.items():

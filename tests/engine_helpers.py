@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
+from engine.paths import writer_pid
 from helpers import CHILD_CWD, child_env
 
 #: A worker program: tasks append "arg pid attempt" lines to a log file.
@@ -138,15 +139,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 60, what: str = "conditi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
-
-
-def writer_pid(db: str) -> Optional[int]:
-    try:
-        with open(db + ".lock") as f:
-            txt = f.read().strip()
-        return int(txt) if txt else None
-    except (OSError, ValueError):
-        return None
 
 
 def kill_writer(db: str) -> Optional[int]:
