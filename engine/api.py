@@ -13,7 +13,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Name
 
 import apsw
 
-from . import config, errors, paths, protocol, shm
+from . import config, errors, faults, paths, protocol, shm
 from . import cron as cron_mod
 from .shm import Segment, key_bytes
 from .store import Reader
@@ -693,8 +693,12 @@ class Queue:
         while True:
             seg = self.seg
             pos = self._reserve(len(data), len(items))
+            if faults._armed:
+                seg.req_write(pos, data[:len(data) // 2])
+                faults.point("chunk_write")
             seg.req_write(pos, data)
             seg.req_publish(pos)
+            faults.point("chunk_sent")
             answer = self._await_answer(pos)
             if answer is not None:
                 return protocol.decode_answer(answer)

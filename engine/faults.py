@@ -3,11 +3,20 @@
 ``HEADRACE_FAULT=site:hit`` in the environment, read once at import, makes
 this process kill itself with SIGKILL at the `hit`-th time it reaches
 `site` while holding the segment lock.  ``HEADRACE_FAULT=count`` only counts.
+
+Python-level sites work the same way through their own variables:
+``HEADRACE_WRITER_FAULT`` in the writer ("commit": inside its transaction,
+before COMMIT; "committed": after COMMIT, before the segment shows it) and
+``HEADRACE_PRODUCER_FAULT`` in a submitting process ("chunk_write": a chunk
+half-written into the request area; "chunk_sent": published, before its
+answer).  With ``HEADRACE_FAULT_LOG=path``, a Python-level site that fires
+appends its name there first (the test run checks every site fired).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict
+import signal
+from typing import Dict, List
 
 from . import errors
 from ._core import lib
@@ -48,7 +57,40 @@ def hits(site: str) -> int:
     return int(lib.hr_fault_hits(SITES[site]))
 
 
+#: Python-level site -> the variable that arms it.
+PY_SITES: Dict[str, str] = {
+    "commit": "HEADRACE_WRITER_FAULT",
+    "committed": "HEADRACE_WRITER_FAULT",
+    "chunk_write": "HEADRACE_PRODUCER_FAULT",
+    "chunk_sent": "HEADRACE_PRODUCER_FAULT",
+}
+#: Armed Python-level sites: site -> [hit at which to die, hits so far].
+_armed: Dict[str, List[int]] = {}
+
+
+def point(site: str) -> None:
+    """A Python-level injection site: dies here if armed for this pass."""
+    a = _armed.get(site)
+    if a is None:
+        return
+    a[1] += 1
+    if a[1] >= a[0]:
+        log = os.environ.get("HEADRACE_FAULT_LOG")
+        if log:
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(fd, f"{site}\n".encode())
+            os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _from_env() -> None:
+    for var in set(PY_SITES.values()):
+        site, _, hit = os.environ.get(var, "").partition(":")
+        if site:
+            if PY_SITES.get(site) != var:
+                raise errors.InvalidArgument(f"{var}={site!r}: unknown site; known: "
+                                             f"{', '.join(s for s, v in PY_SITES.items() if v == var)}")
+            _armed[site] = [int(hit or 1), 0]
     spec = os.environ.get("HEADRACE_FAULT", "")
     if not spec:
         return

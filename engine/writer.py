@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apsw
 
-from . import config, cron, errors, paths, protocol, shm
+from . import config, cron, errors, faults, paths, protocol, shm
 from .shm import Segment, now_us
 from .store import LiveRow, SQLiteStore, SpillRow, TaskRow
 from .upkeep import Upkeep
@@ -120,8 +120,6 @@ class Writer:
         self.dirty_buf = Segment.dirty_records(cfg.flush_rows)
         self.last_flush = time.monotonic()
         self.upkeep = Upkeep(self)
-        site, _, hit = os.environ.get("HEADRACE_WRITER_FAULT", "").partition(":")
-        self._fault_site, self._fault_at, self._fault_hits = site, int(hit or 1), 0
         shm.set_wait_spin(cfg.writer_spin_us)
 
     # ---- the segment ------------------------------------------------------------
@@ -338,7 +336,7 @@ class Writer:
                     except (errors.EngineError, TypeError, ValueError) as e:
                         # Refuse this command alone; a bad one must not stop the writer.
                         plan.answers.append((h, protocol.encode_error(f"{type(e).__name__}: {e}")))
-                self._fault("commit")
+                faults.point("commit")
         except (apsw.Error, OSError, errors.EngineError) as e:
             msg = f"{type(e).__name__}: {e}"
             print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
@@ -351,7 +349,7 @@ class Writer:
             self.waiting_n = self.store.waiting_count()  # ... and waiting dependents
             time.sleep(0.05)
             return True
-        self._fault("committed")
+        faults.point("committed")
         self._after_commit(plan)
         for h, _, items in reports:
             self._settle(items)
@@ -924,15 +922,6 @@ class Writer:
         return free
 
     # ---- lifecycle ---------------------------------------------------------------------
-
-    def _fault(self, site: str) -> None:
-        """Test hook: ``HEADRACE_WRITER_FAULT=site:hit`` (read at start) kills
-        the writer at the hit-th pass through `site` ("commit": inside the
-        transaction; "committed": after COMMIT, before the segment shows it)."""
-        if self._fault_site == site:
-            self._fault_hits += 1
-            if self._fault_hits >= self._fault_at:
-                os.kill(os.getpid(), signal.SIGKILL)
 
     def no_clients(self) -> bool:
         if paths.try_flock(self.clients_fd, exclusive=True):

@@ -2,13 +2,38 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from typing import Iterator
 
 import pytest
 
+from engine import faults
 from engine.shm import Segment
 
 _n = itertools.count()
+#: Python-level fault sites that fired in this run, from every process (engine/faults.py).
+_FAULT_LOG = os.path.join(tempfile.gettempdir(), f"headrace-faults-{os.getpid()}.log")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.path.exists(_FAULT_LOG):
+        os.remove(_FAULT_LOG)
+    os.environ["HEADRACE_FAULT_LOG"] = _FAULT_LOG
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """As apsw does: a green run of the whole suite fails if an injection
+    site was never reached (its crash test would prove nothing)."""
+    opt = session.config.option
+    whole = not opt.keyword and not opt.markexpr and all(
+        os.path.abspath(a) == os.path.dirname(__file__) for a in session.config.args)
+    if exitstatus != 0 or not whole:
+        return
+    fired = set(open(_FAULT_LOG).read().split()) if os.path.exists(_FAULT_LOG) else set()
+    missing = sorted(set(faults.PY_SITES) - fired)
+    if missing:
+        print(f"\nFAILED: fault injection sites never reached by the suite: {', '.join(missing)}")
+        session.exitstatus = 1
 
 
 @pytest.fixture
