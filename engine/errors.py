@@ -111,6 +111,11 @@ class SubmitFailed(EngineError):
     """The writer could not commit a submit; nothing of that chunk was stored."""
 
 
+class StoreFull(SubmitFailed, OSError):
+    """The disk holding the database is full: the submit was not stored
+    (the queue carries on, and stores again once there is room)."""
+
+
 class TaskFailed(EngineError):
     """The task ended dead or cancelled instead of completed.
 

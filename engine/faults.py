@@ -11,12 +11,16 @@ before COMMIT; "committed": after COMMIT, before the segment shows it) and
 half-written into the request area; "chunk_sent": published, before its
 answer).  With ``HEADRACE_FAULT_LOG=path``, a Python-level site that fires
 appends its name there first (the test run checks every site fired).
+
+``HEADRACE_TEST_VFS=PATH`` makes the writer open its database through a
+VFS whose writes fail with SQLITE_FULL while ``PATH.full`` exists, and with
+SQLITE_IOERR while ``PATH.ioerr`` exists: a disk that fills up and empties.
 """
 from __future__ import annotations
 
 import os
 import signal
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 from . import errors
 from ._core import lib
@@ -81,6 +85,37 @@ def point(site: str) -> None:
             os.write(fd, f"{site}\n".encode())
             os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_vfs: Any = None
+
+
+def test_vfs() -> Optional[str]:
+    """The name of the failing VFS if ``HEADRACE_TEST_VFS`` asks for it (registered once), else None."""
+    global _vfs
+    ctl = os.environ.get("HEADRACE_TEST_VFS")
+    if not ctl:
+        return None
+    if _vfs is None:
+        import apsw
+
+        class File(apsw.VFSFile):
+            def xWrite(self, data: bytes, offset: int) -> None:
+                if os.path.exists(ctl + ".full"):
+                    raise apsw.FullError("database or disk is full (HEADRACE_TEST_VFS)")
+                if os.path.exists(ctl + ".ioerr"):
+                    raise apsw.IOError("disk I/O error (HEADRACE_TEST_VFS)")
+                super().xWrite(data, offset)
+
+        class VFS(apsw.VFS):
+            def __init__(self) -> None:
+                super().__init__("headrace-test-faults", "")
+
+            def xOpen(self, name: Any, flags: List[int]) -> apsw.VFSFile:
+                return File("", name, flags)
+
+        _vfs = VFS()
+    return "headrace-test-faults"
 
 
 def _from_env() -> None:

@@ -110,8 +110,9 @@ def decode_answer(data: bytes) -> Tuple[bytes, array]:
     """(kinds, flat ids) where item k's id is flat[2k] and its other id flat[2k+1]."""
     (n,) = _HEAD.unpack_from(data)
     if n == _ERROR:
-        raise errors.SubmitFailed("the writer could not commit this submit, nothing of it was stored: "
-                                  + data[_HEAD.size:].decode("utf-8", "replace").rstrip("\0"))
+        why = data[_HEAD.size:].decode("utf-8", "replace").rstrip("\0")
+        cls = errors.StoreFull if why.startswith("FullError") else errors.SubmitFailed
+        raise cls("the writer could not commit this submit, nothing of it was stored: " + why)
     kinds = data[_HEAD.size:_HEAD.size + n]
     flat = array("q")
     flat.frombytes(data[_HEAD.size + n:_HEAD.size + n + 16 * n])

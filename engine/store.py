@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import apsw
 
-from . import errors
+from . import errors, faults
 
 #: Schema version written into a new database; a newer one is refused.
 SCHEMA_VERSION = 3
@@ -213,11 +213,12 @@ def set_query_only(conn: apsw.Connection) -> None:
     conn.pragma("query_only", True)
 
 
-def connect(path: str, settings: Sequence[Any], *, readonly: bool = False) -> apsw.Connection:
+def connect(path: str, settings: Sequence[Any], *, readonly: bool = False,
+            vfs: Optional[str] = None) -> apsw.Connection:
     """Open `path` and apply each connection setting in order."""
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     try:
-        conn = apsw.Connection(path, flags=flags)
+        conn = apsw.Connection(path, flags=flags, vfs=vfs) if vfs else apsw.Connection(path, flags=flags)
         for fn in settings:
             fn(conn)
     except apsw.Error as e:
@@ -460,7 +461,7 @@ class SQLiteStore(_Reads, Store):
     def __init__(self, path: str, sync: str = "normal") -> None:
         self.path = path
         self.conn = connect(path, [set_busy_timeout, set_wal, set_synchronous(sync),
-                                   disable_autocheckpoint, set_cache])
+                                   disable_autocheckpoint, set_cache], vfs=faults.test_vfs())
         self._prepare()
         self._txn = _Txn(self.conn)
 
@@ -731,8 +732,14 @@ class _Txn:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        elif not self.conn.get_autocommit():
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except apsw.Error:  # a full disk, say: leave no transaction open behind the error
+                if not self.conn.get_autocommit():
+                    self.conn.execute("ROLLBACK")
+                raise
+        if not self.conn.get_autocommit():
             self.conn.execute("ROLLBACK")
 
 

@@ -98,6 +98,10 @@ class Writer:
         #: Totals committed but not yet added to the counters table (upkeep
         #: writes them; a crash loses them and the next start recounts).
         self.totals: Dict[str, int] = {}
+        #: Spilled tasks whose spill row the disk refused (written again by upkeep).
+        self.unspilled: List[SpillRow] = []
+        #: Whether the database refuses writes (a full disk, say).
+        self.failing = False
         self._read_spill()
         self.flush_seq = int(self.store.meta_get("flush_seq", 0))
         self.seg.set_flush_seq(self.flush_seq)
@@ -339,7 +343,10 @@ class Writer:
                 faults.point("commit")
         except (apsw.Error, OSError, errors.EngineError) as e:
             msg = f"{type(e).__name__}: {e}"
-            print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
+            if isinstance(e, apsw.Error):
+                self.store_failed(e)
+            else:
+                print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
             for h, _, _ in recs + manage:
                 seg.req_answer(h.pos, protocol.encode_error(msg))
             if recs or manage:
@@ -350,6 +357,7 @@ class Writer:
             time.sleep(0.05)
             return True
         faults.point("committed")
+        self.store_ok()
         self._after_commit(plan)
         for h, _, items in reports:
             self._settle(items)
@@ -391,8 +399,34 @@ class Writer:
         rows, back = self._hold_back(rows)
         back.extend(map(self._spill_row, self._place(self.seg, rows)))
         if back:  # the segment is full, or their group's share is; they stay live on disk
+            self._spill_now(back)
+
+    def _spill_now(self, rows: List[SpillRow]) -> bool:
+        """Spill `rows` in a transaction of their own.  If the disk refuses,
+        they are kept (live on disk, in neither place for now) and spilled
+        again by the next upkeep pass; returns whether it worked."""
+        try:
             with self.store.transaction():
-                self._spill(back)
+                self._spill(rows)
+            return True
+        except apsw.Error as e:
+            self._read_spill()  # what the rollback undid
+            self.unspilled.extend(rows)
+            self.store_failed(e)
+            return False
+
+    def store_failed(self, e: BaseException) -> None:
+        """Say once that the database refuses writes (not every 50 ms while a disk is full)."""
+        if not self.failing:
+            print(f"headrace writer: the database refuses writes ({type(e).__name__}: {e}); "
+                  "nothing is lost: submits get an error, outcomes wait in memory until it takes them",
+                  file=sys.stderr)
+        self.failing = True
+
+    def store_ok(self) -> None:
+        if self.failing:
+            print("headrace writer: the database takes writes again", file=sys.stderr)
+        self.failing = False
 
     def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
         """Authoritative dedup for one request; fills the plan and its answer."""
@@ -826,16 +860,24 @@ class Writer:
     # ---- spill and refill -------------------------------------------------------------
 
     def write_totals(self) -> None:
-        """Add the committed totals to the counters table."""
+        """Add the committed totals to the counters table (kept for the next pass if the disk refuses)."""
         if self.totals:
-            with self.store.transaction():
-                self.store.bump(self.totals)
+            try:
+                with self.store.transaction():
+                    self.store.bump(self.totals)
+            except apsw.Error as e:
+                self.store_failed(e)
+                return
             self.totals = {}
 
     def rebalance(self) -> None:
         """Keep every spilled task of gate 0 ranked below every pending one in
         the segment (swapping when a spilled one outranks the segment's
         worst), and refill the segment from the spill store as it drains."""
+        if self.unspilled:  # refused by the disk last time
+            rows, self.unspilled = self.unspilled, []
+            if not self._spill_now(rows):
+                return
         if not self.spill_n:
             return
         seg = self.seg
@@ -869,12 +911,18 @@ class Writer:
             take += 1
         if not take:
             return
-        with self.store.transaction():
-            if evicted:
-                self._spill(evicted)
-            rows = self.store.spill_take(take)
-            self.spill_n -= len(rows)
-            self._read_spill_top()
+        try:
+            with self.store.transaction():
+                if evicted:
+                    self._spill(evicted)
+                rows = self.store.spill_take(take)
+                self.spill_n -= len(rows)
+                self._read_spill_top()
+        except apsw.Error as e:
+            self._read_spill()
+            self.unspilled.extend(evicted)
+            self.store_failed(e)
+            return
         self._place_or_spill([r for r in rows if seg.get(r[0]) is None])
 
     def _shed_parked(self) -> int:
@@ -894,8 +942,7 @@ class Writer:
                     break
                 out.append((e.prio, e.seq, e.id, gate))
         if out:
-            with self.store.transaction():
-                self._spill(out)
+            self._spill_now(out)
         return len(out)
 
     def _refill_gates(self, free: int) -> int:
@@ -910,15 +957,18 @@ class Writer:
             room = quota - members
             if room <= 0 or (members > self.limited[gate] and room < (quota - self.limited[gate]) // 2):
                 continue  # enough of it waits in the segment; move a bigger batch later
-            with self.store.transaction():
-                rows = self.store.spill_take(min(room, n, free), gate)
+            try:
+                with self.store.transaction():
+                    rows = self.store.spill_take(min(room, n, free), gate)
+            except apsw.Error as e:
+                self.store_failed(e)
+                break
             self.gate_n[gate] -= len(rows)
             self.spill_n -= len(rows)
             free -= len(rows)
             left = self._place(seg, [r for r in rows if seg.get(r[0]) is None])
             if left:
-                with self.store.transaction():
-                    self._spill(list(map(self._spill_row, left)))
+                self._spill_now(list(map(self._spill_row, left)))
         return free
 
     # ---- lifecycle ---------------------------------------------------------------------
