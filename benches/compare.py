@@ -7,17 +7,24 @@
 
 Peers: huey (SqliteHuey and its consumer), persist-queue (SQLiteAckQueue),
 litequeue (LiteQueue) and apsw-floor (raw apsw inserts: the SQLite limit for
-the submit workloads).  Install them with ``pip install '.[compare]'``.
-Every SQLite-based system runs WAL + synchronous=NORMAL; the report says how
-each was set and what its connection reads back.
+the submit workloads).  Where a Redis server answers on 127.0.0.1:6379 (or at
+$HEADRACE_COMPARE_REDIS_URL), also rq, huey-redis (RedisHuey) and dramatiq;
+where PostgreSQL answers on 127.0.0.1:5432 (or at $HEADRACE_COMPARE_PG_DSN),
+procrastinate.  Otherwise those are listed as skipped, with the reason.
+Install them all with ``pip install '.[compare]'``.
+Every SQLite-based system runs WAL + synchronous=NORMAL; the server peers run
+the closest match their server allows (Redis: appendonly yes + appendfsync
+everysec, as the server is started; PostgreSQL: synchronous_commit=off on each
+figure's database).  The report says how each was set and what it reads back.
 
 Each figure runs in a child process of its own (in a fresh temporary
-directory with a fresh database) under a timeout; workers and extra producers
-are processes of their own, started before the clock starts and released
-together.  Workers of every system record completions the same way (one line
-per task appended to a per-process file), and every figure checks delivery:
-tasks completed (or, for the submit workloads, stored) against submitted, and
-tasks run more than once.
+directory with a fresh database; for a server peer, a Redis key namespace or
+PostgreSQL database of its own, removed afterwards) under a timeout; workers
+and extra producers are processes of their own, started before the clock
+starts and released together.  Workers of every system record completions
+the same way (one line per task appended to a per-process file), and every
+figure checks delivery: tasks completed (or, for the submit workloads,
+stored) against submitted, and tasks run more than once.
 
 Prints the environment, progress, then markdown tables; writes everything to
 ``--json`` (default benches/compare-results.json).
@@ -52,7 +59,7 @@ except ImportError:
     sys.path.insert(0, REPO)
     os.environ["PYTHONPATH"] = REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
-from peers import SYSTEMS, server_peers  # noqa: E402
+from peers import ADAPTERS, SYSTEMS, server_peers  # noqa: E402
 from peers.base import Adapter, Recorder, payload  # noqa: E402
 
 #: Tasks per call in the batched workloads.
@@ -103,7 +110,7 @@ class Failure(Exception):
 
 
 def make_adapter(spec: Dict[str, Any]) -> Adapter:
-    return SYSTEMS[spec["system"]](spec["dir"], spec["poll"])
+    return ADAPTERS[spec["system"]](spec["dir"], spec["poll"])
 
 
 def produce(a: Adapter, first: int, count: int, batch: int) -> None:
@@ -403,7 +410,7 @@ def run_figure(args: argparse.Namespace, system: str, workload: str, n: int) -> 
             if left:
                 res.setdefault("warnings", []).append(f"{left} process(es) left behind were killed")
         try:
-            SYSTEMS[system](d).cleanup()
+            ADAPTERS[system](d).cleanup()
         except Exception as e:
             res.setdefault("warnings", []).append(str(e))
     finally:
@@ -599,7 +606,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--tasks", type=int, default=20000, help="tasks per figure (default 20000)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each figure (default 3)")
     ap.add_argument("--systems", default=None,
-                    help=f"comma list of {','.join(SYSTEMS)} (default: all available)")
+                    help=f"comma list of {','.join(ADAPTERS)} (default: all available)")
     ap.add_argument("--workloads", default=None, help=f"comma list of {','.join(WORKLOADS)} (default: all)")
     ap.add_argument("--backlogs", default=None,
                     help="comma list of backlog sizes for backlog_growth (default 2000,20000; --quick 200,2000)")
@@ -609,8 +616,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                     help="where to write the results (default benches/compare-results.json)")
     ap.add_argument("--dir", default=None, help="parent of the figures' temporary directories (default: $TMPDIR)")
     ap.add_argument("--poll", type=float, default=0.01,
-                    help="seconds a polling worker (huey, persist-queue, litequeue) sleeps on an empty queue "
-                         "(default 0.01)")
+                    help="seconds a polling worker (huey, persist-queue, litequeue; huey-redis after a BRPOP "
+                         "timeout; dramatiq's longest backoff) sleeps on an empty queue (default 0.01)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one figure may take (default 600)")
     ap.add_argument("--stall", type=float, default=60.0,
                     help="seconds without a completion before a drain is declared stalled (default 60)")
@@ -633,13 +640,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
 
     wanted = args.systems.split(",") if args.systems else list(SYSTEMS)
-    unknown = [s for s in wanted if s not in SYSTEMS]
+    unknown = [s for s in wanted if s not in ADAPTERS]
     workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
     unknown += [w for w in workloads if w not in WORKLOADS]
     if unknown:
         print(f"unknown system or workload: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    skipped = {s: SYSTEMS[s].available() for s in wanted}
+    servers = server_peers()
+    server_status = dict(servers)
+    # A server peer that is not registered here is skipped for the reason server_peers() gives.
+    skipped = {s: SYSTEMS[s].available() if s in SYSTEMS else server_status[s].replace("skipped: ", "", 1)
+               for s in wanted}
     systems = [s for s in wanted if skipped[s] is None]
     env = environment(args, systems)
 
@@ -651,9 +662,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for s, why in skipped.items():
         if why:
             print(f"- {s}: skipped: {why}")
-    servers = server_peers()
-    for names, status in servers:
-        print(f"- {names}: {status}")
+    for name, status in servers:
+        if not skipped.get(name):
+            print(f"- {name}: {status}")
     print(f"- tasks {args.tasks:,}, reps {args.reps}, backlogs {', '.join(f'{n:,}' for n in args.backlog_sizes)}"
           f"{' + 200,000 (headrace)' if args.big else ''}, payload ~110 bytes JSON, poll {args.poll * 1000:g} ms, "
           f"figure timeout {args.timeout:.0f} s\n")
@@ -708,14 +719,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for s in systems:
         a = SYSTEMS[s](args.dir or tempfile.gettempdir(), args.poll)
         eff = effective.get(s) or {}
+        read_back = ", ".join(f"{k}={v}" for k, v in eff.items()) or "?"
         report += [f"- **{s}** {env['versions'][s]}",
-                   f"  - durability: {a.durability}; read back: journal_mode={eff.get('journal_mode', '?')}, "
-                   f"synchronous={eff.get('synchronous', '?')}",
+                   f"  - durability: {a.durability}; read back: {read_back}",
                    f"  - batch_submit: {a.batch_api or 'one by one in a loop (no batch API)'}",
                    f"  - workers: {a.worker_model or 'none (submit workloads only)'}",
                    f"  - semantics: {a.semantics}"]
-    for names, status in servers:
-        report.append(f"- {names}: {status}")
+    for name, status in servers:
+        if name not in systems:
+            report.append(f"- {name}: {status}")
     report += ["", "### How each figure is measured", ""]
     report += [f"- {w.name}: {w.doc}" for w in WORKLOADS.values() if w.name in workloads]
     report += ["- Every figure: a fresh temporary directory and database, a child process of its own under a "

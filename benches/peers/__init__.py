@@ -1,45 +1,44 @@
-"""The systems benches/compare.py runs, one adapter class each (see base.py)."""
+"""The systems benches/compare.py runs, one adapter class each (see base.py).
+
+The SQLite-based systems always run.  The server-based peers (servers.py)
+are registered in SYSTEMS only where their server answers and their client
+libraries are installed; server_peers() says, for each, what it runs against
+or why it was skipped.
+"""
 from __future__ import annotations
 
-import socket
 from typing import Dict, List, Tuple, Type
 
 from .apsw_floor import ApswFloor
 from .base import Adapter
+from .dramatiq_redis import Dramatiq
 from .headrace import Headrace
+from .huey_redis import HueyRedis
 from .huey_sqlite import Huey
 from .lite_queue import LiteQueue
 from .persist_queue import PersistQueue
+from .procrastinate_pg import Procrastinate
+from .rq_redis import Rq
+from .servers import ServerAdapter, answers
 
-#: Every system, in table order; headrace first (the ratios are against it).
-SYSTEMS: Dict[str, Type[Adapter]] = {a.name: a for a in (Headrace, Huey, PersistQueue, LiteQueue, ApswFloor)}
+__all__ = ["ADAPTERS", "SERVER_PEERS", "SYSTEMS", "Adapter", "answers", "server_peers"]
 
-#: Server-based peers: (systems, host, port, server name).  They run only where
-#: the server answers on the loopback address; none has an adapter yet, so
-#: a live server is reported rather than silently ignored.
-SERVER_PEERS: List[Tuple[str, str, int, str]] = [
-    ("rq, huey-redis (RedisHuey), dramatiq", "127.0.0.1", 6379, "Redis"),
-    ("procrastinate", "127.0.0.1", 5432, "PostgreSQL"),
-]
-
-
-def answers(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Does something accept TCP connections on host:port?"""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+_LOCAL: Tuple[Type[Adapter], ...] = (Headrace, Huey, PersistQueue, LiteQueue, ApswFloor)
+#: Server-based peers, in table order: Redis (rq, huey-redis, dramatiq), then PostgreSQL (procrastinate).
+SERVER_PEERS: Tuple[Type[ServerAdapter], ...] = (Rq, HueyRedis, Dramatiq, Procrastinate)
+#: Every adapter by name, registered here or not: a figure's processes look theirs up here.
+ADAPTERS: Dict[str, Type[Adapter]] = {a.name: a for a in _LOCAL + SERVER_PEERS}
+#: Every system that runs here, in table order; headrace first (the ratios are against it).
+SYSTEMS: Dict[str, Type[Adapter]] = {a.name: a for a in _LOCAL}
+SYSTEMS.update({a.name: a for a in SERVER_PEERS if a.registration() is None})
 
 
 def server_peers() -> List[Tuple[str, str]]:
-    """(systems, status) for each server-based peer group."""
+    """(system, status) for each server-based peer: "skipped: <why>" (no
+    server, a library missing, a server it cannot use) or
+    "available: <server, version, durability read back>"."""
     out = []
-    for systems, host, port, server in SERVER_PEERS:
-        if answers(host, port):
-            status = (f"not run: {server} answers on {host}:{port}, but these adapters are not written yet "
-                      f"(no {server} to test them against where this script was written)")
-        else:
-            status = f"skipped: no {server} on {host}:{port}"
-        out.append((systems, status))
+    for a in SERVER_PEERS:
+        why = a.available()
+        out.append((a.name, f"skipped: {why}" if why else f"available: {a.server_info()}"))
     return out

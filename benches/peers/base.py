@@ -54,13 +54,26 @@ class Recorder:
         self.dir = directory
         self.pid = -1
         self.fd = -1
+        self.inherited = False
+
+    def open_for_forks(self) -> None:
+        """Open this process's file now and keep it in forked children: for
+        workers that fork a child per task (RQ's work horse), which would
+        otherwise leave one file per task.  Each line is one write() to an
+        O_APPEND file, so the children's lines do not interleave."""
+        self.pid = os.getpid()
+        self.fd = os.open(os.path.join(self.dir, f"{self.pid}.rec"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.inherited = True
 
     def record(self, p: Dict[str, Any]) -> None:
         now = time.time()
-        if self.pid != os.getpid():
-            self.pid = os.getpid()
-            self.fd = os.open(os.path.join(self.dir, f"{self.pid}.rec"),
-                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        pid = os.getpid()
+        if self.pid != pid and not self.inherited:
+            # fd before pid: a thread that sees the new pid finds the file open
+            # (workers that run tasks in threads, as dramatiq's do, race here
+            # on their first tasks; two threads may both open it, which is harmless).
+            self.fd = os.open(os.path.join(self.dir, f"{pid}.rec"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.pid = pid
         os.write(self.fd, b"%d %.6f %.6f\n" % (p["i"], p["t"], now))
 
 
@@ -94,7 +107,8 @@ class Adapter:
     name = ""
     #: Distribution whose version is reported.
     dist = ""
-    #: How WAL + synchronous=NORMAL was put in place (printed).
+    #: How WAL + synchronous=NORMAL (or, for a server, its closest match) was
+    #: put in place (printed).
     durability = ""
     #: The batch API used by batch_submit, or None if submits are one by one in a loop.
     batch_api: Optional[str] = None
@@ -144,7 +158,8 @@ class Adapter:
         raise NotImplementedError
 
     def effective(self) -> Dict[str, Any]:
-        """journal_mode and synchronous as read back from a live connection."""
+        """The durability settings as read back from a live connection
+        (SQLite: journal_mode and synchronous); printed as key=value."""
         raise NotImplementedError
 
     def close(self) -> None:
