@@ -391,12 +391,14 @@ class Writer:
                 self.seg.cancel(tid)
             except (errors.TaskNotFound, errors.InvalidState):
                 pass
-        self._place_or_spill(plan.place)
+        self._place_or_spill(plan.place, held=True)
         if plan.swap:
             self.rebalance()  # before answering: a claim after the submit sees the best task
 
-    def _place_or_spill(self, rows: List[LiveRow]) -> None:
-        rows, back = self._hold_back(rows)
+    def _place_or_spill(self, rows: List[LiveRow], held: bool = False) -> None:
+        """Place rows in the segment; what does not fit (or is `_hold_back`'s,
+        unless `held` says that was decided already) is spilled."""
+        rows, back = (rows, []) if held else self._hold_back(rows)
         back.extend(map(self._spill_row, self._place(self.seg, rows)))
         if back:  # the segment is full, or their group's share is; they stay live on disk
             self._spill_now(back)
@@ -949,7 +951,7 @@ class Writer:
         """Move the backlog of limited groups that ran down below half their
         quota into the segment; returns the slots left free."""
         seg = self.seg
-        for gate, n in self.gate_n.items():
+        for gate, n in list(self.gate_n.items()):
             if not n or free <= 0 or gate not in self.limited:
                 continue
             quota = self._quota(gate, seg.capacity)
