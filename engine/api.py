@@ -106,7 +106,11 @@ def dumps_value(ser: int, value: Any) -> bytes:
 
 
 def loads_value(ser: int, body: bytes) -> Any:
-    return _JSON_LOADS(body.decode()) if ser == 0 else pickle.loads(body)
+    if ser == 0:
+        return _JSON_LOADS(body.decode())
+    if ser == 1:
+        return pickle.loads(body)
+    raise ValueError(f"unknown serializer {ser!r}")
 
 
 def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
@@ -114,7 +118,9 @@ def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
     if ser == 0:
         args, kwargs = _JSON_LOADS(body.decode())
         return tuple(args), kwargs
-    return pickle.loads(body)
+    if ser == 1:
+        return pickle.loads(body)
+    raise ValueError(f"unknown serializer {ser!r}")
 
 
 class Backoff:
@@ -394,6 +400,7 @@ class Queue:
             raise errors.StoreError(f"cannot open database {self.path}: directory {d} does not exist")
         try:
             os.close(paths.open_private(self.path))
+            paths.check_sqlite_files(self.path)
             self._clients_fd = paths.open_private(paths.clients_path(self.path), strict=True)
         except errors.StoreError:
             raise
@@ -859,7 +866,10 @@ class Queue:
         }
 
     def get(self, tid: int) -> Optional[TaskInfo]:
-        """What is known about task `tid`, or None if there is no such task."""
+        """What is known about task `tid`, or None if there is no such task.
+
+        Its result is None while it has none, and also in a queue opened
+        with JSON when the result is pickled (see :meth:`result`)."""
         rec = self.reader.task(_check_tid(tid))
         if rec is None:
             return None
@@ -899,7 +909,9 @@ class Queue:
             if kind == 1:
                 error = errors.read_error(body)
             elif attempt == attempts and state == "completed":
-                result = loads_value(rec["serializer"], body)
+                # A queue opened with JSON never unpickles (it runs code): the result stays None.
+                if rec["serializer"] != SERIALIZERS["pickle"] or self._ser == SERIALIZERS["pickle"]:
+                    result = loads_value(rec["serializer"], body)
         return TaskInfo(id=tid, name=rec["name"], state=state, priority=rec["priority"], attempts=attempts,
                         max_attempts=max_attempts, created=rec["created"] / 1e6, started=started,
                         finished=finished, dedup=rec["dedup"] is not None,
@@ -1063,6 +1075,11 @@ class Queue:
         ser = end[4] if end else self._ser
         if state == shm.COMPLETED:
             body = self.reader.result_of(tid, attempt)
+            if body is not None and ser == SERIALIZERS["pickle"] != self._ser:
+                raise errors.UntrustedPayload(
+                    f"the result of task {tid} is pickled, and this queue was opened with serializer="
+                    f"{self.serializer!r}; unpickling runs code, so only a queue opened with "
+                    "serializer='pickle' (for trusted producers) loads it")
             return None if body is None else loads_value(ser, body)
         err = errors.read_error(self.reader.last_error(tid))
         what = STATE_NAMES[state]

@@ -155,6 +155,11 @@ class UnknownTask(EngineError, LookupError):
     """No task function is registered under this name."""
 
 
+class UntrustedPayload(EngineError):
+    """A pickled payload or result reached a queue that was not opened with
+    serializer='pickle' (unpickling runs code: trusted producers only)."""
+
+
 _REBUILD = "delete it (headrace rebuilds the segment from the database) and retry"
 
 #: C status code -> (exception class, message).  The one mapping.

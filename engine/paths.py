@@ -65,6 +65,17 @@ def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT, *, strict: bool
     return fd
 
 
+def check_sqlite_files(db: str) -> None:
+    """Refuse a -wal, -shm or -journal file of `db` that SQLite would open
+    but headrace would not make: of another user (planted in a shared
+    directory to read or inject database pages), a symlink, not a regular
+    file.  One open to others is made owner-only."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        path = db + suffix
+        if os.path.lexists(path):
+            os.close(open_private(path, os.O_RDWR))
+
+
 def segment_name(db: str) -> str:
     """The segment of database `db`: derived from the file's identity, so
     that every path to the same file names the same segment."""

@@ -16,7 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from . import errors, protocol, shm
-from .api import dumps_value, loads
+from .api import SERIALIZERS, dumps_value, loads
 from .shm import Ticket, now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,6 +33,7 @@ IDLE_CHECK = 0.5
 MAX_ERROR = 4000
 #: Bytes a result report takes besides the result itself.
 REPORT_ROOM = 256
+SER_PICKLE = SERIALIZERS["pickle"]
 
 
 class ClaimedJob:
@@ -224,14 +225,20 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
             q.seg.adopt(t, max_attempts, timeout_ms, backoff)
             if start and timeout_ms:  # the claim started the others' clocks
                 q.seg.clock(t, True, now_us() + int(q.settings.lease * 1e6))
+        job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
         try:
-            args, kwargs = loads(ser, body)
-        except Exception as e:
-            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({e}); it is dead",
-                  file=sys.stderr)
-            q.seg.finish(t, shm.DEAD)
+            if ser == SER_PICKLE and q._ser != SER_PICKLE:
+                raise errors.UntrustedPayload(
+                    f"task {t.id} ({name!r}) has a pickled payload, and this queue was opened with "
+                    f"serializer={q.serializer!r}; unpickling runs code, so only a queue opened with "
+                    "serializer='pickle' (for trusted producers) loads it")
+            job.args, job.kwargs = loads(ser, body)
+        except Exception as e:  # it can never run: dead, with the reason as its error
+            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({type(e).__name__}: "
+                  f"{_message(e)}); it is dead", file=sys.stderr)
+            job.fail(e, retry=False)
             continue
-        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created, ser, timeout_ms))
+        jobs.append(job)
     return jobs
 
 

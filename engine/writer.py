@@ -1049,6 +1049,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Fail here, where the starting process sees the exit code, on a
     # database that cannot be opened; then detach.
     try:
+        paths.check_sqlite_files(db)
         SQLiteStore(db, a.sync).close()
     except errors.StoreError as e:
         return _store_failure(e)

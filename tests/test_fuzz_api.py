@@ -670,3 +670,61 @@ def test_a_request_the_writer_cannot_store_is_refused_and_the_writer_carries_on(
         q.submit("t", group="g2")  # a group the failed turn did not leave half-known
         tid = q.submit("t", args=(2,), group="g\u00e9")
         assert sorted(j.id for j in q.claim(max=5, timeout=5))[-1] == tid
+
+
+# ---- oversize payloads: the max_payload setting --------------------------------------------------
+
+def test_a_configured_max_payload_holds_for_submits_batches_and_results(db):
+    """The limit is on the serialised bytes: exactly the limit passes, one
+    byte more is PayloadTooLarge naming both sizes and the setting, in a
+    batch for that job alone; results are held to it too (complete raises,
+    and a task whose result is too big ends dead with that error)."""
+    limit = 1000
+    overhead = len('[[""],{}]')  # JSON of args=[s], kwargs={}
+    with engine.Queue(db, max_payload=limit) as q:
+        assert q.settings.max_payload == limit
+        at = q.submit("t", args=["x" * (limit - overhead)])
+        with pytest.raises(errors.PayloadTooLarge, match=rf"is {limit + 1} bytes; the limit is {limit} "
+                                                          r"\(setting max_payload\)"):
+            q.submit("t", args=["x" * (limit - overhead + 1)])
+        with pytest.raises(errors.PayloadTooLarge):
+            q.submit("t", kwargs={"k": "x" * limit})
+        out = q.submit_batch([engine.Job("t", args=["a"]), engine.Job("t", args=["x" * limit]),
+                              engine.Job("t", args=["x" * (limit - overhead)]), engine.Job("t", args=["b"])])
+        assert [o.kind for o in out.outcomes] == ["inserted", "rejected", "inserted", "inserted"]
+        assert isinstance(out.outcomes[1].error, errors.PayloadTooLarge) and "max_payload" in str(out.rejected[0][1])
+        jobs = {j.args[0][:1]: j for j in q.claim(max=10, timeout=5)}
+        assert len(jobs) == 3 and jobs["x"].id in (at, out.outcomes[2].id)
+        # Results: a JSON string of limit - 2 characters is exactly the limit.
+        assert jobs["a"].complete("y" * (limit - 2))
+        with pytest.raises(errors.PayloadTooLarge, match=f"the result of task {jobs['b'].id} is {limit + 1} bytes"):
+            jobs["b"].complete("y" * (limit - 1))
+        assert jobs["b"].fail(errors.PayloadTooLarge("the result was too big"), retry=False)
+        assert q.result(jobs["a"].id, timeout=30) == "y" * (limit - 2)
+        with pytest.raises(errors.TaskFailed, match="PayloadTooLarge"):
+            q.result(jobs["b"].id, timeout=30)
+
+        # Through the worker loop's execute: too big a result fails the task for good.
+        @q.task(name="big.result")
+        def big():
+            return "z" * limit
+
+        tid = q.submit("big.result")
+        [job] = q.claim(max=1, timeout=5)
+        assert engine.workers.execute(q, job) is False
+        with pytest.raises(errors.TaskFailed, match="PayloadTooLarge") as ei:
+            q.result(tid, timeout=30)
+        assert ei.value.state == "dead" and "max_payload" in ei.value.error["message"]
+        assert q.get(tid).attempts == 1
+
+
+def test_max_payload_from_the_environment(db, monkeypatch):
+    monkeypatch.setenv("HEADRACE_MAX_PAYLOAD", "100")
+    with engine.Queue(db) as q:
+        assert q.settings.max_payload == 100
+        with pytest.raises(errors.PayloadTooLarge, match="the limit is 100"):
+            q.submit("t", args=["x" * 100])
+        q.submit("t", args=["x" * 50])
+    monkeypatch.setenv("HEADRACE_MAX_PAYLOAD", "lots")
+    with pytest.raises(errors.InvalidArgument, match="HEADRACE_MAX_PAYLOAD"):
+        engine.Queue(db)

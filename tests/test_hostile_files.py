@@ -179,10 +179,11 @@ def test_a_fifo_in_place_of_the_database_does_not_hang(db):
     _cli_refuses(db, "not a database file")
 
 
-def test_a_wal_that_is_a_directory_fails_the_writer_and_the_opener_at_once(db):
+def test_a_wal_that_is_a_directory_is_refused_at_once(db):
     _queue_with_tasks(db, 5)
     os.mkdir(db + "-wal")
-    _refused(db, errors.StoreError, "failed to start")
+    _refused(db, errors.StoreError, "-wal: Is a directory")
+    _cli_refuses(db, "-wal: Is a directory")
 
 
 def test_a_corrupt_database_under_a_running_writer_gives_typed_errors(db):
