@@ -1056,13 +1056,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ready = _daemonize() if a.daemon else -1
     try:
         w = Writer(db, cfg, a.sync, lock_fd)
-    except errors.StoreError as e:
-        return _started(ready, _store_failure(e))
-    except apsw.Error as e:  # a damaged page met while reading the live set, say
-        return _started(ready, _store_failure(store_error(db, e, "cannot read database")))
-    except Exception:
-        traceback.print_exc()
-        return _started(ready, EXIT_FAILED)
+    except Exception as e:
+        if isinstance(e, errors.StoreError):
+            code = _store_failure(e)
+        elif isinstance(e, apsw.Error):  # a damaged page met while reading the live set, say
+            code = _store_failure(store_error(db, e, "cannot read database"))
+        else:
+            traceback.print_exc()
+            code = EXIT_FAILED
+        os.close(lock_fd)  # free before the starting process hears of it: no writer is left when it raises
+        return _started(ready, code)
 
     def on_signal(signum: int, frame: Any) -> None:
         w.stop = True
