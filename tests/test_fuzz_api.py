@@ -26,7 +26,7 @@ from engine.shm import key_bytes
 
 #: A small payload limit, so that oversize payloads are cheap to make.
 MAX_PAYLOAD = 4096
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 class Prio(enum.IntEnum):
