@@ -6,6 +6,7 @@ import json
 import operator
 import os
 import pickle
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
@@ -16,7 +17,7 @@ import apsw
 from . import config, errors, faults, paths, protocol, shm
 from . import cron as cron_mod
 from .shm import Segment, key_bytes
-from .store import Reader
+from .store import Reader, store_error
 
 #: Seconds `Queue()` waits for a writer to come up (a rebuild of a large
 #: backlog happens inside this window).
@@ -41,42 +42,75 @@ _DEPS = operator.itemgetter(12)  # an item's depends_on
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Repr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr of a huge int is slow, or refused (sys.set_int_max_str_digits)
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 4, 120, 60, 120
+
+
 def _short(value: Any, limit: int = 120) -> str:
-    r = repr(value)
+    """A bounded repr of `value` for an error message (never raises: a value
+    may be nested too deeply for repr, or its __repr__ may fail)."""
+    try:
+        r = _REPR.repr(value)
+    except Exception:
+        r = f"<{type(value).__name__} object>"
     return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _json_default(value: Any) -> Any:
-    raise TypeError(f"cannot serialise {_short(value)} (of type {type(value).__name__}) as JSON; "
-                    "pass JSON values, or open the queue with serializer='pickle' for trusted code")
+    raise errors.NotSerializable(f"cannot serialise {_short(value)} (of type {type(value).__name__}) as JSON; "
+                                 "pass JSON values, or open the queue with serializer='pickle' for trusted code")
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), default=_json_default).encode
 _JSON_LOADS = json.JSONDecoder().decode
 
 
+def _json(what: str, value: Any) -> bytes:
+    """`value` as JSON bytes; NotSerializable (a TypeError and a ValueError) says why it cannot be."""
+    try:
+        return _JSON(value).encode()
+    except errors.NotSerializable:
+        raise
+    except RecursionError:
+        why = "it is nested too deeply"
+    except (TypeError, ValueError, OverflowError) as e:  # a non-str dict key, a cycle, an int too long
+        why = str(e)
+    raise errors.NotSerializable(f"cannot serialise {what} {_short(value)} as JSON: {why}") from None
+
+
 def dumps(ser: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-    """Serialise a call's arguments; TypeError names a value that cannot be."""
+    """Serialise a call's arguments; NotSerializable names a value that cannot be."""
     if ser == 0:
-        return _JSON((args, kwargs)).encode()
+        return _json("the arguments", (args, kwargs))
     try:
         return pickle.dumps((tuple(args), dict(kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
-        raise TypeError(f"cannot pickle the arguments {_short((args, kwargs))}: {e}") from e
+        raise errors.NotSerializable(f"cannot pickle the arguments {_short((args, kwargs))}: {e}") from None
 
 
 def dumps_value(ser: int, value: Any) -> bytes:
-    """Serialise a task's return value; TypeError names one that cannot be."""
+    """Serialise a task's return value; NotSerializable names one that cannot be."""
     if ser == 0:
-        return _JSON(value).encode()
+        return _json("the return value", value)
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
-        raise TypeError(f"cannot pickle the return value {_short(value)}: {e}") from e
+        raise errors.NotSerializable(f"cannot pickle the return value {_short(value)}: {e}") from None
 
 
 def loads_value(ser: int, body: bytes) -> Any:
-    return _JSON_LOADS(body.decode()) if ser == 0 else pickle.loads(body)
+    if ser == 0:
+        return _JSON_LOADS(body.decode())
+    if ser == 1:
+        return pickle.loads(body)
+    raise ValueError(f"unknown serializer {ser!r}")
 
 
 def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
@@ -84,7 +118,9 @@ def loads(ser: int, body: bytes) -> Tuple[tuple, dict]:
     if ser == 0:
         args, kwargs = _JSON_LOADS(body.decode())
         return tuple(args), kwargs
-    return pickle.loads(body)
+    if ser == 1:
+        return pickle.loads(body)
+    raise ValueError(f"unknown serializer {ser!r}")
 
 
 class Backoff:
@@ -345,6 +381,7 @@ class Queue:
         self._seg: Optional[Segment] = None
         self._seg_ino = 0
         self._chunk_bytes = 0
+        self._request_room = 0
         self._reader: Optional[Reader] = None
         self._clients_fd = -1
         shm.set_wait_spin(self.settings.wait_spin_us)  # per process
@@ -363,7 +400,10 @@ class Queue:
             raise errors.StoreError(f"cannot open database {self.path}: directory {d} does not exist")
         try:
             os.close(paths.open_private(self.path))
-            self._clients_fd = paths.open_private(paths.clients_path(self.path))
+            paths.check_sqlite_files(self.path)
+            self._clients_fd = paths.open_private(paths.clients_path(self.path), strict=True)
+        except errors.StoreError:
+            raise
         except OSError as e:
             raise errors.StoreError(f"cannot open database {self.path}: {e.strerror or e}") from e
         # Blocks only while a writer finishes its final flush.
@@ -388,11 +428,13 @@ class Queue:
                 self._seg_ino = os.stat(seg.path).st_ino
                 # A chunk's request stays well under the area's half-size record limit.
                 self._chunk_bytes = seg.info()["req_cap"] // 4
+                # The largest request one record holds (a single job's, or a report's).
+                self._request_room = seg.info()["req_cap"] // 2 - shm.REQ_HEADER
                 return
             if not paths.writer_alive(self.path) and time.monotonic() - spawned_at > (5.0 if failed is None else 0.5):
                 spawned_at = time.monotonic()
                 try:
-                    paths.spawn_writer(self.path, self._writer_args())
+                    paths.spawn_writer(self.path, self._writer_args(), timeout=max(1.0, deadline - time.monotonic()))
                     failed = None
                 except errors.WriterUnavailable as e:  # killed while starting, say: try again
                     failed = e
@@ -412,6 +454,9 @@ class Queue:
         except (apsw.SQLError, apsw.BusyError, apsw.CantOpenError):
             self._drop_reader()  # the schema is not there yet
             return None
+        except apsw.Error as e:  # damaged under a running writer
+            self._drop_reader()
+            raise store_error(self.path, e) from e
         if gen is None:
             return None
         try:
@@ -539,7 +584,7 @@ class Queue:
         """
         mode = _mode(on_duplicate)
         now = shm.now_us()
-        item = self._item(name, args, kwargs or {}, priority, dedup_key, max_attempts, now,
+        item = self._item(name, args, {} if kwargs is None else kwargs, priority, dedup_key, max_attempts, now,
                           _run_at_us(delay, run_at, now), group, depends_on, tags)
         if item[12]:
             self._check_parents([item])
@@ -555,6 +600,8 @@ class Queue:
         (its outcome carries the error); the others are submitted.
         """
         mode = _mode(on_duplicate)
+        if not isinstance(jobs, Iterable):
+            raise errors.InvalidType(f"submit_batch takes an iterable of engine.Job, got {_short(jobs)}")
         created = shm.now_us()
         bad: Dict[int, BaseException] = {}
         items: List[protocol.Item] = []
@@ -565,14 +612,15 @@ class Queue:
             n += 1
             try:
                 if job.__class__ is not Job and not isinstance(job, Job):
-                    raise TypeError(f"submit_batch takes engine.Job items, got {_short(job)}")
-                items.append(item(job.name, job.args, job.kwargs, job.priority, job.dedup_key,
-                                  job.max_attempts, created, _run_at_us(job.delay, job.run_at, created)
+                    raise errors.InvalidType(f"submit_batch takes engine.Job items, got {_short(job)}")
+                kwargs = {} if job.kwargs is None else job.kwargs
+                items.append(item(job.name, job.args, kwargs, job.priority, job.dedup_key, job.max_attempts, created,
+                                  _run_at_us(job.delay, job.run_at, created)
                                   if job.delay is not None or job.run_at is not None else 0, job.group,
                                   job.depends_on, job.tags))
                 where.append(k)
-            except (TypeError, ValueError, errors.EngineError) as e:
-                bad[k] = e
+            except Exception as e:  # this job alone is rejected, whatever is wrong with it
+                bad[k] = e if isinstance(e, (errors.EngineError, TypeError, ValueError)) else _wrapped(k, e)
         if any(map(_DEPS, items)):
             missing = self._missing_parents(items)
             for j in sorted(missing, reverse=True):
@@ -595,6 +643,9 @@ class Queue:
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,
               run_at: int = 0, group: Optional[str] = None, depends_on: Optional[Sequence[int]] = None,
               tags: Optional[Mapping[str, str]] = None) -> protocol.Item:
+        if name.__class__ is not str:
+            _check_name(name)
+            name = str.__str__(name)  # a str subclass travels as a plain str
         policy = self._names.get(name)
         if policy is None:
             _check_name(name)
@@ -606,19 +657,23 @@ class Queue:
         default_attempts, timeout_ms, backoff = policy
         if priority.__class__ is not int or not 0 <= priority <= 255:
             _check_priority(priority)
+            priority = int.__int__(priority)  # an int subclass (an IntEnum) travels as a plain int
         if max_attempts is None:
             max_attempts = default_attempts
         else:
             _check_attempts(max_attempts)
+            max_attempts = int.__int__(max_attempts)
         if args.__class__ is not tuple and not isinstance(args, list):
-            raise TypeError(f"args must be a tuple or list, got {_short(args)}")
-        if kwargs.__class__ is not dict and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping, got {_short(kwargs)}")
+            raise errors.InvalidType(f"args must be a tuple or list, got {_short(args)}")
+        if kwargs.__class__ is not dict:
+            if not isinstance(kwargs, Mapping):
+                raise errors.InvalidType(f"kwargs must be a mapping, got {_short(kwargs)}")
+            kwargs = dict(kwargs)
         if kwargs and not all(k.__class__ is str for k in kwargs):
-            raise TypeError(f"kwargs keys must be str, got {_short(list(kwargs))}")
+            raise errors.InvalidType(f"kwargs keys must be str, got {_short(list(kwargs))}")
         body = dumps(self._ser, args, kwargs)
         if len(body) > self._max_payload:
-            raise errors.PayloadTooLarge(f"the payload of {name} is {len(body)} bytes; "
+            raise errors.PayloadTooLarge(f"the payload of {_short(name)} is {len(body)} bytes; "
                                          f"the limit is {self._max_payload} (setting max_payload)")
         dedup = None
         if dedup_key is not None:
@@ -626,11 +681,16 @@ class Queue:
                 raise errors.InvalidArgument(f"dedup_key must be str or bytes, got {_short(dedup_key)}")
             dedup = key_bytes(name, dedup_key)
         if group is not None:
-            _check_group(group)
+            group = _check_group(group)
         deps = _check_deps(depends_on) if depends_on is not None else None
         pairs = _check_tags(tags) if tags is not None else None
-        return (0, name, body, self._ser, priority, dedup, run_at, max_attempts, group, created, timeout_ms, backoff,
+        item = (0, name, body, self._ser, priority, dedup, run_at, max_attempts, group, created, timeout_ms, backoff,
                 deps, pairs)
+        if len(body) > self._request_room - (1 << 20) and _request_size(item) > self._request_room:
+            raise errors.PayloadTooLarge(
+                f"the request for {_short(name)} is {_request_size(item)} bytes (its payload {len(body)}); "
+                f"the request area takes at most {self._request_room} (setting request_bytes)")
+        return item
 
     def _missing_parents(self, items: List[protocol.Item]) -> Dict[int, BaseException]:
         """Items whose depends_on names a task that does not exist, by index."""
@@ -815,8 +875,11 @@ class Queue:
         }
 
     def get(self, tid: int) -> Optional[TaskInfo]:
-        """What is known about task `tid`, or None if there is no such task."""
-        rec = self.reader.task(tid)
+        """What is known about task `tid`, or None if there is no such task.
+
+        Its result is None while it has none, and also in a queue opened
+        with JSON when the result is pickled (see :meth:`result`)."""
+        rec = self.reader.task(_check_tid(tid))
         if rec is None:
             return None
         hist = rec["history"]
@@ -855,7 +918,9 @@ class Queue:
             if kind == 1:
                 error = errors.read_error(body)
             elif attempt == attempts and state == "completed":
-                result = loads_value(rec["serializer"], body)
+                # A queue opened with JSON never unpickles (it runs code): the result stays None.
+                if rec["serializer"] != SERIALIZERS["pickle"] or self._ser == SERIALIZERS["pickle"]:
+                    result = loads_value(rec["serializer"], body)
         return TaskInfo(id=tid, name=rec["name"], state=state, priority=rec["priority"], attempts=attempts,
                         max_attempts=max_attempts, created=rec["created"] / 1e6, started=started,
                         finished=finished, dedup=rec["dedup"] is not None,
@@ -913,17 +978,16 @@ class Queue:
         """Run at most `limit` tasks of `group` at once, across every worker
         process (None or 0: no limit).  Other groups are not held up while
         the backlog fits in the segment (see the README for the gap beyond)."""
-        _check_group(group)
+        group = _check_group(group)
         if limit is None:
             limit = 0
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit < 1 << 31:
             raise errors.InvalidArgument(f"a group limit must be None or an int >= 0, got {_short(limit)}")
-        self._command("group_limit", (group, limit))
+        self._command("group_limit", (group, int.__int__(limit)))
 
     def cancel_group(self, group: str) -> int:
         """Cancel every task of `group` that has not ended; returns how many."""
-        _check_group(group)
-        return self._command("cancel_group", (group,))[0]
+        return self._command("cancel_group", (_check_group(group),))[0]
 
     def find(self, tags: Optional[Mapping[str, str]] = None, state: Optional[str] = None,
              limit: int = 1000) -> List[int]:
@@ -972,9 +1036,7 @@ class Queue:
         """Cancel task `tid` if it has not ended; True if it was cancelled.
 
         A running attempt sees ``job.cancelled`` and its later outcome is ignored."""
-        if not isinstance(tid, int) or isinstance(tid, bool) or tid <= 0:
-            raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(tid)}")
-        return bool(self._command("cancel", ([tid],)))
+        return bool(self._command("cancel", ([_check_tid(tid)],)))
 
     def verify(self) -> int:
         """Check the segment's invariants, the database's integrity, and that
@@ -997,8 +1059,10 @@ class Queue:
         dead or cancelled, :class:`errors.WaitTimeout` if it did not end in
         time, :class:`errors.TaskNotFound` if there is no such task.
         """
-        if timeout is not None and not timeout >= 0:
-            raise errors.InvalidArgument(f"timeout must be None or >= 0, got {timeout!r}")
+        tid = _check_tid(tid)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or not timeout >= 0):
+            raise errors.InvalidArgument(f"timeout must be None or seconds >= 0, got {_short(timeout)}")
         deadline = None if timeout is None else time.monotonic() + timeout
         known = False
         while True:
@@ -1027,6 +1091,11 @@ class Queue:
         ser = end[4] if end else self._ser
         if state == shm.COMPLETED:
             body = self.reader.result_of(tid, attempt)
+            if body is not None and ser == SERIALIZERS["pickle"] != self._ser:
+                raise errors.UntrustedPayload(
+                    f"the result of task {tid} is pickled, and this queue was opened with serializer="
+                    f"{self.serializer!r}; unpickling runs code, so only a queue opened with "
+                    "serializer='pickle' (for trusted producers) loads it")
             return None if body is None else loads_value(ser, body)
         err = errors.read_error(self.reader.last_error(tid))
         what = STATE_NAMES[state]
@@ -1048,10 +1117,7 @@ class Queue:
     def retry_dead(self, tid: Union[int, Iterable[int]]) -> List[int]:
         """Put dead tasks back to pending with as many attempts again as they
         were first given; returns the ids that were dead and now are not."""
-        ids = [tid] if isinstance(tid, int) else list(tid)
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t <= 0:
-                raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(t)}")
+        ids = [_check_tid(t) for t in ([tid] if isinstance(tid, int) or not isinstance(tid, Iterable) else tid)]
         if not ids:
             return []
         return self._command("retry_dead", (ids,))
@@ -1126,11 +1192,20 @@ class Queue:
             self._send_reports(held)
 
     def _send_reports(self, reports: List[protocol.Report]) -> None:
-        data = protocol.encode_reports(reports)
-        seg = self.seg
-        pos = self._reserve(len(data), 1)
-        seg.req_write(pos, data)
-        seg.req_publish(pos)
+        # As few requests as fit the request area (each report fits on its own).
+        room = self._request_room // 2
+        start = 0
+        while start < len(reports):
+            end, size = start + 1, len(reports[start][6])
+            while end < len(reports) and size + len(reports[end][6]) + 64 <= room:
+                size += len(reports[end][6]) + 64
+                end += 1
+            data = protocol.encode_reports(reports[start:end])
+            seg = self.seg
+            pos = self._reserve(len(data), 1)
+            seg.req_write(pos, data)
+            seg.req_publish(pos)
+            start = end
 
 
 _FORK_KEEP: List[Any] = []
@@ -1174,7 +1249,10 @@ def _run_at_us(delay: Any, run_at: Any, now: int) -> int:
     if run_at is None:
         return 0
     if hasattr(run_at, "timestamp"):  # a datetime; a naive one is local time, as datetime says
-        run_at = run_at.timestamp()
+        try:
+            run_at = run_at.timestamp()
+        except (TypeError, ValueError, OverflowError, OSError) as e:  # datetime.min in local time, say
+            raise errors.InvalidArgument(f"run_at {_short(run_at)} has no timestamp: {e}") from None
     if not isinstance(run_at, (int, float)) or isinstance(run_at, bool) or not 0 <= run_at < 2**62 / 1e6:
         raise errors.InvalidArgument(f"run_at must be a datetime or epoch seconds, got {_short(run_at)}")
     at = int(run_at * 1e6)
@@ -1188,14 +1266,16 @@ MAX_TAG_LEN = 256
 
 
 def _check_deps(deps: Any) -> List[int]:
-    if isinstance(deps, (str, bytes)) or not isinstance(deps, Iterable):
+    if isinstance(deps, (str, bytes, Mapping)) or not isinstance(deps, Iterable):
         raise errors.InvalidArgument(f"depends_on must be a list of task ids, got {_short(deps)}")
-    out = list(dict.fromkeys(deps))
-    if len(out) > MAX_DEPS:
-        raise errors.InvalidArgument(f"depends_on names {len(out)} tasks; at most {MAX_DEPS}")
-    for p in out:
+    given = list(deps)
+    for p in given:
         if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 1 << 63:
             raise errors.InvalidArgument(f"depends_on must hold task ids (positive ints), got {_short(p)}")
+    # Once each, as plain ints (an int subclass would not travel to the writer).
+    out = list(dict.fromkeys(p if p.__class__ is int else int.__int__(p) for p in given))
+    if len(out) > MAX_DEPS:
+        raise errors.InvalidArgument(f"depends_on names {len(out)} tasks; at most {MAX_DEPS}")
     return out
 
 
@@ -1204,21 +1284,52 @@ def _check_tags(tags: Any) -> List[Tuple[str, str]]:
         raise errors.InvalidArgument(f"tags must be a dict of str to str, got {_short(tags)}")
     if len(tags) > MAX_TAGS:
         raise errors.InvalidArgument(f"a task takes at most {MAX_TAGS} tags, got {len(tags)}")
+    out = []
     for k, v in tags.items():
         for what, x in (("key", k), ("value", v)):
             if not isinstance(x, str) or not x or len(x) > MAX_TAG_LEN:
                 raise errors.InvalidArgument(f"a tag {what} must be a non-empty str of at most {MAX_TAG_LEN} "
                                              f"characters, got {_short(x)}")
-    return sorted(tags.items())
+        out.append((_text("a tag key", k), _text("a tag value", v)))
+    return sorted(out)
 
 
-def _check_group(group: Any) -> None:
+def _text(what: str, value: str) -> str:
+    """`value` as a plain str that the database can store (UTF-8: no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidArgument(f"{what} must be valid Unicode text (no lone surrogates), "
+                                     f"got {_short(value)}") from None
+    return value if value.__class__ is str else str.__str__(value)
+
+
+def _check_group(group: Any) -> str:
     if not isinstance(group, str) or not group or len(group) > MAX_NAME:
         raise errors.InvalidArgument(f"a group must be a non-empty str of at most {MAX_NAME} characters, "
                                      f"got {_short(group)}")
+    return _text("a group", group)
 
 
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise errors.InvalidArgument(f"a task name must be a non-empty str of at most {MAX_NAME} "
                                      f"characters, got {_short(name)}")
+    _text("a task name", name)
+
+
+def _request_size(item: protocol.Item) -> int:
+    """Bytes of the request that carries `item` alone."""
+    return len(protocol.encode_request(0, [item]))
+
+
+def _wrapped(k: int, e: Exception) -> errors.InvalidArgument:
+    out = errors.InvalidArgument(f"job {k} cannot be submitted: {type(e).__name__}: {e}")
+    out.__cause__ = e
+    return out
+
+
+def _check_tid(tid: Any) -> int:
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid < 1 << 63:
+        raise errors.InvalidArgument(f"a task id must be a positive int, got {_short(tid)}")
+    return int.__int__(tid)

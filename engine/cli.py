@@ -19,8 +19,10 @@ EXIT_USAGE = 2
 
 def _open(path: str) -> Any:
     from .api import Queue
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise errors.StoreError(f"no database at {path}")
+    if not os.path.isfile(path):
+        raise errors.StoreError(f"{path} is not a database file (it is a directory or a special file)")
     return Queue(path)
 
 

@@ -19,6 +19,15 @@ class InvalidArgument(EngineError, ValueError):
     """An argument is out of range or of the wrong kind."""
 
 
+class InvalidType(InvalidArgument, TypeError):
+    """An argument is of the wrong type."""
+
+
+class NotSerializable(InvalidType):
+    """Task arguments or a return value cannot be serialised by the queue's
+    serializer (an unsupported type, a cycle, nesting too deep)."""
+
+
 class PayloadTooLarge(InvalidArgument):
     """A serialised payload is larger than the configured limit."""
 
@@ -103,6 +112,11 @@ class SchemaMismatch(StoreError):
     """The database was written by a newer headrace."""
 
 
+class UnsafeFile(StoreError, PermissionError):
+    """The database or one of its side files belongs to another user, is
+    open to others, or is not a regular file."""
+
+
 class WriterUnavailable(EngineError):
     """The writer process cannot be started or did not answer in time."""
 
@@ -144,6 +158,11 @@ class Retry(EngineError):
 
 class UnknownTask(EngineError, LookupError):
     """No task function is registered under this name."""
+
+
+class UntrustedPayload(EngineError):
+    """A pickled payload or result reached a queue that was not opened with
+    serializer='pickle' (unpickling runs code: trusted producers only)."""
 
 
 _REBUILD = "delete it (headrace rebuilds the segment from the database) and retry"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 from typing import List, Optional
@@ -30,16 +31,49 @@ def log_path(db: str) -> str:
     return db + ".writer.log"
 
 
-def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT) -> int:
-    """Open (creating) `path` readable and writable by the owner only, refusing a foreign file."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid():
+def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT, *, strict: bool = False) -> int:
+    """Open (creating) `path` readable and writable by the owner only.
+
+    Refuses (:class:`errors.UnsafeFile`) a symlink, anything but a regular
+    file, and a file of another user.  A file open to others is made
+    owner-only again, or with `strict` (the lock files, which nobody but
+    headrace creates) refused.  Any other failure is a StoreError."""
+    try:
+        # O_NONBLOCK: opening a FIFO planted here must not hang.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise errors.UnsafeFile(f"{path} is a symlink; refusing to follow it (remove it and retry)") from None
+        raise errors.StoreError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.UnsafeFile(f"{path} is not a regular file; refusing to use it (remove it and retry)")
+        if st.st_uid != os.geteuid():
+            raise errors.UnsafeFile(f"{path} belongs to uid {st.st_uid}, not to this process's uid "
+                                    f"{os.geteuid()}; refusing to use it (run as its owner, or remove it)")
+        if st.st_mode & 0o077:
+            if strict:
+                raise errors.UnsafeFile(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                        "headrace creates it 0600, so someone changed it; refusing to use it "
+                                        "(check who did, then remove it and retry)")
+            os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise errors.EngineError(f"{path} belongs to uid {st.st_uid}, not {os.geteuid()}; refusing to use it")
-    if st.st_mode & 0o077:
-        os.fchmod(fd, 0o600)
+        raise
     return fd
+
+
+def check_sqlite_files(db: str) -> None:
+    """Refuse a -wal, -shm or -journal file of `db` that SQLite would open
+    but headrace would not make: of another user (planted in a shared
+    directory to read or inject database pages), a symlink, not a regular
+    file.  One open to others is made owner-only."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        path = db + suffix
+        if os.path.lexists(path):
+            os.close(open_private(path, os.O_RDWR))
 
 
 def segment_name(db: str) -> str:
@@ -83,7 +117,7 @@ def writer_pid(db: str) -> Optional[int]:
 
 def writer_alive(db: str) -> bool:
     """Is a writer holding `db`'s writer lock right now?"""
-    fd = open_private(lock_path(db))
+    fd = open_private(lock_path(db), strict=True)
     try:
         if try_flock(fd, exclusive=False):
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -93,25 +127,46 @@ def writer_alive(db: str) -> bool:
         os.close(fd)
 
 
-def spawn_writer(db: str, args: List[str]) -> None:
-    """Start a detached writer for `db` (it exits at once if one is running)."""
+def spawn_writer(db: str, args: List[str], timeout: float = 120.0) -> None:
+    """Start a detached writer for `db` (it exits at once if one is running).
+
+    Returns once the writer is serving, or raises the error that kept it
+    from starting (the class of a database error is kept: StoreCorrupt,
+    SchemaMismatch, UnsafeFile...), never leaving the caller to wait for a
+    writer that died."""
     log = open_private(log_path(db), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        # The writer double-forks, so it is never our zombie; we only wait
-        # for the intermediate process, which exits at once.
+        # The writer double-forks, so it is never our zombie; we wait for
+        # the intermediate process, which exits once the writer reports
+        # that it started (or why it could not).
         p = subprocess.Popen([sys.executable, "-m", "engine.writer", "--daemon", db, *args],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                              start_new_session=True, env=_writer_env(), cwd="/")
-        rc = p.wait(timeout=30)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise errors.WriterUnavailable(f"the writer for {db} did not start within {timeout:.0f} s "
+                                           f"(see {log_path(db)})") from None
     finally:
         os.close(log)
     if rc != 0:
-        cls = errors.StoreError if rc == EXIT_STORE else errors.WriterUnavailable
+        cls = _STORE_EXITS.get(rc, errors.WriterUnavailable)
         raise cls(f"the writer for {db} failed to start: {_last_line(log_path(db))} (see {log_path(db)})")
 
 
-#: The writer's exit code for a database it cannot open (engine.writer.EXIT_STORE).
-EXIT_STORE = 3
+#: The writer's exit codes for a database it cannot use, by the class of the
+#: error (engine.writer exits with them; spawn_writer raises the class again).
+EXIT_STORE, EXIT_CORRUPT, EXIT_SCHEMA, EXIT_UNSAFE = 3, 4, 5, 6
+_STORE_EXITS = {EXIT_STORE: errors.StoreError, EXIT_CORRUPT: errors.StoreCorrupt,
+                EXIT_SCHEMA: errors.SchemaMismatch, EXIT_UNSAFE: errors.UnsafeFile}
+
+
+def exit_code(e: errors.StoreError) -> int:
+    """The writer's exit code for store error `e`."""
+    for code in (EXIT_UNSAFE, EXIT_SCHEMA, EXIT_CORRUPT):
+        if isinstance(e, _STORE_EXITS[code]):
+            return code
+    return EXIT_STORE
 
 
 def _last_line(path: str) -> str:

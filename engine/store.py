@@ -213,17 +213,54 @@ def set_query_only(conn: apsw.Connection) -> None:
     conn.pragma("query_only", True)
 
 
+_RESTORE = "restore it from a backup, or move it aside to start an empty queue"
+
+
+def store_error(path: str, e: apsw.Error, doing: str = "cannot open database") -> errors.StoreError:
+    """The typed error for SQLite error `e` on database `path`."""
+    if isinstance(e, apsw.NotADBError):
+        return errors.StoreCorrupt(f"{path} is not a SQLite database ({e}); {_RESTORE}")
+    if isinstance(e, apsw.CorruptError):
+        return errors.StoreCorrupt(f"database {path} is corrupt ({e}); {_RESTORE}")
+    return errors.StoreError(f"{doing} {path}: {e}")
+
+
 def connect(path: str, settings: Sequence[Any], *, readonly: bool = False,
             vfs: Optional[str] = None) -> apsw.Connection:
     """Open `path` and apply each connection setting in order."""
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     try:
         conn = apsw.Connection(path, flags=flags, vfs=vfs) if vfs else apsw.Connection(path, flags=flags)
+    except apsw.Error as e:
+        raise store_error(path, e) from e
+    try:
         for fn in settings:
             fn(conn)
-    except apsw.Error as e:
-        raise errors.StoreError(f"cannot open database {path}: {e}") from e
+    except BaseException as e:
+        conn.close()
+        if isinstance(e, apsw.Error):
+            raise store_error(path, e) from e
+        raise
     return conn
+
+
+def check_identity(conn: apsw.Connection) -> None:
+    """Refuse a SQLite database that headrace did not make (before anything
+    changes it): one with tables but no headrace schema version."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return  # a new (empty) database
+    version = None
+    if "meta" in tables:
+        try:
+            version = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchall()
+        except apsw.SQLError:
+            version = None
+    if not version:
+        raise errors.StoreCorrupt(
+            f"{conn.filename} is a SQLite database but not a headrace one (it has tables "
+            f"{', '.join(sorted(tables)[:5])} and no headrace schema version); refusing to change it. "
+            "Give headrace a path of its own")
 
 
 # ---- the store interface ------------------------------------------------------
@@ -460,7 +497,7 @@ class SQLiteStore(_Reads, Store):
 
     def __init__(self, path: str, sync: str = "normal") -> None:
         self.path = path
-        self.conn = connect(path, [set_busy_timeout, set_wal, set_synchronous(sync),
+        self.conn = connect(path, [set_busy_timeout, check_identity, set_wal, set_synchronous(sync),
                                    disable_autocheckpoint, set_cache], vfs=faults.test_vfs())
         self._prepare()
         self._txn = _Txn(self.conn)
@@ -473,18 +510,24 @@ class SQLiteStore(_Reads, Store):
                 v = self.meta_get("schema_version")
                 if v is None:
                     self.meta_set("schema_version", SCHEMA_VERSION)
-                elif int(v) < SCHEMA_VERSION:
-                    for script in (_MIGRATE_1, _MIGRATE_2)[int(v) - 1:]:
+                    return
+                try:
+                    version = int(v)
+                except (TypeError, ValueError):
+                    version = 0
+                if version < 1 or isinstance(v, float) and v != version:
+                    raise errors.StoreCorrupt(f"database {self.path} has an invalid schema version {v!r}; "
+                                              f"{_RESTORE}")
+                if version < SCHEMA_VERSION:
+                    for script in (_MIGRATE_1, _MIGRATE_2)[version - 1:]:
                         c.execute(script)
                     self.meta_set("schema_version", SCHEMA_VERSION)
-                elif int(v) > SCHEMA_VERSION:
+                elif version > SCHEMA_VERSION:
                     raise errors.SchemaMismatch(
                         f"database {self.path} has schema version {v}; this headrace reads up to "
-                        f"{SCHEMA_VERSION}. Upgrade headrace.")
-        except apsw.NotADBError as e:
-            raise errors.StoreCorrupt(f"{self.path} is not a SQLite database: {e}") from e
-        except apsw.CorruptError as e:
-            raise errors.StoreCorrupt(f"database {self.path} is corrupt: {e}") from e
+                        f"{SCHEMA_VERSION}. Upgrade headrace to open it")
+        except apsw.Error as e:
+            raise store_error(self.path, e) from e
 
     def close(self) -> None:
         self.conn.close()

@@ -16,7 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from . import errors, protocol, shm
-from .api import dumps_value, loads
+from .api import SERIALIZERS, dumps_value, loads
 from .shm import Ticket, now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,6 +33,9 @@ IDLE_CHECK = 0.5
 SETTLE_WAIT = 10.0
 #: Longest stored error message or traceback summary, in characters.
 MAX_ERROR = 4000
+#: Bytes a result report takes besides the result itself.
+REPORT_ROOM = 256
+SER_PICKLE = SERIALIZERS["pickle"]
 
 
 class ClaimedJob:
@@ -70,13 +73,22 @@ class ClaimedJob:
         seg = self.queue.seg
         return seg is self.seg and seg.clock(self.ticket, True, self._lease_until())
 
-    def _sent(self) -> bool:
-        """The outcome went to the writer: the deadline no longer applies
-        (a finished attempt never times out while its report waits)."""
-        self.done, self.reported = False, True
+    def _send(self, report: protocol.Report) -> bool:
+        """Hand an outcome with data to the writer, which settles the slot
+        once the data is stored; False (and nothing sent) if this attempt no
+        longer counts.  Whether it counts is decided here, before sending: a
+        writer quick to settle the slot must not make a sent outcome look
+        fenced.  The deadline stops first: a finished attempt never times out
+        while its report waits."""
         if self.timeout_ms:
-            return self.seg.clock(self.ticket, False, self._lease_until())
-        return self.current()
+            ok = self.seg.clock(self.ticket, False, self._lease_until())
+        else:
+            ok = self.current()
+        if not ok:
+            return False
+        self.queue._report([report])
+        self.done, self.reported = False, True  # its lease is renewed until the writer settles it
+        return True
 
     def complete(self, result: Any = None) -> bool:
         """Mark the task completed with `result` (serialised like payloads);
@@ -87,14 +99,17 @@ class ClaimedJob:
             return False
         if result is None:
             return seg.finish(self.ticket, shm.COMPLETED)
-        body = dumps_value(self.ser, result)  # TypeError names a value that cannot be stored
-        if len(body) > self.queue._max_payload:
+        body = dumps_value(self.ser, result)  # NotSerializable names a value that cannot be stored
+        q = self.queue
+        if len(body) > q._max_payload:
             raise errors.PayloadTooLarge(f"the result of task {self.id} is {len(body)} bytes; the limit is "
-                                         f"{self.queue._max_payload} (setting max_payload)")
+                                         f"{q._max_payload} (setting max_payload)")
+        if len(body) > q._request_room - REPORT_ROOM:
+            raise errors.PayloadTooLarge(f"the result of task {self.id} is {len(body)} bytes; the request area "
+                                         f"takes at most {q._request_room - REPORT_ROOM} (setting request_bytes)")
         # The writer stores the value, then completes the slot: the task is
         # never completed on disk without its result.
-        self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.RESULT, 0, 0, body)])
-        return self._sent()
+        return self._send((self.id, self.ticket.slot, self.attempt, protocol.RESULT, 0, 0, body))
 
     def fail(self, error: Optional[BaseException] = None, retry: bool = True, delay: Optional[float] = None
              ) -> bool:
@@ -102,6 +117,9 @@ class ClaimedJob:
         true the task runs again: after `delay` seconds, or as its backoff
         says; else it is dead.  The error (type, message, traceback summary)
         is stored on the task.  False if this attempt was fenced."""
+        if delay is not None and (not isinstance(delay, (int, float)) or isinstance(delay, bool)
+                                  or not 0 <= delay <= 10**8):
+            raise errors.InvalidArgument(f"delay must be None or seconds in 0..1e8, got {delay!r}")
         self.done = True
         seg = self.queue.seg
         if seg is not self.seg:
@@ -109,10 +127,11 @@ class ClaimedJob:
         delay_us = -1 if delay is None else int(delay * 1e6)
         if error is None:
             return seg.fail(self.ticket, retry=retry, delay_us=delay_us) is not None
-        body = errors.describe_error(type(error).__name__, str(error)[:MAX_ERROR], _summary(error))
-        self.queue._report([(self.id, self.ticket.slot, self.attempt, protocol.ERROR, 1 if retry else 0,
-                             delay_us, body)])
-        return self._sent()
+        msg, tb = _message(error)[:MAX_ERROR], _summary(error) if isinstance(error, BaseException) else None
+        body = errors.describe_error(type(error).__name__, msg, tb)
+        if len(body) > self.queue._request_room - REPORT_ROOM:  # a request area set very small
+            body = errors.describe_error(type(error).__name__[:100], msg[:100], None)
+        return self._send((self.id, self.ticket.slot, self.attempt, protocol.ERROR, 1 if retry else 0, delay_us, body))
 
     def current(self) -> bool:
         """Whether this attempt still counts: not cancelled, not timed out,
@@ -152,8 +171,9 @@ def claim(q: "Queue", max: int, timeout: Optional[float], start: bool = True) ->
     With `start`, their deadlines count from now; else from each job's start()."""
     if not isinstance(max, int) or isinstance(max, bool) or not 1 <= max <= 1 << 20:
         raise errors.InvalidArgument(f"max must be an int in 1..{1 << 20}, got {max!r}")
-    if timeout is not None and not timeout >= 0:
-        raise errors.InvalidArgument(f"timeout must be None or >= 0, got {timeout!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not timeout >= 0):
+        raise errors.InvalidArgument(f"timeout must be None or seconds >= 0, got {timeout!r}")
     lease_us = int(q.settings.lease * 1e6)
     q._define()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -207,14 +227,20 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
             q.seg.adopt(t, max_attempts, timeout_ms, backoff)
             if start and timeout_ms:  # the claim started the others' clocks
                 q.seg.clock(t, True, now_us() + int(q.settings.lease * 1e6))
+        job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
         try:
-            args, kwargs = loads(ser, body)
-        except Exception as e:
-            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({e}); it is dead",
-                  file=sys.stderr)
-            q.seg.finish(t, shm.DEAD)
+            if ser == SER_PICKLE and q._ser != SER_PICKLE:
+                raise errors.UntrustedPayload(
+                    f"task {t.id} ({name!r}) has a pickled payload, and this queue was opened with "
+                    f"serializer={q.serializer!r}; unpickling runs code, so only a queue opened with "
+                    "serializer='pickle' (for trusted producers) loads it")
+            job.args, job.kwargs = loads(ser, body)
+        except Exception as e:  # it can never run: dead, with the reason as its error
+            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({type(e).__name__}: "
+                  f"{_message(e)}); it is dead", file=sys.stderr)
+            job.fail(e, retry=False)
             continue
-        jobs.append(ClaimedJob(q, t, name, args, kwargs, max_attempts, created, ser, timeout_ms))
+        jobs.append(job)
     return jobs
 
 
@@ -251,21 +277,33 @@ def _execute(q: "Queue", job: ClaimedJob) -> bool:
         return False
     except Exception as e:
         print(f"headrace worker: task {job.id} ({job.name}) attempt {job.attempt} failed: "
-              f"{type(e).__name__}: {e}", file=sys.stderr)
+              f"{type(e).__name__}: {_message(e)}", file=sys.stderr)
         job.fail(e)
         return False
     try:
         job.complete(result)
-    except (TypeError, errors.PayloadTooLarge) as e:  # a result that cannot be stored fails it, for good
+    except (TypeError, ValueError) as e:  # a result that cannot be stored (NotSerializable, PayloadTooLarge)
+        # fails the task for good
         print(f"headrace worker: task {job.id} ({job.name}): {e}", file=sys.stderr)
         job.fail(e, retry=False)
         return False
     return True
 
 
+def _message(error: Any) -> str:
+    """str(error), or a stand-in if its __str__ fails."""
+    try:
+        return str(error)
+    except Exception as e:
+        return f"<str() of this {type(error).__name__} failed: {type(e).__name__}>"
+
+
 def _summary(error: BaseException) -> str:
     """The last frames of an error's traceback, bounded."""
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=-8))
+    try:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=-8))
+    except Exception:  # an exception whose __str__ fails, say
+        text = "".join(traceback.format_tb(error.__traceback__, limit=-8))
     return text[-MAX_ERROR:]
 
 

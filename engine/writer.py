@@ -28,7 +28,7 @@ import apsw
 
 from . import config, cron, errors, faults, paths, protocol, shm
 from .shm import Segment, now_us
-from .store import LiveRow, SQLiteStore, SpillRow, TaskRow
+from .store import LiveRow, SQLiteStore, SpillRow, TaskRow, store_error
 from .upkeep import Upkeep
 
 #: Ids handed out by a rebuilt segment start this far above any seen before,
@@ -45,7 +45,6 @@ GROUP_SHARE = 4
 EXIT_OK = 0
 EXIT_LOCKED = 0  # another writer runs: not an error
 EXIT_FAILED = 2
-EXIT_STORE = paths.EXIT_STORE  # the database cannot be opened
 
 # hr_dirty as bytes: the slot number, then the slot record's id, run_at, attempt, max_attempts and state.
 _DIRTY = struct.Struct("<8xQ8xq40xII24xB7x")
@@ -76,7 +75,7 @@ class Writer:
         self.lock_fd = lock_fd if lock_fd >= 0 else take_lock(db)
         os.ftruncate(self.lock_fd, 0)
         os.write(self.lock_fd, f"{os.getpid()}\n".encode())
-        self.clients_fd = paths.open_private(paths.clients_path(db))
+        self.clients_fd = paths.open_private(paths.clients_path(db), strict=True)
         self.store = SQLiteStore(db, sync)
         self.name = paths.segment_name(db)
         #: Group name -> (index in the segment, concurrency limit).
@@ -159,6 +158,15 @@ class Writer:
                 Segment.unlink(f[len(shm.PREFIX):])
         tmp = f"{self.name}.new{os.getpid()}"
         seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
+        try:
+            return self._fill(seg, old_next_id)
+        except BaseException:
+            seg.close()
+            Segment.unlink(tmp)  # a database we cannot read leaves no half-built segment behind
+            raise
+
+    def _fill(self, seg: Segment, old_next_id: int) -> Segment:
+        """Place every live task in new segment `seg` (the rest spilled), then swap it in."""
         self._apply_group_limits(seg)
         fill = self._fill_target(seg.capacity)
         live = self.store.live()
@@ -341,7 +349,8 @@ class Writer:
                         # Refuse this command alone; a bad one must not stop the writer.
                         plan.answers.append((h, protocol.encode_error(f"{type(e).__name__}: {e}")))
                 faults.point("commit")
-        except (apsw.Error, OSError, errors.EngineError) as e:
+        except Exception as e:  # whatever it is, refuse this turn's requests and carry on: a writer
+            # that died on a request would meet it again, replayed, after every restart
             msg = f"{type(e).__name__}: {e}"
             if isinstance(e, apsw.Error):
                 self.store_failed(e)
@@ -354,6 +363,8 @@ class Writer:
             self.scan = min([h.pos for h, _, _ in reports] + [self.scan])  # stored later, not dropped
             self._read_spill()  # the rolled-back turn may have counted spills
             self.waiting_n = self.store.waiting_count()  # ... and waiting dependents
+            self.groups = self.store.groups()  # ... and new groups
+            self._read_limits()
             time.sleep(0.05)
             return True
         faults.point("committed")
@@ -1066,17 +1077,45 @@ class _Plan:
 
 def take_lock(db: str) -> int:
     """The writer lock of `db`, held until the returned fd is closed (or we die)."""
-    fd = paths.open_private(paths.lock_path(db))
+    fd = paths.open_private(paths.lock_path(db), strict=True)
     if not paths.try_flock(fd, exclusive=True):
         os.close(fd)
         raise errors.WriterUnavailable("another writer holds the lock")
     return fd
 
 
-def _daemonize() -> None:
+def _daemonize() -> int:
+    """Detach (double fork).  Returns the fd on which the daemon reports how
+    its start went: the intermediate process, which the starting process
+    waits for, exits with that code (or EXIT_FAILED if the daemon died
+    first), so a writer that cannot start is an error there, not a wait."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(w)
+        code = os.read(r, 1)  # until the daemon reports, or dies (EOF)
+        os._exit(code[0] if code else EXIT_FAILED)
+    os.close(r)
     os.setsid()
+    return w
+
+
+def _started(fd: int, code: int) -> int:
+    """Report the start-up outcome `code` on `fd` (see :func:`_daemonize`); returns it."""
+    if fd >= 0:
+        try:
+            os.write(fd, bytes([code]))
+        except OSError:
+            pass  # the starting process is gone; nobody waits
+        finally:
+            os.close(fd)
+    return code
+
+
+def _store_failure(e: errors.StoreError) -> int:
+    print(f"headrace writer: {e}", file=sys.stderr)
+    return paths.exit_code(e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1092,25 +1131,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         lock_fd = take_lock(db)  # the forked daemon inherits it
     except errors.WriterUnavailable:
         return EXIT_LOCKED
+    except errors.StoreError as e:
+        return _store_failure(e)
     # Fail here, where the starting process sees the exit code, on a
     # database that cannot be opened; then detach.
     try:
+        paths.check_sqlite_files(db)
         SQLiteStore(db, a.sync).close()
     except errors.StoreError as e:
-        print(f"headrace writer: {e}", file=sys.stderr)
-        return EXIT_STORE
-    if a.daemon:
-        _daemonize()
+        return _store_failure(e)
+    ready = _daemonize() if a.daemon else -1
     try:
         w = Writer(db, cfg, a.sync, lock_fd)
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILED
+    except Exception as e:
+        if isinstance(e, errors.StoreError):
+            code = _store_failure(e)
+        elif isinstance(e, apsw.Error):  # a damaged page met while reading the live set, say
+            code = _store_failure(store_error(db, e, "cannot read database"))
+        else:
+            traceback.print_exc()
+            code = EXIT_FAILED
+        os.close(lock_fd)  # free before the starting process hears of it: no writer is left when it raises
+        return _started(ready, code)
 
     def on_signal(signum: int, frame: Any) -> None:
         w.stop = True
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _started(ready, EXIT_OK)
     prof_path = os.environ.get("HEADRACE_WRITER_PROFILE")  # a developer's aid: cProfile stats file
     prof = None
     if prof_path:

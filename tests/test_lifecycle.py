@@ -176,7 +176,7 @@ def test_result_is_stored_and_awaited(db, log):
             with pytest.raises(errors.TaskNotFound):
                 q.result(10**12, timeout=1)
             bad = q.submit("l.unstorable", args=(1,))
-            with pytest.raises(errors.TaskFailed, match="TypeError") as e:
+            with pytest.raises(errors.TaskFailed, match="NotSerializable") as e:
                 q.result(bad, timeout=30)
             assert e.value.state == "dead" and "object" in e.value.error["message"]
             big = q.submit("l.huge", args=(2,))
