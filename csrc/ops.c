@@ -360,6 +360,7 @@ int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t time
         hr_slot_begin(&c, t->slot);
         if (!s->max_attempts)
             s->max_attempts = max_attempts;
+        HR_FAULT(HR_FS_HEARTBEAT); /* half-changed: the repair rolls it back */
         if (!s->bo_kind) {
             s->bo_kind = bo_kind;
             s->bo_base_ms = bo_base_ms;

@@ -52,20 +52,26 @@ def populate(seg: Segment) -> Tuple[List[int], List[Tuple[int, int, int]]]:
     return list(range(1, 21)), tickets
 
 
+#: Every locked operation that changes the segment: (the fault site it passes, the call).
+#: Operations of one kind share a site (fail, adopt and clock journal a slot
+#: as finish and heartbeat do); progress writes one word and needs no journal.
 OPS = {
-    "insert": "seg.push(1000, prio=200)",
-    "claim": "seg.pop_batch(4, now_us() + 10**9)",
-    "finish": "seg.finish(Ticket(*T[2]))",
-    "cancel": "seg.remove(T[3][0])",
-    "heartbeat": "seg.heartbeat(Ticket(*T[3]), now_us() + 10**10)",
-    "expire": "seg.expire(now_us())",
-    "promote": "seg.promote(now_us())",
-    "evict": "seg.evict_worst()",
-    "mark_dirty": "seg.mark_dirty(seg.get(5).slot)",
-    "advance": "r, n, e = seg.peek_dirty(8); seg.advance_dirty(n, e)",
-    "dedup_insert": "seg.dedup_insert(KEY2, seg.get(12).slot)",
-    "dedup_delete": "seg.dedup_delete(KEY)",
-    "req_reserve": "seg.req_reserve(100)",
+    "insert": ("insert", "seg.push(1000, prio=200)"),
+    "claim": ("claim", "seg.pop_batch(4, now_us() + 10**9)"),
+    "finish": ("finish", "seg.finish(Ticket(*T[2]))"),
+    "fail": ("finish", "seg.fail(Ticket(*T[3]), retry=True, delay_us=10**9)"),
+    "cancel": ("cancel", "seg.remove(T[3][0])"),
+    "heartbeat": ("heartbeat", "seg.heartbeat(Ticket(*T[3]), now_us() + 10**10)"),
+    "clock": ("heartbeat", "seg.clock(Ticket(*T[3]), True, now_us() + 10**10)"),
+    "adopt": ("heartbeat", "seg.adopt(Ticket(*T[3]), 7, 5000, 0)"),
+    "expire": ("expire", "seg.expire(now_us())"),
+    "promote": ("promote", "seg.promote(now_us())"),
+    "evict": ("evict", "seg.evict_worst()"),
+    "mark_dirty": ("mark_dirty", "seg.mark_dirty(seg.get(5).slot)"),
+    "advance": ("advance", "r, n, e = seg.peek_dirty(8); seg.advance_dirty(n, e)"),
+    "dedup_insert": ("dedup_insert", "seg.dedup_insert(KEY2, seg.get(12).slot)"),
+    "dedup_delete": ("dedup_delete", "seg.dedup_delete(KEY)"),
+    "req_reserve": ("req_reserve", "seg.req_reserve(100)"),
 }
 
 CHILD = """
@@ -79,18 +85,19 @@ print("survived")
 """
 
 
-def test_every_locked_operation_has_a_site():
-    assert set(OPS) | {"repair"} == set(faults.SITES)
+def test_every_fault_site_is_reached_by_an_operation():
+    assert {site for site, _ in OPS.values()} | {"repair"} == set(faults.SITES)
 
 
-@pytest.mark.parametrize("site", sorted(OPS))
-def test_kill_mid_operation_rolls_back_and_repairs(segname, site):
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_kill_mid_operation_rolls_back_and_repairs(segname, op):
+    site, code = OPS[op]
     seg = Segment.create(segname, 64)
     ids, tickets = populate(seg)
     seg.verify()
     before = snapshot(seg, ids + [1000])
 
-    child = spawn(CHILD.format(op=OPS[site]), segname, json.dumps(tickets),
+    child = spawn(CHILD.format(op=code), segname, json.dumps(tickets),
                   env={"HEADRACE_FAULT": f"{site}:1"})
     out, err = child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL, (child.returncode, out, err)
@@ -101,7 +108,7 @@ def test_kill_mid_operation_rolls_back_and_repairs(segname, site):
     assert snapshot(seg, ids + [1000]) == before, "the interrupted slot write was not rolled back"
 
     # The same operation now runs to completion in a healthy process.
-    healthy = spawn(CHILD.format(op=OPS[site]), segname, json.dumps(tickets))
+    healthy = spawn(CHILD.format(op=code), segname, json.dumps(tickets))
     out, err = healthy.communicate(timeout=60)
     assert healthy.returncode == 0 and "survived" in out, err
     seg.verify()
@@ -112,7 +119,7 @@ def test_repairer_killed_mid_repair_leaves_a_repairable_segment(segname):
     seg = Segment.create(segname, 64)
     ids, tickets = populate(seg)
     before = snapshot(seg, ids)
-    first = spawn(CHILD.format(op=OPS["claim"]), segname, json.dumps(tickets), env={"HEADRACE_FAULT": "claim:1"})
+    first = spawn(CHILD.format(op=OPS["claim"][1]), segname, json.dumps(tickets), env={"HEADRACE_FAULT": "claim:1"})
     first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
     second = spawn(CHILD.format(op="seg.verify()"), segname, json.dumps(tickets), env={"HEADRACE_FAULT": "repair:1"})
