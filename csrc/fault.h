@@ -25,6 +25,7 @@ enum hr_fault_site {
     HR_FS_DEDUP_INSERT,
     HR_FS_DEDUP_DELETE,
     HR_FS_REQ_RESERVE,  /* request header written, tail not yet advanced */
+    HR_FS_GROUP,
     HR_FS_REPAIR,
     HR_NFAULTS,
 };

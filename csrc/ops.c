@@ -636,6 +636,7 @@ int hr_set_group_limit(void *mem, uint32_t group, uint32_t limit)
         return HR_E_INVALID;
     LOCKED(c, mem);
     c.g[group].limit = limit;
+    HR_FAULT(HR_FS_GROUP); /* limits are not journaled: the repair keeps them and re-parks as claims need */
     hr_group_freed(&c, group); /* a higher limit lets parked tasks go */
     hr_unlock(&c);
     hr_notify(mem, HR_EV_PENDING);

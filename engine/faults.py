@@ -40,6 +40,7 @@ SITES: Dict[str, int] = {
     "dedup_insert": lib.HR_FS_DEDUP_INSERT,
     "dedup_delete": lib.HR_FS_DEDUP_DELETE,
     "req_reserve": lib.HR_FS_REQ_RESERVE,
+    "group": lib.HR_FS_GROUP,
     "repair": lib.HR_FS_REPAIR,
 }
 

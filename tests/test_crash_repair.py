@@ -72,6 +72,7 @@ OPS = {
     "dedup_insert": ("dedup_insert", "seg.dedup_insert(KEY2, seg.get(12).slot)"),
     "dedup_delete": ("dedup_delete", "seg.dedup_delete(KEY)"),
     "req_reserve": ("req_reserve", "seg.req_reserve(100)"),
+    "set_group_limit": ("group", "seg.set_group_limit(1, 3)"),
 }
 
 CHILD = """
