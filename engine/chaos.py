@@ -225,7 +225,8 @@ class Harness:
                 time.sleep(0.01)
             for p in list(self.producers.values()) + [self.sup]:
                 p.wait()
-            Segment.unlink(self.paths.segment_name(self.db))
+            if os.path.exists(self.db):  # (a reboot before anyone created it has nothing to remove)
+                Segment.unlink(self.paths.segment_name(self.db))
             for kind_ in list(self.producers):
                 self._start_producer(kind_)
             self._start_workers()
