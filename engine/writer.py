@@ -360,7 +360,11 @@ class Writer:
                 seg.req_answer(h.pos, protocol.encode_error(msg))
             if recs or manage:
                 seg.notify(shm.EV_COMMIT)
-            self.scan = min([h.pos for h, _, _ in reports] + [self.scan])  # stored later, not dropped
+            if isinstance(e, (apsw.Error, OSError)) or recs or manage:
+                # Stored later, not dropped (next turn without the requests refused here).
+                self.scan = min([h.pos for h, _, _ in reports] + [self.scan])
+            else:  # the reports alone cannot be stored: retrying them would wedge every turn
+                self._drop_reports(reports)
             self._read_spill()  # the rolled-back turn may have counted spills
             self.waiting_n = self.store.waiting_count()  # ... and waiting dependents
             self.groups = self.store.groups()  # ... and new groups
@@ -506,6 +510,19 @@ class Writer:
                 seg.finish(ticket, shm.COMPLETED)
             else:
                 seg.fail(ticket, retry=bool(retry), delay_us=delay_us)
+
+    def _drop_reports(self, reports: List[Tuple[Any, int, list]]) -> None:
+        """Give up reports that cannot be stored: their attempts fail (and run
+        again), so that their workers stop renewing leases for them."""
+        for h, _, items in reports:
+            print(f"headrace writer: dropped a report of {len(items)} outcomes from pid {h.pid} that cannot be "
+                  "stored; those attempts count as failed", file=sys.stderr)
+            for tid, slot, attempt, *_ in items:
+                try:
+                    self.seg.fail(shm.Ticket(tid, slot, attempt), retry=True, delay_us=-1)
+                except errors.EngineError:
+                    pass
+            self.seg.req_set_state(h.pos, shm.REQ_DONE)
 
     def _manage(self, plan: "_Plan", h: Any, command: Tuple[str, tuple]) -> None:
         """A management request: its answer lists the ids it applied to."""

@@ -578,3 +578,45 @@ def test_verify_checks_that_the_database_and_the_segment_agree(db):
         r = subprocess.run([sys.executable, "-m", "engine.cli", "verify", db], capture_output=True, text=True,
                            env=child_env(), cwd=CHILD_CWD, timeout=60)
         assert r.returncode != 0 and "neither in the segment nor spilled" in r.stderr, r
+
+
+def test_reports_that_cannot_be_stored_fail_their_attempts_and_the_writer_carries_on(db, monkeypatch, capfd):
+    """A report whose outcomes cannot be stored (not a disk error: retrying
+    would fail every turn) is dropped, and its attempts count as failed, so
+    the task runs again; the next report of the same task is stored."""
+    import threading
+
+    from engine import config
+    from engine.writer import Writer
+
+    w = Writer(db, config.settings())  # in this process, turned by a thread: the queue attaches to it
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            if not w.turn():
+                time.sleep(0.001)
+            w.upkeep.maybe_run()
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        with engine.Queue(db) as q:
+            tid = q.submit("t", args=(1,))
+            job = q.claim(1, timeout=5)[0]
+
+            def refuse(rows):
+                raise TypeError("cannot store this result")
+            monkeypatch.setattr(w.store, "put_results", refuse)
+            job.complete({"v": 1})
+            wait_for(lambda: q.get(tid).state == "pending", what="the dropped report's attempt failed")
+            assert "dropped a report of 1 outcomes" in capfd.readouterr().err
+            monkeypatch.undo()
+            again = q.claim(1, timeout=5)[0]
+            assert again.attempt == 2 and again.complete({"v": 2})
+            assert q.result(tid, timeout=10) == {"v": 2}
+    finally:
+        stop.set()
+        t.join(10)
+        w.store.close()
+        os.ftruncate(w.lock_fd, 0)  # the db fixture stops the writer named there: not this process
+        os.close(w.lock_fd)
