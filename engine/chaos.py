@@ -154,8 +154,10 @@ class Harness:
     def _spawn(self, *args: str) -> subprocess.Popen:
         err = open(os.path.join(self.d, f"stderr-{args[0]}.log"), "ab")
         try:
+            # Run from the run's directory: `-m` puts the working directory first on sys.path,
+            # and a checkout there would shadow the installed package.
             return subprocess.Popen([sys.executable, "-m", "engine.chaos", "--dir", self.d, "--role", *args],
-                                    stdout=subprocess.DEVNULL, stderr=err)
+                                    stdout=subprocess.DEVNULL, stderr=err, cwd=self.d)
         finally:
             err.close()
 
@@ -355,7 +357,7 @@ def run(seconds: float, workers: int = 2, seed: Optional[int] = None, directory:
         keep: bool = False, log=print) -> Report:
     """Run the chaos harness for `seconds`; returns its report."""
     seed = random.randrange(1 << 30) if seed is None else seed
-    d = directory or tempfile.mkdtemp(prefix="headrace-chaos-")
+    d = os.path.abspath(directory or tempfile.mkdtemp(prefix="headrace-chaos-"))
     os.makedirs(d, exist_ok=True)
     log(f"headrace chaos: {seconds:.0f} s, {workers} workers, seed {seed}, in {d}")
     try:
