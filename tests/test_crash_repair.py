@@ -116,6 +116,38 @@ def test_kill_mid_operation_rolls_back_and_repairs(segname, op):
     seg.close()
 
 
+def test_kill_mid_evict_parked_rolls_back_and_repairs(segname):
+    """Shedding a full group's worst parked task (the writer spills it):
+    killed in the middle, the task is back and the group's lists agree."""
+    seg = Segment.create(segname, 64)
+    seg.set_group_limit(1, 1)
+    arr = seg.tasks(4)
+    for k in range(4):
+        fill_task(arr[k], k + 1, prio=k, group=1)
+    seg.push_batch(arr)
+    held, n = seg.pop_batch(4, now_us() + FAR)  # one runs; the other three are parked
+    assert n == 1 and seg.group_info(1)["parked"] == 3
+    recs, n, epoch = seg.peek_dirty(64)
+    seg.advance_dirty(n, epoch)  # clean slots: evict refuses dirty ones
+    ids = [1, 2, 3, 4]
+    before = snapshot(seg, ids)
+    code = "seg.evict_parked(1)"
+    child = spawn(CHILD.format(op=code), segname, "[]", env={"HEADRACE_FAULT": "evict:1"})
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, (child.returncode, out, err)
+    seg.verify()  # repair: everything parked goes back to the ready heap
+    assert seg.info()["stats"]["repairs"] == 1
+    assert snapshot(seg, ids) == before
+    assert seg.group_info(1)["members"] == 4
+    assert seg.group_info(1)["parked"] == 0  # parking is redone by claims
+    healthy = spawn(CHILD.format(op="seg.pop_batch(4, now_us() + 10**9); assert " + code), segname, "[]")
+    out, err = healthy.communicate(timeout=60)
+    assert healthy.returncode == 0 and "survived" in out, err
+    seg.verify()
+    assert seg.group_info(1)["members"] == 3 and seg.get(1) is None  # the worst parked one (prio 0) was shed
+    seg.close()
+
+
 def test_repairer_killed_mid_repair_leaves_a_repairable_segment(segname):
     seg = Segment.create(segname, 64)
     ids, tickets = populate(seg)
