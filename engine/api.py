@@ -879,7 +879,11 @@ class Queue:
 
         Its result is None while it has none, and also in a queue opened
         with JSON when the result is pickled (see :meth:`result`)."""
-        rec = self.reader.task(_check_tid(tid))
+        # The segment first: a slot is freed only after its outcome is
+        # committed, so a database read after it never misses that outcome.
+        tid = _check_tid(tid)
+        live = self.seg.get(tid)
+        rec = self.reader.task(tid)
         if rec is None:
             return None
         hist = rec["history"]
@@ -893,7 +897,6 @@ class Queue:
                 started = at / 1e6
             if st in shm.TERMINAL:
                 finished = at / 1e6
-        live = self.seg.get(tid)
         if live is None and state not in ("completed", "dead", "cancelled") and self.reader.is_waiting(tid):
             state = "waiting"
         progress = run_at = None

@@ -620,3 +620,19 @@ def test_reports_that_cannot_be_stored_fail_their_attempts_and_the_writer_carrie
         w.store.close()
         os.ftruncate(w.lock_fd, 0)  # the db fixture stops the writer named there: not this process
         os.close(w.lock_fd)
+
+
+def test_get_never_shows_an_older_state_while_the_writer_flushes(db):
+    """q.get reads the segment before the database: a slot is freed only
+    after its outcome is committed, so a task that just ended never reads
+    back as live (it did when the database was read first and the slot was
+    freed in between)."""
+    with engine.Queue(db) as q:
+        seen = set()
+        for i in range(40):
+            tid = q.submit("t", args=(i,), delay=60)
+            q.cancel(tid)
+            end = time.monotonic() + 0.05  # across the flush (20 ms) and the slot's release
+            while time.monotonic() < end:
+                seen.add(q.get(tid).state)
+        assert seen == {"cancelled"}
