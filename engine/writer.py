@@ -176,7 +176,7 @@ class Writer:
         max_seq = placed = 0
         for row in live:
             max_seq = max(max_seq, row[2])
-            gate = self.gates.get(row[9], 0) if row[9] else 0
+            gate = self._gate(row)
             if gate:
                 members[gate] = members.get(gate, 0) + 1
             if placed < fill and (not gate or members[gate] <= self._quota(gate, seg.capacity)):
@@ -247,8 +247,12 @@ class Writer:
         limit = self.limited[gate]
         return limit + max(limit, capacity // (GROUP_SHARE * len(self.limited)))
 
+    def _gate(self, r: LiveRow) -> int:
+        """The spill partition of a live row: its group's index if the group is limited, else 0."""
+        return self.gates.get(r[9], 0)
+
     def _spill_row(self, r: LiveRow) -> SpillRow:
-        return r[1], r[2], r[0], self.gates.get(r[9], 0) if r[9] else 0
+        return r[1], r[2], r[0], self._gate(r)
 
     def _hold_back(self, rows: List[LiveRow]) -> Tuple[List[LiveRow], List[SpillRow]]:
         """Split rows about to enter the segment: tasks of a limited group
@@ -258,7 +262,7 @@ class Writer:
         by_gate: Dict[int, List[LiveRow]] = {}
         keep = []
         for r in rows:
-            gate = self.gates.get(r[9], 0) if r[9] else 0
+            gate = self._gate(r)
             if gate:
                 by_gate.setdefault(gate, []).append(r)
             else:
@@ -427,10 +431,15 @@ class Writer:
                 self._spill(rows)
             return True
         except apsw.Error as e:
-            self._read_spill()  # what the rollback undid
-            self.unspilled.extend(rows)
-            self.store_failed(e)
+            self._spill_refused(e, rows)
             return False
+
+    def _spill_refused(self, e: apsw.Error, rows: List[SpillRow]) -> None:
+        """A spill transaction the disk refused: reload what the rollback
+        undid, and keep `rows` for the next upkeep pass."""
+        self._read_spill()
+        self.unspilled.extend(rows)
+        self.store_failed(e)
 
     def store_failed(self, e: BaseException) -> None:
         """Say once that the database refuses writes (not every 50 ms while a disk is full)."""
@@ -732,7 +741,7 @@ class Writer:
         ahead, spill = self._hold_back([(r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in rows])
         top = self.spill_top
         if top is not None:  # gate 0 keeps every spilled task behind the segment's
-            behind = [r for r in ahead if not _live_rank(r) < top and not self.gates.get(r[9])]
+            behind = [r for r in ahead if not _live_rank(r) < top and not self._gate(r)]
             if behind:
                 spill.extend(map(self._spill_row, behind))
                 out = {r[0] for r in behind}
@@ -949,9 +958,7 @@ class Writer:
                 self.spill_n -= len(rows)
                 self._read_spill_top()
         except apsw.Error as e:
-            self._read_spill()
-            self.unspilled.extend(evicted)
-            self.store_failed(e)
+            self._spill_refused(e, evicted)
             return
         self._place_or_spill([r for r in rows if seg.get(r[0]) is None])
 
@@ -996,9 +1003,7 @@ class Writer:
             self.gate_n[gate] -= len(rows)
             self.spill_n -= len(rows)
             free -= len(rows)
-            left = self._place(seg, [r for r in rows if seg.get(r[0]) is None])
-            if left:
-                self._spill_now(list(map(self._spill_row, left)))
+            self._place_or_spill([r for r in rows if seg.get(r[0]) is None], held=True)
         return free
 
     # ---- lifecycle ---------------------------------------------------------------------
