@@ -539,14 +539,15 @@ class SQLiteStore(_Reads, Store):
 
     # ---- writes --------------------------------------------------------------
 
-    def insert_tasks(self, rows: Sequence[TaskRow], bodies: Sequence[Tuple[int, bytes]]) -> None:
-        c = self.conn
+    def _insert(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if len(rows) == 1:  # the one-by-one submit: execute is cheaper than executemany
-            c.execute(_INSERT_TASK, rows[0])
-            c.execute(_INSERT_PAYLOAD, bodies[0])
-            return
-        c.executemany(_INSERT_TASK, rows)
-        c.executemany(_INSERT_PAYLOAD, bodies)
+            self.conn.execute(sql, rows[0])
+        elif rows:
+            self.conn.executemany(sql, rows)
+
+    def insert_tasks(self, rows: Sequence[TaskRow], bodies: Sequence[Tuple[int, bytes]]) -> None:
+        self._insert(_INSERT_TASK, rows)
+        self._insert(_INSERT_PAYLOAD, bodies)
 
     def existing(self, ids: Sequence[int]) -> List[int]:
         out = []
@@ -573,10 +574,7 @@ class SQLiteStore(_Reads, Store):
             "SELECT name,max_attempts,timeout_ms,backoff,every_us,cron,prio,next_at FROM definitions")}
 
     def log_submits(self, rows: Sequence[Tuple[int, int, int, int]]) -> None:
-        if len(rows) == 1:  # the one-by-one submit: execute is cheaper than executemany
-            self.conn.execute(_INSERT_EVENT, rows[0])
-        elif rows:
-            self.conn.executemany(_INSERT_EVENT, rows)
+        self._insert(_INSERT_EVENT, rows)
 
     def purge_events(self, before_us: int, limit: int) -> None:
         self.conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? ORDER BY seq LIMIT ?)",
