@@ -922,7 +922,7 @@ class Queue:
                 error = errors.read_error(body)
             elif attempt == attempts and state == "completed":
                 # A queue opened with JSON never unpickles (it runs code): the result stays None.
-                if rec["serializer"] != SERIALIZERS["pickle"] or self._ser == SERIALIZERS["pickle"]:
+                if not self._untrusted(rec["serializer"]):
                     result = loads_value(rec["serializer"], body)
         return TaskInfo(id=tid, name=rec["name"], state=state, priority=rec["priority"], attempts=attempts,
                         max_attempts=max_attempts, created=rec["created"] / 1e6, started=started,
@@ -1089,17 +1089,27 @@ class Queue:
             if not seg.wait(shm.EV_FINISH, seen, wait):
                 self._refresh()
 
+    def _untrusted(self, ser: int) -> bool:
+        """Whether a body stored with serializer `ser` is pickled while this
+        queue was opened with JSON: unpickling runs code, so it is never loaded."""
+        return ser == SERIALIZERS["pickle"] != self._ser
+
+    def _refuse_untrusted(self, ser: int, what: str) -> None:
+        """Raise UntrustedPayload if `what`, stored with serializer `ser`, must not be loaded here."""
+        if self._untrusted(ser):
+            raise errors.UntrustedPayload(
+                f"{what} is pickled, and this queue was opened with serializer={self.serializer!r}; unpickling "
+                "runs code, so only a queue opened with serializer='pickle' (for trusted producers) loads it")
+
     def _ended(self, tid: int, state: int, attempt: int) -> Any:
         end = self.reader.ending(tid)
         ser = end[4] if end else self._ser
         if state == shm.COMPLETED:
             body = self.reader.result_of(tid, attempt)
-            if body is not None and ser == SERIALIZERS["pickle"] != self._ser:
-                raise errors.UntrustedPayload(
-                    f"the result of task {tid} is pickled, and this queue was opened with serializer="
-                    f"{self.serializer!r}; unpickling runs code, so only a queue opened with "
-                    "serializer='pickle' (for trusted producers) loads it")
-            return None if body is None else loads_value(ser, body)
+            if body is None:
+                return None
+            self._refuse_untrusted(ser, f"the result of task {tid}")
+            return loads_value(ser, body)
         err = errors.read_error(self.reader.last_error(tid))
         what = STATE_NAMES[state]
         detail = f": {err['type']}: {err['message']}" if err else ""

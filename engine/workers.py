@@ -16,7 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from . import errors, protocol, shm
-from .api import SERIALIZERS, dumps_value, loads
+from .api import dumps_value, loads
 from .shm import Ticket, now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +35,6 @@ SETTLE_WAIT = 10.0
 MAX_ERROR = 4000
 #: Bytes a result report takes besides the result itself.
 REPORT_ROOM = 256
-SER_PICKLE = SERIALIZERS["pickle"]
 
 
 class ClaimedJob:
@@ -215,7 +214,8 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
             q.seg.finish(t, shm.PENDING)
             continue
         name, ser, created, body, max_attempts, base, timeout_ms = row
-        if not max_attempts:
+        adopted = not max_attempts
+        if adopted:
             # Submitted by name before any worker defined the task: this
             # worker's definition fills in the limits.
             policy = policies.get(name)
@@ -225,15 +225,11 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
             max_attempts, timeout_ms, backoff = policy
             max_attempts += base
             q.seg.adopt(t, max_attempts, timeout_ms, backoff)
-            if start and timeout_ms:  # the claim started the others' clocks
-                q.seg.clock(t, True, now_us() + int(q.settings.lease * 1e6))
         job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
+        if adopted and start and timeout_ms:  # the claim started the others' clocks
+            job.start()
         try:
-            if ser == SER_PICKLE and q._ser != SER_PICKLE:
-                raise errors.UntrustedPayload(
-                    f"task {t.id} ({name!r}) has a pickled payload, and this queue was opened with "
-                    f"serializer={q.serializer!r}; unpickling runs code, so only a queue opened with "
-                    "serializer='pickle' (for trusted producers) loads it")
+            q._refuse_untrusted(ser, f"the payload of task {t.id} ({name!r})")
             job.args, job.kwargs = loads(ser, body)
         except Exception as e:  # it can never run: dead, with the reason as its error
             print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({type(e).__name__}: "
