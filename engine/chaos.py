@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
+from . import paths
+
 TASK = "chaos.run"
 #: Queue settings of every process: a short lease brings a killed worker's
 #: tasks back soon, and a small segment makes the backlog spill to disk.
@@ -43,15 +45,6 @@ TUNING = {"lease": 2.0, "capacity": 4096}
 KINDS = ("worker", "supervisor", "writer", "producer", "reboot")
 #: How often each kind of kill is chosen (after one of each).
 WEIGHTS = (30, 10, 25, 20, 15)
-
-
-def _append(path: str, text: str) -> None:
-    """One write(2) on an O_APPEND file: whole lines, even if we are killed."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 # ---- the processes under test -------------------------------------------------------
@@ -68,17 +61,17 @@ def _producer(d: str, kind: str, inc: int, seed: int) -> None:
         if kind == "single":
             tok = f"s{inc}-{n}"
             n += 1
-            _append(log, f"try {tok}\n")
+            paths.append(log, f"try {tok}\n")
             tid = q.submit(TASK, args=(tok,), priority=rng.choice((0, 0, 0, 5, 9)))
-            _append(log, f"ack {tok} {tid}\n")
+            paths.append(log, f"ack {tok} {tid}\n")
             time.sleep(rng.random() * 0.002)
         else:
             toks = [f"b{inc}-{n + k}" for k in range(rng.randint(1, 300))]
             n += len(toks)
-            _append(log, "".join(f"try {t}\n" for t in toks))
+            paths.append(log, "".join(f"try {t}\n" for t in toks))
             prio = rng.choice((0, 1, 9))
             out = q.submit_batch([engine.Job(TASK, args=(t,), priority=prio) for t in toks])
-            _append(log, "".join(f"ack {t} {o.id}\n" for t, o in zip(toks, out.outcomes)))
+            paths.append(log, "".join(f"ack {t} {o.id}\n" for t, o in zip(toks, out.outcomes)))
             time.sleep(0.05 + rng.random() * 0.1)
     q.close()
 
@@ -90,7 +83,7 @@ def _workers(d: str, processes: int) -> int:
 
     @q.task(name=TASK)
     def run(tok: str) -> Optional[str]:
-        _append(log, f"run {tok} {os.getpid()} {time.time():.6f}\n")
+        paths.append(log, f"run {tok} {os.getpid()} {time.time():.6f}\n")
         n = int(tok.rpartition("-")[2])
         if n % 7 == 0:
             time.sleep(0.003)  # some work in flight when a kill comes
@@ -136,7 +129,6 @@ class Report:
 
 class Harness:
     def __init__(self, d: str, workers: int, seed: int, log=print) -> None:
-        from . import paths
         self.d = d
         self.db = os.path.join(d, "q.db")
         self.workers = workers
@@ -149,7 +141,6 @@ class Harness:
         self.report = Report()
         self.producers: Dict[str, subprocess.Popen] = {}
         self.sup: Optional[subprocess.Popen] = None
-        self.paths = paths
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         err = open(os.path.join(self.d, f"stderr-{args[0]}.log"), "ab")
@@ -193,7 +184,7 @@ class Harness:
         self._kill_one(kind)
         self.kill_times.append((start, time.time()))
         self.report.kills[kind] += 1
-        _append(os.path.join(self.d, "kills.log"), f"{kind} {start:.6f} {time.time():.6f}\n")
+        paths.append(os.path.join(self.d, "kills.log"), f"{kind} {start:.6f} {time.time():.6f}\n")
 
     def _kill_one(self, kind: str) -> None:
         import psutil
@@ -209,7 +200,7 @@ class Harness:
             self.sup.wait()
             self._start_workers()  # its orphans finish their batch and exit
         elif kind == "writer":
-            self._kill(self.paths.writer_pid(self.db))  # the next process that needs one restarts it
+            self._kill(paths.writer_pid(self.db))  # the next process that needs one restarts it
         elif kind == "producer":
             which = self.rng.choice(sorted(self.producers))
             self._kill(self.producers[which].pid)
@@ -228,7 +219,7 @@ class Harness:
             for p in list(self.producers.values()) + [self.sup]:
                 p.wait()
             if os.path.exists(self.db):  # (a reboot before anyone created it has nothing to remove)
-                Segment.unlink(self.paths.segment_name(self.db))
+                Segment.unlink(paths.segment_name(self.db))
             for kind_ in list(self.producers):
                 self._start_producer(kind_)
             self._start_workers()
@@ -264,7 +255,7 @@ class Harness:
 
     def _finish(self) -> None:
         import engine
-        _append(os.path.join(self.d, "stop"), "")
+        paths.append(os.path.join(self.d, "stop"), "")
         for kind, p in self.producers.items():
             try:
                 p.wait(60)
@@ -379,7 +370,6 @@ def run(seconds: float, workers: int = 2, seed: Optional[int] = None, directory:
 
 def _cleanup(d: str, files: bool) -> None:
     """Unlink the run's segment once its writer is gone; and its files."""
-    from . import paths
     from .shm import Segment
     db = os.path.join(d, "q.db")
     deadline = time.time() + 10

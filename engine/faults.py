@@ -22,7 +22,7 @@ import os
 import signal
 from typing import Any, Dict, List, Optional
 
-from . import errors
+from . import errors, paths
 from ._core import lib
 
 #: Site name -> C site number; one per locked operation, plus the repair.
@@ -82,9 +82,7 @@ def point(site: str) -> None:
     if a[1] >= a[0]:
         log = os.environ.get("HEADRACE_FAULT_LOG")
         if log:
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.write(fd, f"{site}\n".encode())
-            os.close(fd)
+            paths.append(log, f"{site}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -65,6 +65,16 @@ def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT, *, strict: bool
     return fd
 
 
+def append(path: str, text: str) -> None:
+    """Append `text` with one write(2) on an O_APPEND file (created 0600):
+    whole lines, even from a process killed right after."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def check_sqlite_files(db: str) -> None:
     """Refuse a -wal, -shm or -journal file of `db` that SQLite would open
     but headrace would not make: of another user (planted in a shared
