@@ -149,3 +149,12 @@ def kill_writer(db: str) -> Optional[int]:
         except ProcessLookupError:
             pass
     return pid
+
+
+def send_raw(q, data: bytes) -> bytes:
+    """Publish `data` as a request in `q`'s request area, as a producer
+    would, and return the writer's answer."""
+    pos = q.seg.req_reserve(len(data) + 256)
+    q.seg.req_write(pos, data)
+    q.seg.req_publish(pos)
+    return q._await_answer(pos)

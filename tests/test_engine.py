@@ -14,7 +14,7 @@ import pytest
 import engine
 from engine import Segment, errors, paths, protocol, shm
 from engine_helpers import (acked, done_counts, kill_writer, read_log, start_producer, start_workers, stop,
-                            wait_for, writer_pid)
+                            send_raw, wait_for, writer_pid)
 from helpers import CHILD_CWD, child_env
 
 
@@ -503,11 +503,8 @@ def test_a_malformed_request_is_refused_and_the_writer_carries_on(db):
     with engine.Queue(db) as q:
         pid = writer_pid(db)
         for junk in (b"\x00\x01garbage", protocol.encode_request(0, [("not", "an item")])):
-            pos = q.seg.req_reserve(len(junk) + 256)
-            q.seg.req_write(pos, junk)
-            q.seg.req_publish(pos)
             with pytest.raises(errors.SubmitFailed, match="malformed"):
-                protocol.decode_answer(q._await_answer(pos))
+                protocol.decode_answer(send_raw(q, junk))
         assert writer_pid(db) == pid and paths.writer_alive(db)
         tid = q.submit("t", args=(1,))
         assert [j.id for j in q.claim(max=1, timeout=5)] == [tid]

@@ -653,19 +653,15 @@ def test_a_request_the_writer_cannot_store_is_refused_and_the_writer_carries_on(
     replayed the request and died again.  Now the request is refused and
     the writer lives."""
     from engine import paths, protocol
-    from engine_helpers import writer_pid
+    from engine_helpers import send_raw, writer_pid
 
     with engine.Queue(db) as q:
         pid = writer_pid(db)
         good = q._item("t", [1], {}, 0, None, None, engine.shm.now_us())
         for bad in (good[:1] + ("t\ud800",) + good[2:], good[:8] + ("g\udc00",) + good[9:]):
             bad = (q.seg.reserve_ids(1),) + bad[1:]
-            data = protocol.encode_request(0, [bad])
-            pos = q.seg.req_reserve(len(data) + 256)
-            q.seg.req_write(pos, data)
-            q.seg.req_publish(pos)
             with pytest.raises(errors.SubmitFailed, match="UnicodeEncodeError"):
-                protocol.decode_answer(q._await_answer(pos))
+                protocol.decode_answer(send_raw(q, protocol.encode_request(0, [bad])))
         assert writer_pid(db) == pid and paths.writer_alive(db)
         q.submit("t", group="g2")  # a group the failed turn did not leave half-known
         tid = q.submit("t", args=(2,), group="g\u00e9")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 from .base import Recorder
-from .huey_sqlite import HUEY_TASK
+from .huey_sqlite import consume, with_task
 from .servers import RedisAdapter, redis_durability, redis_url
 
 
@@ -15,14 +15,7 @@ def make_huey(ns: str, rec: Optional[Recorder] = None) -> Any:
 
     # results=False: a no-op returns None, which huey would not store anyway.
     # blocking=True (its default): workers wait in BRPOP, read_timeout 1 s.
-    h = RedisHuey(ns, url=redis_url(), results=False, blocking=True)
-
-    @h.task(name=HUEY_TASK)
-    def noop(p: Dict[str, Any]) -> None:
-        if rec is not None:
-            rec.record(p)
-    h.bench_task = noop
-    return h
+    return with_task(RedisHuey(ns, url=redis_url(), results=False, blocking=True), rec)
 
 
 class HueyRedis(RedisAdapter):
@@ -55,11 +48,4 @@ class HueyRedis(RedisAdapter):
         self.h.storage.pool.disconnect()
 
     def serve(self, rec: Recorder, ready: Callable[[], None], go: Callable[[], None]) -> None:
-        from huey.consumer import Consumer
-        h = make_huey(self.ns, rec)
-        consumer = Consumer(h, workers=2, worker_type="process", periodic=False,
-                            initial_delay=self.poll, backoff=1.0, max_delay=self.poll,
-                            graceful_signal="TERM")
-        ready()
-        go()
-        consumer.run()  # returns after SIGTERM (graceful: running tasks finish)
+        consume(make_huey(self.ns, rec), self.poll, ready, go)

@@ -26,15 +26,28 @@ def make_huey(path: str, rec: Optional[Recorder] = None) -> Any:
             return conn
 
     # results=False: a no-op returns None, which huey would not store anyway.
-    h = SqliteHuey("bench", filename=path, results=False, storage_class=NormalSyncStorage,
-                   journal_mode="wal", timeout=BUSY_TIMEOUT)
+    return with_task(SqliteHuey("bench", filename=path, results=False, storage_class=NormalSyncStorage,
+                                journal_mode="wal", timeout=BUSY_TIMEOUT), rec)
 
+
+def with_task(h: Any, rec: Optional[Recorder]) -> Any:
+    """Huey `h` with the benchmark's task registered (as ``h.bench_task``)."""
     @h.task(name=HUEY_TASK)
     def noop(p: Dict[str, Any]) -> None:
         if rec is not None:
             rec.record(p)
     h.bench_task = noop
     return h
+
+
+def consume(h: Any, poll: float, ready: Callable[[], None], go: Callable[[], None]) -> None:
+    """Run huey's consumer on `h` with 2 process workers, polling every `poll` s, until SIGTERM."""
+    from huey.consumer import Consumer
+    consumer = Consumer(h, workers=2, worker_type="process", periodic=False,
+                        initial_delay=poll, backoff=1.0, max_delay=poll, graceful_signal="TERM")
+    ready()
+    go()
+    consumer.run()  # returns after SIGTERM (graceful: running tasks finish)
 
 
 class Huey(Adapter):
@@ -73,11 +86,4 @@ class Huey(Adapter):
         self.h.storage.close()
 
     def serve(self, rec: Recorder, ready: Callable[[], None], go: Callable[[], None]) -> None:
-        from huey.consumer import Consumer
-        h = make_huey(self._db(), rec)
-        consumer = Consumer(h, workers=2, worker_type="process", periodic=False,
-                            initial_delay=self.poll, backoff=1.0, max_delay=self.poll,
-                            graceful_signal="TERM")
-        ready()
-        go()
-        consumer.run()  # returns after SIGTERM (graceful: running tasks finish)
+        consume(make_huey(self._db(), rec), self.poll, ready, go)
