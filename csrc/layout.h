@@ -130,10 +130,14 @@ typedef struct hr_rent {
     uint32_t seen;
 } hr_rent;
 
+/* Most waiters that spin at once, whatever the number of cores. */
+#define HR_SPIN_TOKENS 4
+
 typedef struct hr_event {
     uint32_t value;
-    uint32_t waiters;
-    uint8_t _pad[56]; /* one cache line each */
+    uint32_t waiters;     /* asleep on the futex */
+    int64_t spin_until;   /* its spinner gives up then (us, monotonic); at most one spins */
+    uint8_t _pad[48];     /* one cache line each */
 } hr_event;
 
 /* Counters kept for stats and tests; none is needed for correctness. */
@@ -203,6 +207,10 @@ typedef struct hr_header {
     /* Oldest unreclaimed request record.  Written by the one consumer,
      * without the lock (release); producers read it with acquire. */
     uint64_t req_head __attribute__((aligned(64)));
+    /* Spin tokens (see hr_wait): each holds the time (us, monotonic) its
+     * spinner gives up, 0 when free.  They sit in what was padding, so a
+     * segment made before them reads as all free. */
+    int64_t spin_tokens[HR_SPIN_TOKENS];
 
     hr_event events[HR_NEVENTS] __attribute__((aligned(64)));
 } hr_header;

@@ -1,18 +1,52 @@
 #include <errno.h>
 #include <limits.h>
 #include <time.h>
+#include <unistd.h>
 #include "headrace.h"
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 /* A futex sleep/wake pair costs tens of microseconds on a VM; a short spin
  * catches events that are about to happen anyway. */
 static uint32_t wait_spin_us = 20;
+/* Spinners allowed at once: one core is always left to the process being
+ * waited for.  With 4 producers and the writer on 2 cores, spinning
+ * producers took the writer's core and halved the commit rate. */
+static int spin_slots = -1;
 
 void hr_set_wait_spin(uint32_t spin_us) { wait_spin_us = spin_us; }
+
+static int spin_slot_count(void)
+{
+    if (spin_slots < 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN) - 1;
+        spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
+    }
+    return spin_slots;
+}
+
+/* A free spin token, claimed until `until`; -1 if all are taken.  A token
+ * whose time has passed is free, so a spinner killed mid-spin costs
+ * nothing once its time is up. */
+static int take_spin_token(hr_header *h, int64_t now, int64_t until)
+{
+    int n = spin_slot_count();
+    for (int i = 0; i < n; i++) {
+        int64_t t = __atomic_load_n(&h->spin_tokens[i], __ATOMIC_RELAXED);
+        if (t <= now && __atomic_compare_exchange_n(&h->spin_tokens[i], &t, until, 0, __ATOMIC_ACQ_REL,
+                                                    __ATOMIC_RELAXED))
+            return i;
+    }
+    return -1;
+}
+
+/* Free a claim that still holds our time (one that lapsed may be another's now). */
+static void give_until(int64_t *claim, int64_t until)
+{
+    __atomic_compare_exchange_n(claim, &until, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+}
 
 static inline hr_event *event(void *mem, int ev) { return &((hr_header *)mem)->events[ev]; }
 
@@ -51,12 +85,32 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
     int64_t start = now_us();
     int64_t deadline = timeout_us < 0 ? INT64_MAX : start + timeout_us;
     int64_t spin_end = start + wait_spin_us;
-    for (int64_t t = start; t < spin_end && t < deadline; t = now_us()) {
-        for (int k = 0; k < 64; k++) {
-            if (__atomic_load_n(&e->value, __ATOMIC_ACQUIRE) != seen)
-                return HR_OK;
-            hr_cpu_relax();
+    /* Spin only as the event's one waiter: where others wait too (4
+     * producers sharing commits), the event comes for all of them at once
+     * and their spinning would only slow the process they wait for. */
+    int token = -1;
+    int64_t su = __atomic_load_n(&e->spin_until, __ATOMIC_RELAXED);
+    if (wait_spin_us && su <= start && __atomic_load_n(&e->waiters, __ATOMIC_RELAXED) == 0 &&
+        __atomic_compare_exchange_n(&e->spin_until, &su, spin_end, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        token = take_spin_token((hr_header *)mem, start, spin_end);
+        if (token < 0)
+            give_until(&e->spin_until, spin_end);
+    }
+    if (token >= 0) {
+        int got = 0;
+        for (int64_t t = start; !got && t < spin_end && t < deadline; t = now_us()) {
+            for (int k = 0; k < 64; k++) {
+                if (__atomic_load_n(&e->value, __ATOMIC_ACQUIRE) != seen) {
+                    got = 1;
+                    break;
+                }
+                hr_cpu_relax();
+            }
         }
+        give_until(&((hr_header *)mem)->spin_tokens[token], spin_end);
+        give_until(&e->spin_until, spin_end);
+        if (got)
+            return HR_OK;
     }
     __atomic_add_fetch(&e->waiters, 1, __ATOMIC_SEQ_CST);
     int rc = HR_E_TIMEOUT;
