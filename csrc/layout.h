@@ -225,7 +225,8 @@ typedef struct hr_req {
     uint32_t pid;     /* the producer's pid */
     uint32_t nbytes;  /* data bytes: the request, later the response */
     uint64_t pos;     /* this record's own position */
-    uint64_t tag;     /* free for the caller; 0 on reserve */
+    uint64_t tag;     /* while RESERVED: data bytes a streaming producer has written so far
+                       * (hr_req_stream); 0 on reserve and for a request written whole */
 } hr_req;
 
 /* A producer reserves (RESERVED), writes and publishes (READY); the consumer

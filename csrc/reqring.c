@@ -56,7 +56,8 @@ static inline void read_rec(const hr_req *r, hr_req *out)
     out->pid = r->pid;
     out->nbytes = __atomic_load_n(&r->nbytes, __ATOMIC_RELAXED);
     out->pos = r->pos;
-    out->tag = r->tag;
+    /* Acquire: a streaming producer's release store of it published the data. */
+    out->tag = __atomic_load_n(&r->tag, __ATOMIC_ACQUIRE);
 }
 
 int hr_req_reserve(void *mem, uint32_t nbytes, uint32_t pid, uint64_t *pos)
@@ -129,16 +130,35 @@ int hr_req_cas_state(void *mem, uint64_t pos, uint32_t expect, uint32_t state)
     return HR_OK;
 }
 
+/* The record at `pos`, if `nbytes` of data fit in it. */
+static int sized_rec(void *mem, uint64_t pos, uint32_t nbytes, hr_req **out)
+{
+    int rc = locate_rec((hr_header *)mem, pos, out);
+    if (rc == HR_OK && nbytes > (*out)->len - HDR)
+        return HR_E_INVALID;
+    return rc;
+}
+
 /* No ordering of its own: the state store that follows publishes it. */
 int hr_req_set_nbytes(void *mem, uint64_t pos, uint32_t nbytes)
 {
     hr_req *r;
-    int rc = locate_rec((hr_header *)mem, pos, &r);
+    int rc = sized_rec(mem, pos, nbytes, &r);
     if (rc != HR_OK)
         return rc;
-    if (nbytes > r->len - HDR)
-        return HR_E_INVALID;
     __atomic_store_n(&r->nbytes, nbytes, __ATOMIC_RELAXED);
+    return HR_OK;
+}
+
+int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes)
+{
+    hr_req *r;
+    int rc = sized_rec(mem, pos, nbytes, &r);
+    if (rc != HR_OK)
+        return rc;
+    if (__atomic_load_n(&r->state, __ATOMIC_RELAXED) != HR_REQ_RESERVED)
+        return HR_E_STATE;
+    __atomic_store_n(&r->tag, (uint64_t)nbytes, __ATOMIC_RELEASE);
     return HR_OK;
 }
 

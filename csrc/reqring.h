@@ -20,6 +20,9 @@ int hr_req_data(void *mem, uint64_t pos, uint64_t *off);
 int hr_req_set_state(void *mem, uint64_t pos, uint32_t state);
 int hr_req_cas_state(void *mem, uint64_t pos, uint32_t expect, uint32_t state);
 int hr_req_set_nbytes(void *mem, uint64_t pos, uint32_t nbytes);
+/* A producer that writes its request in parts says how many data bytes are
+ * complete, so the consumer can start on them before the record is READY. */
+int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes);
 int hr_req_get(void *mem, uint64_t pos, hr_req *out);
 int hr_req_next(void *mem, uint64_t pos, hr_req *out);
 int64_t hr_req_reclaim(void *mem, uint64_t upto);

@@ -8,6 +8,7 @@ import os
 import pickle
 import reprlib
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
                     Tuple, TypeVar, Union, overload)
@@ -32,6 +33,14 @@ REPORT_BATCH = 256
 REPORT_BYTES = 1 << 20
 #: Seconds between a worker's reports of its task definitions to the writer.
 DEFINE_INTERVAL = 5.0
+#: submit_batch sends a chunk of plain jobs (no dedup key, no dependencies)
+#: in parts of at most this many jobs, each as soon as it is serialised, so
+#: that the writer stores one part while the next is being serialised.  The
+#: first part is smaller, to start the writer sooner.
+STREAM_PART = 256
+STREAM_FIRST = 64
+#: Jobs a batch needs before it is sent in parts.
+STREAM_MIN = 2 * STREAM_PART
 #: Running tasks whose progress :meth:`Queue.stats` reports.
 STATS_RUNNING = 20
 
@@ -623,23 +632,11 @@ class Queue:
             raise errors.InvalidType(f"submit_batch takes an iterable of engine.Job, got {_short(jobs)}")
         created = shm.now_us()
         bad: Dict[int, BaseException] = {}
-        items: List[protocol.Item] = []
-        where: List[int] = []
-        item = self._item
-        n = 0
-        for k, job in enumerate(jobs):
-            n += 1
-            try:
-                if job.__class__ is not Job and not isinstance(job, Job):
-                    raise errors.InvalidType(f"submit_batch takes engine.Job items, got {_short(job)}")
-                kwargs = {} if job.kwargs is None else job.kwargs
-                items.append(item(job.name, job.args, kwargs, job.priority, job.dedup_key, job.max_attempts, created,
-                                  _run_at_us(job.delay, job.run_at, created)
-                                  if job.delay is not None or job.run_at is not None else 0, job.group,
-                                  job.depends_on, job.tags))
-                where.append(k)
-            except Exception as e:  # this job alone is rejected, whatever is wrong with it
-                bad[k] = e if isinstance(e, (errors.EngineError, TypeError, ValueError)) else _wrapped(k, e)
+        if jobs.__class__ in (list, tuple) and len(jobs) >= STREAM_MIN and all(  # type: ignore[arg-type]
+                j.__class__ is Job and j.dedup_key is None and not j.depends_on for j in jobs):
+            return self._stream_batch(jobs, mode, created)  # type: ignore[arg-type]
+        items, where = self._job_items(enumerate(jobs), created, bad)
+        n = len(items) + len(bad)  # each job is in one or the other
         if any(map(_DEPS, items)):
             missing = self._missing_parents(items)
             for j in sorted(missing, reverse=True):
@@ -657,6 +654,105 @@ class Queue:
                 if j in se:
                     bad[k] = se[j]
         return BatchOutcome(kinds, ids, others, bad)
+
+    def _job_items(self, jobs: Iterable[Tuple[int, Any]], created: int, bad: Dict[int, BaseException]
+                   ) -> Tuple[List[protocol.Item], List[int]]:
+        """Items of the (index, job) pairs, and their indexes; a job that
+        fails validation or serialisation goes into `bad` instead."""
+        items: List[protocol.Item] = []
+        where: List[int] = []
+        item = self._item
+        for k, job in jobs:
+            try:
+                if job.__class__ is not Job and not isinstance(job, Job):
+                    raise errors.InvalidType(f"submit_batch takes engine.Job items, got {_short(job)}")
+                kwargs = {} if job.kwargs is None else job.kwargs
+                items.append(item(job.name, job.args, kwargs, job.priority, job.dedup_key, job.max_attempts, created,
+                                  _run_at_us(job.delay, job.run_at, created)
+                                  if job.delay is not None or job.run_at is not None else 0, job.group,
+                                  job.depends_on, job.tags))
+                where.append(k)
+            except Exception as e:  # this job alone is rejected, whatever is wrong with it
+                bad[k] = e if isinstance(e, (errors.EngineError, TypeError, ValueError)) else _wrapped(k, e)
+        return items, where
+
+    def _stream_batch(self, jobs: Sequence[Job], mode: int, created: int) -> BatchOutcome:
+        """submit_batch of plain jobs, each chunk sent in parts as it is serialised."""
+        n = len(jobs)
+        kinds = bytearray([_REJECTED]) * n
+        ids: List[Optional[int]] = [None] * n
+        others = [0] * n
+        bad: Dict[int, BaseException] = {}
+        k = 0
+        carry: Optional[Tuple[List[protocol.Item], List[int], bytes]] = None
+        while k < n or carry:
+            k, carry, items, where, (kd, flat) = self._stream_chunk(jobs, k, carry, mode, created, bad)
+            for j, w in enumerate(where):
+                kinds[w], ids[w], others[w] = kd[j], flat[2 * j], flat[2 * j + 1]
+        return BatchOutcome(kinds, ids, others, bad)
+
+    def _stream_part(self, jobs: Sequence[Job], k: int, take: int, mode: int, created: int,
+                     bad: Dict[int, BaseException]) -> Tuple[List[protocol.Item], List[int], bytes]:
+        items, where = self._job_items(zip(range(k, k + take), jobs[k:k + take]), created, bad)
+        if items:
+            first = self.seg.reserve_ids(len(items))
+            items = [(first + j,) + it[1:] for j, it in enumerate(items)]
+        return items, where, protocol.encode_frame(mode, items) if items else b""
+
+    def _stream_chunk(self, jobs: Sequence[Job], k: int, carry: Optional[Tuple[List[protocol.Item], List[int], bytes]],
+                      mode: int, created: int, bad: Dict[int, BaseException]) -> Any:
+        """Send one chunk of jobs from `k` (after the `carry` part, built but
+        not sent) as one record written in parts, and wait for its answer.
+        Returns (next k, a part that did not fit, the items sent, their
+        indexes, (kinds, flat ids))."""
+        n, limit = len(jobs), self.settings.chunk
+        if carry is None:
+            take = min(STREAM_FIRST, n - k, limit)
+            part, where, frame = self._stream_part(jobs, k, take, mode, created, bad)
+            k += take
+        else:
+            part, where, frame = carry
+        most = min(limit, n - k + len(part))  # jobs this chunk may hold
+        per = len(frame) / len(part) if part else 256.0
+        room = min(self._request_room, max(int(per * most * 1.25) + 4096, len(frame) + 64))
+        seg = self.seg
+        pos = self._reserve(room, most)
+        sent: List[protocol.Item] = []
+        sent_at: List[int] = []
+        off = 0
+        carry = None
+        step = STREAM_FIRST
+        try:
+            while True:
+                if part:
+                    if off + len(frame) > room:  # the record is full: this part starts the next chunk
+                        carry = (part, where, frame)
+                        break
+                    seg.req_write(pos, frame, off)
+                    off += len(frame)
+                    sent += part
+                    sent_at += where
+                    seg.req_stream(pos, off)
+                    if faults._armed and len(sent) == len(part):
+                        faults.point("chunk_write")
+                if k >= n or len(sent) >= limit:
+                    break
+                step = min(STREAM_PART, step * 2)
+                take = min(step, n - k, limit - len(sent))
+                part, where, frame = self._stream_part(jobs, k, take, mode, created, bad)
+                k += take
+            if not sent:  # every job of it was rejected
+                seg.req_set_state(pos, shm.REQ_ABANDONED)
+                return k, carry, sent, sent_at, (b"", array("q"))
+            seg.req_publish(pos, off)
+        except BaseException:
+            seg.req_set_state(pos, shm.REQ_ABANDONED)  # the writer drops what it did with it
+            raise
+        faults.point("chunk_sent")
+        answer = self._await_answer(pos)
+        if answer is None:  # the segment was rebuilt under us: send it again, whole
+            return (k, carry, sent, sent_at) + (self._send_chunk(sent, mode | protocol.REPLAY),)
+        return k, carry, sent, sent_at, protocol.decode_answer(answer)
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,

@@ -80,6 +80,34 @@ def decode_request(data: bytes) -> Tuple[int, List[Any]]:
     return mode, items
 
 
+#: A request sent in parts (a submit_batch chunk streamed while it is being
+#: serialised) is a run of frames, each a length and a request as above; the
+#: record's tag counts the bytes of whole frames written so far.
+_FRAME = struct.Struct("<I")
+
+
+def encode_frame(mode: int, items: Sequence[Item]) -> bytes:
+    body = encode_request(mode, items)
+    return _FRAME.pack(len(body)) + body
+
+
+def decode_frames(data: bytes) -> List[Tuple[int, List[Any]]]:
+    """The (mode, items) of each whole frame; ValueError for bytes that are not frames."""
+    out = []
+    at, end = 0, len(data)
+    view = memoryview(data)
+    while at < end:
+        if end - at < _FRAME.size:
+            raise ValueError("a truncated frame header")
+        (n,) = _FRAME.unpack_from(data, at)
+        at += _FRAME.size
+        if n > end - at:
+            raise ValueError(f"a frame of {n} bytes with {end - at} left")
+        out.append(decode_request(bytes(view[at:at + n])))
+        at += n
+    return out
+
+
 def answer_room(n: int) -> int:
     """Bytes an answer for `n` items may take."""
     return _HEAD.size + 17 * n + 256

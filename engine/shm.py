@@ -637,23 +637,32 @@ class Segment:
             check(rc, f"{what} of request {pos}")
         return int(off[0]), rc
 
-    def req_write(self, pos: int, data: bytes) -> None:
-        """Copy `data` into the data area of the record at `pos`."""
+    def req_write(self, pos: int, data: bytes, at: int = 0) -> None:
+        """Copy `data` into the data area of the record at `pos`, `at` bytes in."""
         off, room = self._req_data(pos, "req_write")
         n = len(data)
-        if n > room:
-            raise errors.InvalidArgument(f"req_write: {n} bytes do not fit in request {pos} ({room} bytes)")
-        self._mm[off:off + n] = data
+        if not 0 <= at <= room - n:
+            raise errors.InvalidArgument(f"req_write: {n} bytes at {at} do not fit in request {pos} ({room} bytes)")
+        self._mm[off + at:off + at + n] = data
 
-    def req_read(self, pos: int, nbytes: int) -> bytes:
-        """The first `nbytes` of the record's data."""
+    def req_read(self, pos: int, nbytes: int, at: int = 0) -> bytes:
+        """`nbytes` of the record's data, from `at` bytes in."""
         off, room = self._req_data(pos, "req_read")
-        if not 0 <= nbytes <= room:
-            raise errors.InvalidArgument(f"req_read: request {pos} holds at most {room} bytes, not {nbytes}")
-        return self._mm[off:off + nbytes]
+        if not (0 <= nbytes and 0 <= at and at + nbytes <= room):
+            raise errors.InvalidArgument(f"req_read: request {pos} holds at most {room} bytes, not {nbytes} at {at}")
+        return self._mm[off + at:off + at + nbytes]
 
-    def req_publish(self, pos: int) -> None:
-        """Mark the record READY and wake the writer."""
+    def req_stream(self, pos: int, nbytes: int) -> None:
+        """Say that the first `nbytes` of a RESERVED record's data are
+        written (a request sent in parts), and wake the writer."""
+        check(lib.hr_req_stream(self._mem, pos, nbytes), f"req_stream of request {pos}")
+        lib.hr_notify(self._mem, EV_WRITER)
+
+    def req_publish(self, pos: int, nbytes: Optional[int] = None) -> None:
+        """Mark the record READY (holding `nbytes` of data, if given; else
+        what was reserved) and wake the writer."""
+        if nbytes is not None:
+            check(lib.hr_req_set_nbytes(self._mem, pos, nbytes), f"req_publish of request {pos}")
         check(lib.hr_req_set_state(self._mem, pos, REQ_READY), f"req_publish of request {pos}")
         lib.hr_notify(self._mem, EV_WRITER)
 

@@ -42,6 +42,10 @@ SWAP_MAX = 4096
 #: parked tasks never crowd out the tasks of other groups.
 GROUP_SHARE = 4
 #: Exit codes.
+#: Seconds a streamed request may go without a new part before the writer
+#: rolls back what it did with it and waits for the whole request instead
+#: (a producer that stopped, or a slow generator of jobs).
+STREAM_STALL = 0.1
 EXIT_OK = 0
 EXIT_LOCKED = 0  # another writer runs: not an error
 EXIT_FAILED = 2
@@ -120,6 +124,11 @@ class Writer:
         # A record published before this writer started may have been
         # committed by the last one, which died before it answered.
         self.replay_before = tail
+        #: A record being streamed that the writer stopped working ahead on
+        #: (it stalled, or the turn failed): handled whole once it is READY.
+        self.no_stream_at = -1
+        #: Set by _gather: the RESERVED record it stopped at has parts to start on.
+        self.stream_head: Optional[Any] = None
         self.dirty_buf = Segment.dirty_records(cfg.flush_rows)
         self.last_flush = time.monotonic()
         self.upkeep = Upkeep(self)
@@ -287,13 +296,22 @@ class Writer:
         n = 0
         pos = self.scan
         seg = self.seg
+        self.stream_head = None
         while True:
             h = seg.req_next(pos)
             if h is None:
                 break
             if h.state == shm.REQ_READY:
                 try:
-                    mode, items = protocol.decode_request(seg.req_read(h.pos, h.nbytes))
+                    data = seg.req_read(h.pos, h.nbytes)
+                    if h.tag:  # sent in parts
+                        frames = protocol.decode_frames(data)
+                        mode = frames[0][0] if frames else 0
+                        if any(f[0] != mode for f in frames):
+                            raise ValueError("parts of one request with different modes")
+                        items = [it for f in frames for it in f[1]]
+                    else:
+                        mode, items = protocol.decode_request(data)
                 except Exception as e:  # never let one bad record stop the writer
                     print(f"headrace writer: request {h.pos} from pid {h.pid} is malformed ({e}); "
                           "refusing it", file=sys.stderr)
@@ -309,6 +327,8 @@ class Writer:
             elif h.state == shm.REQ_RESERVED:
                 if paths.pid_alive(h.pid):
                     pos = h.pos
+                    if not recs and h.tag and h.pos != self.no_stream_at:
+                        self.stream_head = h  # its first parts are there: start on them
                     break  # its producer is still writing it
                 seg.req_set_state(h.pos, shm.REQ_ABANDONED)
             pos = h.pos + h.len
@@ -318,6 +338,8 @@ class Writer:
     def turn(self, force_flush: bool = False) -> bool:
         """Commit what has arrived; returns whether there was anything."""
         recs = self._gather()
+        if self.stream_head is not None:
+            return self._stream_turn(self.stream_head)
         reports = [r for r in recs if r[1] == protocol.REPORT]
         manage = [r for r in recs if r[1] == protocol.MANAGE]
         if reports or manage:
@@ -369,10 +391,7 @@ class Writer:
                 self.scan = min([h.pos for h, _, _ in reports] + [self.scan])
             else:  # the reports alone cannot be stored: retrying them would wedge every turn
                 self._drop_reports(reports)
-            self._read_spill()  # the rolled-back turn may have counted spills
-            self.waiting_n = self.store.waiting_count()  # ... and waiting dependents
-            self.groups = self.store.groups()  # ... and new groups
-            self._read_limits()
+            self._rolled_back()
             time.sleep(0.05)
             return True
         faults.point("committed")
@@ -397,6 +416,86 @@ class Writer:
             self._place_or_spill(self.store.tasks_for(plan.revive))
         if plan.ready_children:  # their dependencies completed
             self._place_or_spill(self.store.tasks_for(plan.ready_children))
+        return True
+
+    def _rolled_back(self) -> None:
+        """Reload what a rolled-back turn may have changed in memory."""
+        self._read_spill()  # spills it counted
+        self.waiting_n = self.store.waiting_count()  # ... waiting dependents
+        self.groups = self.store.groups()  # ... new groups
+        self._read_limits()
+
+    def _stream_turn(self, h: Any) -> bool:
+        """Work ahead on a request its producer is still writing in parts (a
+        submit_batch chunk): insert each part as it arrives, in one
+        transaction that commits once the request is READY, so that the
+        producer serialises part k+1 while the writer stores part k.
+
+        Only parts of plain jobs (no dedup key, no replay) are taken this
+        way.  If the producer dies, the transaction is rolled back and the
+        record abandoned: nothing of the chunk is stored.  If it stalls, or
+        anything else goes wrong, the work is rolled back and the record is
+        handled whole once it is READY, as any other request."""
+        seg = self.seg
+        pos = h.pos
+        plan = _Plan()
+        done = 0  # data bytes taken so far
+        ids: List[int] = []
+        created = 0
+        try:
+            with self.store.transaction():
+                last_part = time.monotonic()
+                while True:
+                    seen = seg.event(shm.EV_WRITER)
+                    h = seg.req_get(pos)
+                    if h is None or h.state not in (shm.REQ_RESERVED, shm.REQ_READY):
+                        raise _StreamStopped("its producer abandoned it")
+                    have = h.nbytes if h.state == shm.REQ_READY else h.tag
+                    if have > done:
+                        for mode, items in protocol.decode_frames(seg.req_read(pos, have - done, done)):
+                            if mode not in protocol.ON_DUPLICATE.values():  # replay, reports, commands
+                                raise _StreamStopped(f"a part in mode {mode:#x}")
+                            if any(it[5] for it in items) or pos < self.replay_before:
+                                raise _StreamStopped("a part that needs deduplication or a replay check")
+                            if items:
+                                created = created or items[0][9]
+                                ids.extend(it[0] for it in items)
+                                plan.new.extend(items)
+                                self._write_new(plan)
+                        done = have
+                        last_part = time.monotonic()
+                    if h.state == shm.REQ_READY:
+                        break
+                    if have == done:
+                        if not paths.pid_alive(h.pid):
+                            seg.req_set_state(pos, shm.REQ_ABANDONED)
+                            raise _StreamStopped("its producer died")
+                        if time.monotonic() - last_part > STREAM_STALL:
+                            raise _StreamStopped("no new part came")
+                        seg.wait(shm.EV_WRITER, seen, 0.002)
+                if ids:
+                    plan.requests.append((ids, created))
+                    self._write_new(plan)  # logs the submit
+                plan.answers.append((h, protocol.encode_inserted(ids)))
+                plan.count("streamed")  # requests the writer worked ahead on
+                faults.point("commit")
+        except Exception as e:  # rolled back; the record is handled whole when READY (or was abandoned)
+            if not isinstance(e, _StreamStopped):
+                if isinstance(e, apsw.Error):
+                    self.store_failed(e)
+                else:
+                    print(f"headrace writer: working ahead on request {pos} failed ({type(e).__name__}: {e}); "
+                          "it is handled whole instead", file=sys.stderr)
+            self.no_stream_at = pos
+            self._rolled_back()
+            return True
+        faults.point("committed")
+        self.store_ok()
+        self._after_commit(plan)
+        for rec, answer in plan.answers:
+            seg.req_answer(rec.pos, answer)
+        seg.notify(shm.EV_COMMIT)
+        self.scan = pos + h.len
         return True
 
     def _after_commit(self, plan: "_Plan") -> None:
@@ -714,7 +813,13 @@ class Writer:
     def _write_new(self, plan: "_Plan") -> None:
         """Insert this turn's new tasks; the best-ranked that fit go to the
         segment after the commit, the rest to the spill store now."""
-        new = plan.new
+        new, requests = plan.new, plan.requests
+        plan.new, plan.requests = [], []  # a streamed request calls this once per part
+        if requests:
+            self.store.log_submits([(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
+                                    else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at)
+                                    for ids, at in requests])
+            plan.count("submit_txns")
         if not new:
             return
         first = self.seg.reserve_seq(len(new))
@@ -728,11 +833,7 @@ class Writer:
         for name in groups.difference(self.groups):
             self._group(name)
         self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
-        self.store.log_submits([(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
-                                else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at)
-                                for ids, at in plan.requests])
         plan.count("submitted", len(rows))
-        plan.count("submit_txns")
         if any(map(_TAGS, new)):
             self.store.add_tags([(it[0], k, v) for it in new if it[13] for k, v in it[13]])
         if any(map(_DEPS, new)):
@@ -746,7 +847,7 @@ class Writer:
                 spill.extend(map(self._spill_row, behind))
                 out = {r[0] for r in behind}
                 ahead = [r for r in ahead if r[0] not in out]
-        free = self.seg.raw_info().nfree
+        free = max(0, self.seg.raw_info().nfree - len(plan.place))  # placed after the commit
         if len(ahead) > free:
             ahead.sort(key=_live_rank)
             spill.extend(map(self._spill_row, ahead[free:]))
@@ -1071,6 +1172,10 @@ class Writer:
         # all), and a segment left behind would outlive a deleted database.
         Segment.unlink(self.name)
         self.seg.close()
+
+
+class _StreamStopped(Exception):
+    """The writer stops working ahead on a streamed request (see _stream_turn)."""
 
 
 class _Plan:

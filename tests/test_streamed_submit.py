@@ -1,0 +1,158 @@
+"""submit_batch sends a chunk of plain jobs in parts, as it serialises them,
+and the writer stores each part as it arrives in one transaction that
+commits when the chunk is whole.  These tests hold the rules that make that
+safe: a chunk is stored whole or not at all, whatever happens to its
+producer between parts, and a producer that stalls between parts holds
+back nobody's flushes."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+import engine
+from engine import api, errors, shm
+from engine.writer import STREAM_STALL
+from engine_helpers import wait_for
+from helpers import spawn
+
+
+def _stored(q: engine.Queue) -> list:
+    """The first argument of every stored task, sorted (ints and strs apart)."""
+    return _sort(engine.api.loads(ser, body)[0][0] for ser, body in q.reader.conn.execute(
+        "SELECT t.ser, p.body FROM tasks t JOIN payloads p ON p.id = t.id"))
+
+
+def _sort(xs) -> list:
+    return sorted(xs, key=lambda x: (isinstance(x, str), x))
+
+
+def _streamed(q: engine.Queue, before: int) -> int:
+    time.sleep(0.2)  # totals reach the counters table within an upkeep pass
+    return q.reader.counters().get("streamed", 0) - before
+
+
+def test_a_streamed_batch_keeps_per_item_outcomes_priority_and_fifo(db):
+    """Bad jobs in several parts are rejected alone, by index; the rest get
+    ids in input order and run by priority, FIFO within one."""
+    bad_at = {3, 100, 700, 1999}
+    jobs = [engine.Job("t", args=(object(),) if k in bad_at else (k,), priority=k % 3) for k in range(2000)]
+    with engine.Queue(db) as q:
+        out = q.submit_batch(jobs)
+        assert [k for k, o in enumerate(out.outcomes) if o.kind == "rejected"] == sorted(bad_at)
+        assert all(isinstance(o.error, errors.NotSerializable) for o in out.outcomes if o.kind == "rejected")
+        ids = [o.id for o in out.outcomes if o.kind == "inserted"]
+        assert len(ids) == 1996 and ids == sorted(ids), "ids follow the input order"
+        assert _stored(q) == [k for k in range(2000) if k not in bad_at]
+        order = [j.args[0] for j in q.claim(max=2000, timeout=5)]
+        assert order == sorted((k for k in range(2000) if k not in bad_at), key=lambda k: (-(k % 3), k))
+        assert q.verify() == 1996
+
+
+def test_the_writer_works_ahead_on_a_batch_and_stores_it_in_one_transaction(db):
+    with engine.Queue(db) as q:
+        q.submit("t", args=(-1,))
+        wait_for(lambda: q.reader.counters().get("submit_txns"), what="totals written")
+        before = q.reader.counters()
+        out = q.submit_batch([engine.Job("t", args=(k,)) for k in range(5000)])
+        assert len(out.inserted) == 5000
+        assert _streamed(q, before.get("streamed", 0)) == 1, "the writer started before the chunk was whole"
+        assert q.reader.counters()["submit_txns"] - before["submit_txns"] == 1
+        assert [j.args[0] for j in q.claim(max=5001, timeout=5)] == [-1] + list(range(5000))
+
+
+def test_a_record_that_fills_up_carries_the_part_into_the_next_chunk(db):
+    """The record is sized from the first part; later, larger payloads that
+    do not fit start the next chunk.  Everything is stored, in order."""
+    jobs = [engine.Job("t", args=(k, "x" * (0 if k < 64 else 20_000))) for k in range(1000)]
+    with engine.Queue(db) as q:
+        before = q.reader.counters().get("submit_txns", 0)
+        out = q.submit_batch(jobs)
+        assert len(out.inserted) == 1000 and out.inserted == sorted(out.inserted)
+        time.sleep(0.2)
+        assert q.reader.counters()["submit_txns"] - before > 1, "it took more than one chunk"
+        assert [j.args[0] for j in q.claim(max=1000, timeout=5)] == list(range(1000))
+
+
+def test_an_exception_between_parts_stores_nothing_of_the_chunk(db, monkeypatch):
+    """A KeyboardInterrupt (or any error) while the third part is being
+    serialised abandons the record: the writer rolls back the parts it took."""
+    with engine.Queue(db, chunk=1000) as q:
+        real = api.Queue._stream_part
+        calls = []
+
+        def part(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 7:  # the first chunk (4 parts) went whole; this is the second's third
+                raise KeyboardInterrupt
+            return real(self, *a, **k)
+        monkeypatch.setattr(api.Queue, "_stream_part", part)
+        with pytest.raises(KeyboardInterrupt):
+            q.submit_batch([engine.Job("t", args=(k,)) for k in range(2500)])
+        monkeypatch.setattr(api.Queue, "_stream_part", real)
+        after = q.submit("t", args=("after",))
+        assert q.get(after).state == "pending"
+        assert _stored(q) == list(range(1000)) + ["after"]
+        assert q.verify() == 1001
+
+
+# A producer that streams a record by hand: part one, then (per argv[2])
+# dies, or stalls 1 s before it sends part two and publishes.
+STREAMER = r'''
+import sys, time, engine
+from engine import protocol, shm
+q = engine.Queue(sys.argv[1])
+seg = q.seg
+def frame(lo, hi):
+    first = seg.reserve_ids(hi - lo)
+    items = [(first + k,) + q._item("t", (lo + k,), {}, 0, None, None, shm.now_us())[1:] for k in range(hi - lo)]
+    return protocol.encode_frame(0, items)
+f1, f2 = frame(0, 100), frame(100, 200)
+pos = q._reserve(len(f1) + len(f2) + 64, 200)
+seg.req_write(pos, f1)
+seg.req_stream(pos, len(f1))
+print("part1", flush=True)
+if sys.argv[2] == "die":
+    time.sleep(60)
+time.sleep(1.0)
+seg.req_write(pos, f2, len(f1))
+seg.req_stream(pos, len(f1) + len(f2))
+seg.req_publish(pos, len(f1) + len(f2))
+kinds, flat = protocol.decode_answer(q._await_answer(pos))
+print("ids", len(kinds), flat[0], flat[2 * 199], flush=True)
+'''
+
+
+def test_a_producer_killed_between_parts_leaves_nothing_and_the_writer_carries_on(db):
+    with engine.Queue(db) as q:
+        p = spawn(STREAMER, db, "die")
+        assert p.stdout.readline().strip() == "part1"
+        time.sleep(0.03)  # the writer is storing part one, in its open transaction
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        after = q.submit("t", args=("after",))  # behind the dead record in the request area
+        assert _stored(q) == ["after"], "nothing of the dead producer's chunk"
+        assert q.verify() == 1
+
+
+def test_a_stalled_producer_is_handled_whole_and_does_not_hold_back_flushes(db):
+    """The writer gives up working ahead after STREAM_STALL, rolls back, and
+    goes on flushing outcomes; the record is stored whole once it is READY."""
+    assert STREAM_STALL < 0.5  # the streamer pauses 1 s
+    with engine.Queue(db) as q:
+        tid = q.submit("t", args=("first",))
+        before = q.reader.counters().get("streamed", 0)
+        p = spawn(STREAMER, db, "stall")
+        assert p.stdout.readline().strip() == "part1"
+        (job,) = q.claim(max=1, timeout=5)
+        assert job.complete()
+        wait_for(lambda: q.reader.conn.execute(
+            "SELECT count(*) FROM outcomes WHERE id = ? AND state = ?", (tid, shm.COMPLETED)).fetchone()[0] == 1,
+            timeout=0.8, what="the outcome flushed while the producer stalls")
+        line = p.stdout.readline().split()
+        assert p.wait(30) == 0, p.stderr.read()
+        assert line[:2] == ["ids", "200"]
+        assert _stored(q) == list(range(200)) + ["first"]
+        assert _streamed(q, before) == 0, "stored whole, not by the rolled-back work ahead"
+        assert q.verify() == 200
