@@ -349,15 +349,22 @@ int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay
     return rc;
 }
 
-int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t timeout_ms,
-             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms)
+/* Fill the unset limits of n running attempts (one claim's tasks of one
+ * name); out[k] is HR_OK or HR_E_STALE.  Returns how many were current. */
+int hr_adopt(void *mem, const hr_ticket *t, uint32_t n, uint32_t max_attempts, uint32_t timeout_ms,
+             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms, int32_t *out)
 {
     if ((bo_kind & ~HR_BO_JITTER) > HR_BO_EXPONENTIAL)
         return HR_E_INVALID;
     LOCKED(c, mem);
-    hr_slot *s = attempt_slot(&c, t);
-    if (s) {
-        hr_slot_begin(&c, t->slot);
+    int ok = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        hr_slot *s = attempt_slot(&c, &t[k]);
+        if (out)
+            out[k] = s ? HR_OK : HR_E_STALE;
+        if (!s)
+            continue;
+        hr_slot_begin(&c, t[k].slot);
         if (!s->max_attempts)
             s->max_attempts = max_attempts;
         HR_FAULT(HR_FS_HEARTBEAT); /* half-changed: the repair rolls it back */
@@ -369,9 +376,10 @@ int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t time
         if (!s->timeout_ms)
             s->timeout_ms = timeout_ms; /* its clock starts with hr_clock */
         hr_slot_end(&c);
+        ok++;
     }
     hr_unlock(&c);
-    return s ? HR_OK : HR_E_STALE;
+    return ok;
 }
 
 int hr_progress(void *mem, const hr_ticket *t, uint32_t ppm)

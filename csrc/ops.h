@@ -22,8 +22,8 @@ int hr_set_group_limit(void *mem, uint32_t group, uint32_t limit);
 int hr_group_info(void *mem, uint32_t group, hr_group *out);
 int hr_running(void *mem, uint32_t max, hr_dirty *out);
 int hr_set_flush_seq(void *mem, uint64_t seq);
-int hr_adopt(void *mem, const hr_ticket *t, uint32_t max_attempts, uint32_t timeout_ms,
-             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms);
+int hr_adopt(void *mem, const hr_ticket *t, uint32_t n, uint32_t max_attempts, uint32_t timeout_ms,
+             uint8_t bo_kind, uint32_t bo_base_ms, uint32_t bo_cap_ms, int32_t *out);
 int64_t hr_backoff_us(uint8_t kind, uint32_t base_ms, uint32_t cap_ms, uint32_t attempt, uint64_t rnd);
 int hr_promote(void *mem, int64_t now, uint32_t max);
 int hr_peek_best(void *mem, hr_slot *out);

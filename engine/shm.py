@@ -431,12 +431,15 @@ class Segment:
         counts from :meth:`clock`).  False if the attempt was fenced."""
         t = ffi.new("hr_ticket *")
         t.id, t.slot, t.attempt = ticket
+        return self.adopt_batch(t, 1, max_attempts, timeout_ms, backoff) == 1
+
+    def adopt_batch(self, tickets: Any, n: int, max_attempts: int, timeout_ms: int, backoff: int,
+                    out: Any = None) -> int:
+        """:meth:`adopt` for tickets[0:n] under one lock (a claim's tasks of
+        one name); returns how many were current (out[k]: 0, or HR_E_STALE)."""
         kind, base, cap = unpack_backoff(backoff)
-        rc = lib.hr_adopt(self._mem, t, max_attempts, timeout_ms, kind, base, cap)
-        if rc == lib.HR_E_STALE:
-            return False
-        check(rc, "adopt")
-        return True
+        return check(lib.hr_adopt(self._mem, tickets, n, max_attempts, timeout_ms, kind, base, cap,
+                                  ffi.NULL if out is None else out), "adopt")
 
     def set_group_limit(self, group: int, limit: int) -> None:
         """Let at most `limit` tasks of group index `group` run at once (0: no limit)."""

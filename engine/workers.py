@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import errors, protocol, shm
 from .api import dumps_value, loads
@@ -183,7 +183,7 @@ def claim(q: "Queue", max: int, timeout: Optional[float], start: bool = True) ->
         seen = seg.event(shm.EV_PENDING)
         _, n = seg.pop_batch(max, now_us() + lease_us, buf, start=start)
         if n:
-            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)], start)
+            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)], start, buf)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return []
@@ -203,41 +203,62 @@ def _tickets(q: "Queue", n: int) -> Any:
     return buf
 
 
-def _jobs(q: "Queue", tickets: List[Ticket], start: bool) -> List[ClaimedJob]:
+def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> List[ClaimedJob]:
+    """The claimed jobs of `tickets` (buf[0:n]: the same, as the claim wrote them)."""
     rows = q.reader.jobs([t.id for t in tickets])
     policies: Dict[str, Any] = {}
-    jobs = []
-    for t in tickets:
+    claimed: List[Tuple[ClaimedJob, int, bytes]] = []
+    # Submitted by name before any worker defined the task: this worker's
+    # definition fills in the limits, one locked call per (policy, attempt base).
+    adopt: Dict[Tuple[int, int, int], List[int]] = {}
+    for k, t in enumerate(tickets):
         row = rows.get(t.id)
         if row is None:  # cannot happen: a task reaches the segment only after its commit
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
         name, ser, created, body, max_attempts, base, timeout_ms = row
-        adopted = not max_attempts
-        if adopted:
-            # Submitted by name before any worker defined the task: this
-            # worker's definition fills in the limits.
+        if not max_attempts:
             policy = policies.get(name)
             if policy is None:
                 task = q.tasks.get(name)
                 policy = policies[name] = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
             max_attempts, timeout_ms, backoff = policy
             max_attempts += base
-            q.seg.adopt(t, max_attempts, timeout_ms, backoff)
-        job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
-        if adopted and start and timeout_ms:  # the claim started the others' clocks
-            job.start()
+            adopt.setdefault((max_attempts, timeout_ms, backoff), []).append(k)
+        claimed.append((ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms), ser, body))
+    if adopt:
+        _adopt(q, tickets, buf, adopt)
+        if start:  # the claim started the others' clocks; it did not know these timeouts
+            late = {tickets[k].id for idx in adopt.values() for k in idx}
+            for job, _, _ in claimed:
+                if job.timeout_ms and job.id in late:
+                    job.start()
+    jobs = []
+    for job, ser, body in claimed:
         try:
-            q._refuse_untrusted(ser, f"the payload of task {t.id} ({name!r})")
+            q._refuse_untrusted(ser, f"the payload of task {job.id} ({job.name!r})")
             job.args, job.kwargs = loads(ser, body)
         except Exception as e:  # it can never run: dead, with the reason as its error
-            print(f"headrace worker: task {t.id} ({name}): its payload cannot be read ({type(e).__name__}: "
+            print(f"headrace worker: task {job.id} ({job.name}): its payload cannot be read ({type(e).__name__}: "
                   f"{_message(e)}); it is dead", file=sys.stderr)
             job.fail(e, retry=False)
             continue
         jobs.append(job)
     return jobs
+
+
+def _adopt(q: "Queue", tickets: List[Ticket], buf: Any, groups: Dict[Tuple[int, int, int], List[int]]) -> None:
+    """Fill in the unset limits of tickets[k] for the k of each policy's list."""
+    seg = q.seg
+    for (max_attempts, timeout_ms, backoff), idx in groups.items():
+        if buf is not None and len(idx) == len(tickets):  # the usual case: the claim's own array
+            arr = buf
+        else:
+            arr = shm.Segment.tickets(len(idx))
+            for j, k in enumerate(idx):
+                arr[j].id, arr[j].slot, arr[j].attempt = tickets[k]
+        seg.adopt_batch(arr, len(idx), max_attempts, timeout_ms, backoff)
 
 
 _local = threading.local()

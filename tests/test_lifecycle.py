@@ -494,6 +494,39 @@ def test_workers_register_definitions_for_submits_by_name(db, log):
             assert stop(w) == 0
 
 
+def test_one_claim_adopts_each_name_s_limits_in_one_call_per_policy(db):
+    """Tasks submitted by name before anyone defined them take the claiming
+    worker's limits, per name, whatever the mix in one claim."""
+    with engine.Queue(db) as early:
+        ids = {name: [early.submit(name, args=(k,)) for k in range(10)] for name in ("a.three", "a.five")}
+    q = engine.Queue(db)
+    try:
+        q.task(name="a.three", max_attempts=3, timeout=7.0)(lambda k: k)
+        q.task(name="a.five", max_attempts=5)(lambda k: k)
+        jobs = q.claim(max=20, timeout=5)
+        assert len(jobs) == 20
+        for name, want in (("a.three", (3, 7000)), ("a.five", (5, 0))):
+            got = {(q.seg.get(t).max_attempts, q.seg.get(t).timeout_ms) for t in ids[name]}
+            assert got == {want}, name
+        assert {j.max_attempts for j in jobs if j.name == "a.three"} == {3}
+    finally:
+        q.close()
+
+
+def test_adopt_batch_skips_fenced_tickets(seg):
+    t = seg.tasks(3)
+    for k in range(3):
+        shm.fill_task(t[k], 100 + k, seq=k)
+    seg.push_batch(t, 3)
+    buf, n = seg.pop_batch(3, shm.now_us() + 10**7)
+    assert n == 3
+    seg.finish(shm.Ticket(buf[1].id, buf[1].slot, buf[1].attempt))  # no longer running
+    out = shm.Segment.statuses(3)
+    assert seg.adopt_batch(buf, 3, 4, 0, 0, out) == 2
+    assert list(out) == [0, shm.lib.HR_E_STALE, 0]
+    assert seg.get(100).max_attempts == 4 and seg.get(102).max_attempts == 4
+
+
 def _max_overlap(spans: List[tuple]) -> int:
     points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
     now = most = 0
