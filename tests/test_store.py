@@ -63,3 +63,22 @@ def test_spill_remove_and_regate(tmp_path):
         assert store.spill_gates() == {}
         assert store.spill_ranks(5) == [(1, 1)]
     store.close()
+
+
+def test_readers_map_the_database_and_cannot_write(tmp_path):
+    """Readers (producers, workers) map the file, so that the page cache a
+    commit empties refills without a read() per page; they never write."""
+    from engine.store import READER_MMAP_BYTES, Reader
+    path = str(tmp_path / "q.db")
+    SQLiteStore(path).close()
+    r = Reader(path)
+    try:
+        assert r.conn.pragma("mmap_size") == READER_MMAP_BYTES
+        try:
+            r.conn.execute("CREATE TABLE x(a)")
+        except apsw.ReadOnlyError:
+            pass
+        else:
+            raise AssertionError("a reader wrote")
+    finally:
+        r.close()
