@@ -66,7 +66,9 @@ def _producer(d: str, kind: str, inc: int, seed: int) -> None:
             paths.append(log, f"ack {tok} {tid}\n")
             time.sleep(rng.random() * 0.002)
         else:
-            toks = [f"b{inc}-{n + k}" for k in range(rng.randint(1, 300))]
+            # Some batches are big enough to be sent in parts (api.STREAM_MIN).
+            size = rng.randint(1, 300) if rng.random() < 0.7 else rng.randint(512, 1500)
+            toks = [f"b{inc}-{n + k}" for k in range(size)]
             n += len(toks)
             paths.append(log, "".join(f"try {t}\n" for t in toks))
             prio = rng.choice((0, 1, 9))
