@@ -300,9 +300,12 @@ def test_failing_task_retries_up_to_max_attempts_then_dead(db, tmp_path):
 
 def test_writer_killed_under_load_loses_no_acknowledged_submit(db, tmp_path):
     log = str(tmp_path / "log")
-    n = 30000
+    n, big = 30000, 100_000
     with engine.Queue(db):
-        producers = [start_producer(db, 0, n // 2, batch=1), start_producer(db, n // 2, n, batch=50)]
+        # One by one, small batches, and (for longer, so that kills land while it sends) batches big
+        # enough to be sent in parts (api.STREAM_MIN).
+        producers = [start_producer(db, 0, n // 2, batch=1), start_producer(db, n // 2, n, batch=50),
+                     start_producer(db, n, n + big, batch=1000)]
         killed = set()
         deadline = time.monotonic() + 60
         progress = 0
@@ -318,13 +321,14 @@ def test_writer_killed_under_load_loses_no_acknowledged_submit(db, tmp_path):
         for p in producers:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err
-        acks = {**acked(producers[0]), **acked(producers[1])}
-        assert set(acks) == set(range(n))
+        acks = {k: v for p in producers for k, v in acked(p).items()}
+        assert set(acks) == set(range(n + big))
         assert len(killed) >= 2, "the writer was never killed while producers ran"
         # It came back: every acknowledged id is stored and runs.
         w = start_workers(db, log, processes=2)
         try:
-            wait_for(lambda: set(done_counts(log)) == set(range(n)), timeout=120, what="all acknowledged tasks ran")
+            wait_for(lambda: set(done_counts(log)) == set(range(n + big)), timeout=120,
+                     what="all acknowledged tasks ran")
         finally:
             assert stop(w) == 0
         assert writer_pid(db) not in killed
