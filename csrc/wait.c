@@ -12,27 +12,32 @@
  * catches events that are about to happen anyway. */
 static uint32_t wait_spin_us = 20;
 /* Spinners allowed at once: one core is always left to the process being
- * waited for.  With 4 producers and the writer on 2 cores, spinning
- * producers took the writer's core and halved the commit rate. */
+ * waited for, and the writer (waiting on HR_EV_WRITER, the hub every
+ * submit passes through) may spin where others may not: they get a token
+ * only with a core to spare besides the writer's.  On 2 cores, spinning
+ * producers took the writer's core and halved the commit rate of 4 of
+ * them, and a spinning producer or worker held the core that a woken
+ * process then waited for a time slice to get (the end-to-end p99 was
+ * 4-5 ms with them spinning, 0.6 ms without). */
 static int spin_slots = -1;
 
 void hr_set_wait_spin(uint32_t spin_us) { wait_spin_us = spin_us; }
 
-static int spin_slot_count(void)
+static int spin_slot_count(int ev)
 {
     if (spin_slots < 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN) - 1;
         spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
     }
-    return spin_slots;
+    return ev == HR_EV_WRITER ? spin_slots : spin_slots > 0 ? spin_slots - 1 : 0;
 }
 
 /* A free spin token, claimed until `until`; -1 if all are taken.  A token
  * whose time has passed is free, so a spinner killed mid-spin costs
  * nothing once its time is up. */
-static int take_spin_token(hr_header *h, int64_t now, int64_t until)
+static int take_spin_token(hr_header *h, int ev, int64_t now, int64_t until)
 {
-    int n = spin_slot_count();
+    int n = spin_slot_count(ev);
     for (int i = 0; i < n; i++) {
         int64_t t = __atomic_load_n(&h->spin_tokens[i], __ATOMIC_RELAXED);
         if (t <= now && __atomic_compare_exchange_n(&h->spin_tokens[i], &t, until, 0, __ATOMIC_ACQ_REL,
@@ -92,7 +97,7 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
     int64_t su = __atomic_load_n(&e->spin_until, __ATOMIC_RELAXED);
     if (wait_spin_us && su <= start && __atomic_load_n(&e->waiters, __ATOMIC_RELAXED) == 0 &&
         __atomic_compare_exchange_n(&e->spin_until, &su, spin_end, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
-        token = take_spin_token((hr_header *)mem, start, spin_end);
+        token = take_spin_token((hr_header *)mem, ev, start, spin_end);
         if (token < 0)
             give_until(&e->spin_until, spin_end);
     }
