@@ -730,6 +730,11 @@ class Queue:
             k += take
         else:
             part, where, frame = carry
+        if len(frame) + 64 > self._request_room:  # too big for any record: sent the plain way, split by bytes
+            kd, tids, others, _ = self._send_items(part, mode)
+            flat = array("q", [0]) * (2 * len(part))
+            flat[0::2], flat[1::2] = array("q", tids), array("q", others)  # type: ignore[arg-type]
+            return k, None, part, where, (kd, flat)
         most = min(limit, n - k + len(part))  # jobs this chunk may hold
         per = len(frame) / len(part) if part else 256.0
         room = min(self._request_room, max(int(per * most * 1.25) + 4096, len(frame) + 64))
@@ -756,7 +761,8 @@ class Queue:
                 if k >= n or len(sent) >= limit:
                     break
                 step = min(STREAM_PART, step * 2)
-                take = min(step, n - k, limit - len(sent))
+                per = off / len(sent) if sent else per  # bytes a job took: keep the part within the room left
+                take = min(step, n - k, limit - len(sent), max(1, int((room - off) / per)))
                 part, where, frame = self._stream_part(jobs, k, take, mode, created, bad)
                 k += take
             if not sent:  # every job of it was rejected

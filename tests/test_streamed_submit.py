@@ -75,6 +75,27 @@ def test_a_record_that_fills_up_carries_the_part_into_the_next_chunk(db):
         assert [j.args[0] for j in q.claim(max=1000, timeout=5)] == list(range(1000))
 
 
+@pytest.mark.parametrize("size", [6_000, 400_000])
+def test_parts_too_big_for_a_small_request_area_are_split(db, size):
+    """With a 1 MiB request area (records of at most 512 KiB), parts of
+    large payloads are cut to the room left, and a part too big for any
+    record goes the plain way, split by bytes (this used to loop for ever)."""
+    jobs = [engine.Job("t", args=(k, "x" * (size if k % 3 else 10))) for k in range(600)]
+    with engine.Queue(db, request_bytes=1 << 20) as q:
+        out = q.submit_batch(jobs)
+        assert len(out.inserted) == 600 and out.inserted == sorted(out.inserted)
+        assert [j.args[0] for j in q.claim(max=600, timeout=5)] == list(range(600))
+
+
+def test_a_first_part_wholly_rejected_still_streams_the_rest(db):
+    jobs = [engine.Job("t", args=(object(),) if k < 64 else (k,)) for k in range(700)]
+    with engine.Queue(db) as q:
+        out = q.submit_batch(jobs)
+        assert [o.kind for o in out.outcomes[:64]] == ["rejected"] * 64
+        assert len(out.inserted) == 636
+        assert _stored(q) == list(range(64, 700))
+
+
 def test_an_exception_between_parts_stores_nothing_of_the_chunk(db, monkeypatch):
     """A KeyboardInterrupt (or any error) while the third part is being
     serialised abandons the record: the writer rolls back the parts it took."""
