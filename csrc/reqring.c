@@ -1,4 +1,6 @@
 #include <stdio.h>
+#include <string.h>
+#include <time.h>
 #include "headrace.h"
 
 #define HDR ((uint64_t)sizeof(hr_req))
@@ -160,6 +162,60 @@ int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes)
         return HR_E_STATE;
     __atomic_store_n(&r->tag, (uint64_t)nbytes, __ATOMIC_RELEASE);
     return HR_OK;
+}
+
+/* A whole request in one call: reserve `room` bytes (at least `nbytes`),
+ * copy the data in, publish it READY and wake the writer.  HR_E_FULL while
+ * the area has no room (the writer is nudged to reclaim). */
+int hr_req_send(void *mem, const char *data, uint32_t nbytes, uint32_t room, uint32_t pid, uint64_t *pos)
+{
+    if (room < nbytes)
+        room = nbytes;
+    int rc = hr_req_reserve(mem, room, pid, pos);
+    if (rc == HR_E_FULL)
+        hr_notify(mem, HR_EV_WRITER);
+    if (rc != HR_OK)
+        return rc;
+    hr_header *h = (hr_header *)mem;
+    hr_req *r = rec_at(h, *pos);
+    memcpy((char *)r + HDR, data, nbytes);
+    __atomic_store_n(&r->nbytes, nbytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->state, HR_REQ_READY, __ATOMIC_RELEASE); /* publishes nbytes and the data */
+    hr_notify(mem, HR_EV_WRITER);
+    return HR_OK;
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Wait up to timeout_us for the answer to the record at `pos`: HR_OK with
+ * its size in *nbytes once ANSWERED, HR_E_TIMEOUT, or HR_E_STATE if it is
+ * neither READY nor ANSWERED (its producer, or the writer, abandoned it). */
+int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes)
+{
+    hr_req *r;
+    int rc = locate_rec((hr_header *)mem, pos, &r);
+    if (rc != HR_OK)
+        return rc;
+    int64_t deadline = mono_us() + (timeout_us < 0 ? 0 : timeout_us);
+    for (;;) {
+        uint32_t seen = hr_event_value(mem, HR_EV_COMMIT); /* before the look: no wake-up is missed */
+        uint32_t st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
+        if (st == HR_REQ_ANSWERED) {
+            *nbytes = __atomic_load_n(&r->nbytes, __ATOMIC_RELAXED);
+            return HR_OK;
+        }
+        if (st != HR_REQ_READY)
+            return HR_E_STATE;
+        int64_t left = deadline - mono_us();
+        if (left <= 0)
+            return HR_E_TIMEOUT;
+        hr_wait(mem, HR_EV_COMMIT, seen, left);
+    }
 }
 
 int hr_req_get(void *mem, uint64_t pos, hr_req *out)

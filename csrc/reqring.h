@@ -23,6 +23,8 @@ int hr_req_set_nbytes(void *mem, uint64_t pos, uint32_t nbytes);
 /* A producer that writes its request in parts says how many data bytes are
  * complete, so the consumer can start on them before the record is READY. */
 int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes);
+int hr_req_send(void *mem, const char *data, uint32_t nbytes, uint32_t room, uint32_t pid, uint64_t *pos);
+int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes);
 int hr_req_get(void *mem, uint64_t pos, hr_req *out);
 int hr_req_next(void *mem, uint64_t pos, hr_req *out);
 int64_t hr_req_reclaim(void *mem, uint64_t upto);

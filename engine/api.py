@@ -890,13 +890,15 @@ class Queue:
         """One request, one transaction: the writer's (kinds, flat ids) answer."""
         data = protocol.encode_request(mode, items)
         while True:
-            seg = self.seg
-            pos = self._reserve(len(data), len(items))
             if faults._armed:
+                seg = self.seg
+                pos = self._reserve(len(data), len(items))
                 seg.req_write(pos, data[:len(data) // 2])
                 faults.point("chunk_write")
-            seg.req_write(pos, data)
-            seg.req_publish(pos)
+                seg.req_write(pos, data)
+                seg.req_publish(pos)
+            else:
+                pos = self._send(data, len(items))
             faults.point("chunk_sent")
             answer = self._await_answer(pos)
             if answer is not None:
@@ -917,22 +919,30 @@ class Queue:
             if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
                 self._check_writer()
 
+    def _send(self, data: bytes, nitems: int) -> int:
+        """Publish a whole request (room for the answer to `nitems` jobs); its position."""
+        need = protocol.answer_room(nitems)
+        while True:
+            seg = self.seg
+            seen = seg.event(shm.EV_COMMIT)
+            pos = seg.req_send(data, need)
+            if pos is not None:
+                return pos
+            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):  # the writer reclaims as it answers
+                self._check_writer()
+
     def _await_answer(self, pos: int) -> Optional[bytes]:
         """The writer's answer to record `pos`, or None if the segment it is
         in was replaced (the request must go again)."""
         while True:
-            seg = self.seg  # a reconnect may have replaced the mapping
-            seen = seg.event(shm.EV_COMMIT)
-            h = seg.req_get(pos)
-            if h is not None and h.state == shm.REQ_ANSWERED:
-                data = seg.req_read(pos, h.nbytes)
-                seg.req_set_state(pos, shm.REQ_DONE)
+            try:
+                data = self.seg.req_await(pos, WRITER_CHECK_INTERVAL)  # a reconnect may replace the mapping
+            except errors.InvalidState:
+                raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}") from None
+            if data is not None:
                 return data
-            if h is None or h.state == shm.REQ_ABANDONED:
-                raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}")
-            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
-                if self._check_writer():
-                    return None
+            if self._check_writer():
+                return None
 
     def _check_writer(self) -> bool:
         """Restart a dead writer and follow a rebuilt segment; True if the segment changed."""

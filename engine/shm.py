@@ -629,6 +629,32 @@ class Segment:
             check(rc, f"req_reserve of {nbytes} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
         return int(pos[0])
 
+    def req_send(self, data: bytes, room: int = 0) -> Optional[int]:
+        """Reserve a record of `room` bytes (at least the data's), write
+        `data`, publish it and wake the writer, in one call: its position,
+        or None while the area is full (the writer is nudged)."""
+        pos = ffi.new("uint64_t *")
+        rc = lib.hr_req_send(self._mem, data, len(data), room, os.getpid(), pos)
+        if rc == _E_FULL:
+            return None
+        if rc < 0:
+            check(rc, f"req_send of {len(data)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
+        return int(pos[0])
+
+    def req_await(self, pos: int, timeout: float) -> Optional[bytes]:
+        """The answer to our record at `pos` once the writer wrote it (the
+        record is then DONE), or None if `timeout` seconds passed first.
+        InvalidState if the record was abandoned."""
+        n = ffi.new("uint32_t *")
+        rc = lib.hr_req_await(self._mem, pos, int(timeout * 1e6), n)
+        if rc == lib.HR_E_TIMEOUT:
+            return None
+        if rc < 0:
+            raise errors.InvalidState(f"request {pos} was abandoned or is gone (status {rc})")
+        data = self.req_read(pos, n[0])
+        self.req_set_state(pos, REQ_DONE)
+        return data
+
     def _req_cap(self) -> int:
         return self.info()["req_cap"]
 

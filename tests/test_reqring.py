@@ -286,6 +286,35 @@ def test_reserve_rejects_what_cannot_fit(segname):
     s.close()
 
 
+def test_send_and_await_a_whole_request_in_one_call_each(segname):
+    """req_send reserves, writes and publishes (waking the writer); None
+    while the area is full.  req_await gives the answer once it is there
+    (the record is then DONE), None on a timeout, and InvalidState for an
+    abandoned record."""
+    s = Segment.create(segname, 8, req_bytes=4096)
+    try:
+        ev = s.event(EV_WRITER)
+        pos = s.req_send(b"hello", 100)
+        h = s.req_get(pos)
+        assert (h.state, h.nbytes, s.req_read(pos, 5)) == (REQ_READY, 5, b"hello") and h.len == need(100)
+        assert s.event(EV_WRITER) == ev + 1
+        t0 = time.monotonic()
+        assert s.req_await(pos, 0.05) is None and time.monotonic() - t0 >= 0.04
+        threading.Timer(0.05, lambda: (s.req_answer(pos, b"world!"), s.notify(EV_COMMIT))).start()
+        assert s.req_await(pos, 5.0) == b"world!"
+        assert s.req_get(pos).state == REQ_DONE
+        other = s.req_send(b"x" * 10)
+        s.req_set_state(other, REQ_ABANDONED)
+        with pytest.raises(errors.InvalidState):
+            s.req_await(other, 1.0)
+        with pytest.raises(errors.InvalidArgument, match="at most 2016"):
+            s.req_send(b"x" * 2017)
+        while s.req_send(b"y" * 1000) is not None:
+            pass  # fills the area: then None, not an error
+    finally:
+        s.close()
+
+
 def test_a_position_inside_a_record_is_refused(segname):
     s = Segment.create(segname, 8, req_bytes=4096)
     pos = s.req_reserve(200)
