@@ -634,10 +634,11 @@ class Queue:
                           _run_at_us(delay, run_at, now), group, depends_on, tags)
         if item[12]:
             self._check_parents([item])
-        kinds, ids, _, errs = self._send_items([item], mode)
+        item = (self.seg.reserve_ids(1),) + item[1:]
+        kinds, flat = self._send_chunk([item], mode)  # one job: one chunk
         if kinds[0] == _REJECTED:
-            raise errs[0]
-        return ids[0]  # type: ignore[return-value]
+            raise _duplicate(flat[0], name)
+        return flat[0]
 
     def submit_batch(self, jobs: Iterable[Job], *, on_duplicate: str = "skip") -> BatchOutcome:
         """Submit many jobs: one transaction per chunk, one wake-up per chunk.
@@ -875,11 +876,7 @@ class Queue:
             if _REJECTED in k:
                 for j, kind in enumerate(k):
                     if kind == _REJECTED:
-                        tid = chunk_ids[j]
-                        err = errors.DuplicateTask(f"a live task {tid} of {items[start + j][1]} holds this "
-                                                   "dedup key (on_duplicate='reject')")
-                        err.existing_id = tid  # type: ignore[attr-defined]
-                        errs[start + j] = err
+                        errs[start + j] = _duplicate(chunk_ids[j], items[start + j][1])  # type: ignore[arg-type]
                         chunk_ids[j] = None
             ids += chunk_ids
             others += chunk_others
@@ -1371,6 +1368,13 @@ class Queue:
 
 
 _FORK_KEEP: List[Any] = []
+
+
+def _duplicate(tid: int, name: str) -> errors.DuplicateTask:
+    """The error of a job refused because live task `tid` holds its dedup key."""
+    err = errors.DuplicateTask(f"a live task {tid} of {name} holds this dedup key (on_duplicate='reject')")
+    err.existing_id = tid  # type: ignore[attr-defined]
+    return err
 
 
 def _mode(on_duplicate: str) -> int:
