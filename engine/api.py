@@ -79,8 +79,8 @@ def _json_default(value: Any) -> Any:
 
 def _json_encoder() -> Callable[[Any], str]:
     """json.dumps(value, separators=(",", ":"), default=_json_default, check_circular=False),
-    with the C encoder built once instead of on every call (json builds one
-    per call): about 40% of a submit_batch producer's time went there."""
+    with the C encoder built once instead of on every call as json does (a
+    ~110-byte payload: 4.2 us that way, 2.2 us this way)."""
     try:
         from json.encoder import c_make_encoder, encode_basestring_ascii
     except ImportError:  # pragma: no cover - CPython always has _json
@@ -905,27 +905,25 @@ class Queue:
             data = protocol.encode_request(mode | protocol.REPLAY, items)
 
     def _reserve(self, nbytes: int, nitems: int) -> int:
+        """Reserve a record for `nbytes` of request (and the answer to `nitems` jobs); its position."""
         need = max(nbytes, protocol.answer_room(nitems))
-        while True:
-            seg = self.seg
-            seen = seg.event(shm.EV_COMMIT)
-            pos = seg.req_reserve(need)
-            if pos is not None:
-                return pos
-            seg.notify(shm.EV_WRITER)  # the writer reclaims space as it answers
-            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
-                self._check_writer()
+        return self._with_room(lambda seg: seg.req_reserve(need))
 
     def _send(self, data: bytes, nitems: int) -> int:
         """Publish a whole request (room for the answer to `nitems` jobs); its position."""
         need = protocol.answer_room(nitems)
+        return self._with_room(lambda seg: seg.req_send(data, need))
+
+    def _with_room(self, attempt: Callable[[Segment], Optional[int]]) -> int:
+        """`attempt(seg)` again until the request area has room for it (a
+        full area nudges the writer, which reclaims space as it answers)."""
         while True:
             seg = self.seg
             seen = seg.event(shm.EV_COMMIT)
-            pos = seg.req_send(data, need)
+            pos = attempt(seg)
             if pos is not None:
                 return pos
-            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):  # the writer reclaims as it answers
+            if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
                 self._check_writer()
 
     def _await_answer(self, pos: int) -> Optional[bytes]:

@@ -41,11 +41,11 @@ SWAP_MAX = 4096
 #: beyond their limits; the rest of their backlog waits on disk, so that
 #: parked tasks never crowd out the tasks of other groups.
 GROUP_SHARE = 4
-#: Exit codes.
 #: Seconds a streamed request may go without a new part before the writer
 #: rolls back what it did with it and waits for the whole request instead
 #: (a producer that stopped, or a slow generator of jobs).
 STREAM_STALL = 0.1
+#: Exit codes.
 EXIT_OK = 0
 EXIT_LOCKED = 0  # another writer runs: not an error
 EXIT_FAILED = 2
@@ -330,7 +330,8 @@ class Writer:
                     if not recs and h.tag and h.pos != self.no_stream_at:
                         self.stream_head = h  # its first parts are there: start on them
                     break  # its producer is still writing it
-                seg.req_set_state(h.pos, shm.REQ_ABANDONED)
+                if not seg.req_cas_state(h.pos, shm.REQ_RESERVED, shm.REQ_ABANDONED):
+                    continue  # published after all, then its producer died: read it again
             pos = h.pos + h.len
         self.scan = pos
         return recs
@@ -468,8 +469,9 @@ class Writer:
                         break
                     if have == done:
                         if not paths.pid_alive(h.pid):
-                            seg.req_set_state(pos, shm.REQ_ABANDONED)
-                            raise _StreamStopped("its producer died")
+                            if seg.req_cas_state(pos, shm.REQ_RESERVED, shm.REQ_ABANDONED):
+                                raise _StreamStopped("its producer died")
+                            continue  # it published the record, then died: take the rest
                         if time.monotonic() - last_part > STREAM_STALL:
                             raise _StreamStopped("no new part came")
                         seg.wait(shm.EV_WRITER, seen, 0.002)
