@@ -1,6 +1,5 @@
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 #include "headrace.h"
 
 #define HDR ((uint64_t)sizeof(hr_req))
@@ -185,13 +184,6 @@ int hr_req_send(void *mem, const char *data, uint32_t nbytes, uint32_t room, uin
     return HR_OK;
 }
 
-static int64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 /* Wait up to timeout_us for the answer to the record at `pos`: HR_OK with
  * its size in *nbytes once ANSWERED, HR_E_TIMEOUT, or HR_E_STATE if it is
  * neither READY nor ANSWERED (its producer, or the writer, abandoned it). */
@@ -201,7 +193,7 @@ int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes)
     int rc = locate_rec((hr_header *)mem, pos, &r);
     if (rc != HR_OK)
         return rc;
-    int64_t deadline = mono_us() + (timeout_us < 0 ? 0 : timeout_us);
+    int64_t deadline = hr_mono_us() + (timeout_us < 0 ? 0 : timeout_us);
     for (;;) {
         uint32_t seen = hr_event_value(mem, HR_EV_COMMIT); /* before the look: no wake-up is missed */
         uint32_t st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
@@ -211,7 +203,7 @@ int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes)
         }
         if (st != HR_REQ_READY)
             return HR_E_STATE;
-        int64_t left = deadline - mono_us();
+        int64_t left = deadline - hr_mono_us();
         if (left <= 0)
             return HR_E_TIMEOUT;
         hr_wait(mem, HR_EV_COMMIT, seen, left);

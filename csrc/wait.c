@@ -55,7 +55,7 @@ static void give_until(int64_t *claim, int64_t until)
 
 static inline hr_event *event(void *mem, int ev) { return &((hr_header *)mem)->events[ev]; }
 
-static int64_t now_us(void)
+int64_t hr_mono_us(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -87,7 +87,7 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
     if (ev < 0 || ev >= HR_NEVENTS)
         return HR_E_INVALID;
     hr_event *e = event(mem, ev);
-    int64_t start = now_us();
+    int64_t start = hr_mono_us();
     int64_t deadline = timeout_us < 0 ? INT64_MAX : start + timeout_us;
     int64_t spin_end = start + wait_spin_us;
     /* Spin only as the event's one waiter: where others wait too (4
@@ -103,7 +103,7 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
     }
     if (token >= 0) {
         int got = 0;
-        for (int64_t t = start; !got && t < spin_end && t < deadline; t = now_us()) {
+        for (int64_t t = start; !got && t < spin_end && t < deadline; t = hr_mono_us()) {
             for (int k = 0; k < 64; k++) {
                 if (__atomic_load_n(&e->value, __ATOMIC_ACQUIRE) != seen) {
                     got = 1;
@@ -127,7 +127,7 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
             rc = HR_OK;
             break;
         }
-        int64_t t = now_us();
+        int64_t t = hr_mono_us();
         if (t >= deadline)
             break;
         int64_t left = deadline - t;

@@ -15,5 +15,7 @@ uint32_t hr_event_value(void *mem, int ev);
 void hr_notify(void *mem, int ev);
 int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us);
 void hr_set_wait_spin(uint32_t spin_us);
+/* Microseconds on the monotonic clock, for waits' deadlines. */
+int64_t hr_mono_us(void);
 
 #endif
