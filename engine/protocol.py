@@ -108,6 +108,15 @@ def decode_frames(data: bytes) -> List[Tuple[int, List[Any]]]:
     return out
 
 
+def decode_streamed(data: bytes) -> Tuple[int, List[Any]]:
+    """A whole request sent in parts, as (mode, items) like :func:`decode_request`."""
+    frames = decode_frames(data)
+    mode = frames[0][0] if frames else 0
+    if any(f[0] != mode for f in frames):
+        raise ValueError("parts of one request with different modes")
+    return mode, [it for f in frames for it in f[1]]
+
+
 def answer_room(n: int) -> int:
     """Bytes an answer for `n` items may take."""
     return _HEAD.size + 17 * n + 256

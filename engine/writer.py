@@ -304,14 +304,8 @@ class Writer:
             if h.state == shm.REQ_READY:
                 try:
                     data = seg.req_read(h.pos, h.nbytes)
-                    if h.tag:  # sent in parts
-                        frames = protocol.decode_frames(data)
-                        mode = frames[0][0] if frames else 0
-                        if any(f[0] != mode for f in frames):
-                            raise ValueError("parts of one request with different modes")
-                        items = [it for f in frames for it in f[1]]
-                    else:
-                        mode, items = protocol.decode_request(data)
+                    # A record with a tag was sent in parts.
+                    mode, items = (protocol.decode_streamed if h.tag else protocol.decode_request)(data)
                 except Exception as e:  # never let one bad record stop the writer
                     print(f"headrace writer: request {h.pos} from pid {h.pid} is malformed ({e}); "
                           "refusing it", file=sys.stderr)
@@ -327,8 +321,10 @@ class Writer:
             elif h.state == shm.REQ_RESERVED:
                 if paths.pid_alive(h.pid):
                     pos = h.pos
-                    if not recs and h.tag and h.pos != self.no_stream_at:
-                        self.stream_head = h  # its first parts are there: start on them
+                    # Its first parts are there: start on them, unless it needs the replay check
+                    # (published before this writer started) or working ahead on it stopped once.
+                    if not recs and h.tag and h.pos >= self.replay_before and h.pos != self.no_stream_at:
+                        self.stream_head = h
                     break  # its producer is still writing it
                 if not seg.req_cas_state(h.pos, shm.REQ_RESERVED, shm.REQ_ABANDONED):
                     continue  # published after all, then its producer died: read it again
@@ -432,9 +428,10 @@ class Writer:
         transaction that commits once the request is READY, so that the
         producer serialises part k+1 while the writer stores part k.
 
-        Only parts of plain jobs (no dedup key, no replay) are taken this
-        way.  If the producer dies, the transaction is rolled back and the
-        record abandoned: nothing of the chunk is stored.  If it stalls, or
+        Only parts of plain jobs (no dedup key) of a record published since
+        this writer started are taken this way.  If the producer dies, the
+        transaction is rolled back and the record abandoned: nothing of the
+        chunk is stored.  If it stalls, or
         anything else goes wrong, the work is rolled back and the record is
         handled whole once it is READY, as any other request."""
         seg = self.seg
@@ -456,8 +453,8 @@ class Writer:
                         for mode, items in protocol.decode_frames(seg.req_read(pos, have - done, done)):
                             if mode not in protocol.ON_DUPLICATE.values():  # replay, reports, commands
                                 raise _StreamStopped(f"a part in mode {mode:#x}")
-                            if any(it[5] for it in items) or pos < self.replay_before:
-                                raise _StreamStopped("a part that needs deduplication or a replay check")
+                            if any(it[5] for it in items):
+                                raise _StreamStopped("a part that needs deduplication")
                             if items:
                                 created = created or items[0][9]
                                 ids.extend(it[0] for it in items)
