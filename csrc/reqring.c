@@ -1,3 +1,5 @@
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include "headrace.h"
@@ -163,6 +165,24 @@ int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes)
     return HR_OK;
 }
 
+/* The writer's answer in one call: copy it in place of the request, size
+ * it, and move the record READY -> ANSWERED (the state's release store
+ * publishes the bytes).  HR_E_STATE if the record is no longer READY (its
+ * producer abandoned it); nobody reads those bytes then. */
+int hr_req_answer(void *mem, uint64_t pos, const char *data, uint32_t nbytes)
+{
+    hr_req *r;
+    int rc = sized_rec(mem, pos, nbytes, &r);
+    if (rc != HR_OK)
+        return rc;
+    memcpy((char *)r + HDR, data, nbytes);
+    __atomic_store_n(&r->nbytes, nbytes, __ATOMIC_RELAXED);
+    uint32_t expect = HR_REQ_READY;
+    if (!__atomic_compare_exchange_n(&r->state, &expect, HR_REQ_ANSWERED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return HR_E_STATE;
+    return HR_OK;
+}
+
 /* A whole request in one call: reserve `room` bytes (at least `nbytes`),
  * copy the data in, publish it READY and wake the writer.  HR_E_FULL while
  * the area has no room (the writer is nudged to reclaim). */
@@ -260,6 +280,29 @@ int64_t hr_req_reclaim(void *mem, uint64_t upto)
         hr_notify(mem, HR_EV_COMMIT);
     }
     return rc != HR_OK ? rc : (int64_t)p;
+}
+
+/* Consumer only: mark ABANDONED each ANSWERED record before `upto` whose
+ * producer is gone (it died before reading its answer), walking from the
+ * head while records are finished; then reclaim up to `upto`.  Returns
+ * the new head, like hr_req_reclaim. */
+int64_t hr_req_sweep(void *mem, uint64_t upto)
+{
+    hr_header *h = (hr_header *)mem;
+    uint64_t p = __atomic_load_n(&h->req_head, __ATOMIC_RELAXED);
+    uint64_t tail = __atomic_load_n(&h->req_tail, __ATOMIC_ACQUIRE);
+    while (p < upto && p < tail) {
+        hr_req *r = rec_at(h, p);
+        if (r->pos != p || !len_ok(h, p, r->len) || r->len > tail - p)
+            return HR_E_CORRUPT;
+        uint32_t st = __atomic_load_n(&r->state, __ATOMIC_ACQUIRE);
+        if (st == HR_REQ_ANSWERED && kill((pid_t)r->pid, 0) != 0 && errno == ESRCH)
+            __atomic_compare_exchange_n(&r->state, &st, HR_REQ_ABANDONED, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+        else if (st != HR_REQ_DONE && st != HR_REQ_PAD && st != HR_REQ_ABANDONED)
+            break;
+        p += r->len;
+    }
+    return hr_req_reclaim(mem, upto);
 }
 
 int hr_req_bounds(void *mem, uint64_t *head, uint64_t *tail)

@@ -23,11 +23,13 @@ int hr_req_set_nbytes(void *mem, uint64_t pos, uint32_t nbytes);
 /* A producer that writes its request in parts says how many data bytes are
  * complete, so the consumer can start on them before the record is READY. */
 int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes);
+int hr_req_answer(void *mem, uint64_t pos, const char *data, uint32_t nbytes);
 int hr_req_send(void *mem, const char *data, uint32_t nbytes, uint32_t room, uint32_t pid, uint64_t *pos);
 int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes);
 int hr_req_get(void *mem, uint64_t pos, hr_req *out);
 int hr_req_next(void *mem, uint64_t pos, hr_req *out);
 int64_t hr_req_reclaim(void *mem, uint64_t upto);
+int64_t hr_req_sweep(void *mem, uint64_t upto);
 int hr_req_bounds(void *mem, uint64_t *head, uint64_t *tail);
 int hr_reserve_ids(void *mem, uint32_t n, uint64_t *first);
 int hr_raise_next_id(void *mem, uint64_t v);

@@ -702,16 +702,14 @@ class Segment:
         meanwhile (the record stays ABANDONED and is reclaimable).  No
         wake-up: the writer notifies EV_COMMIT once per batch.
         """
-        self.req_write(pos, data)
-        check(lib.hr_req_set_nbytes(self._mem, pos, len(data)), f"req_answer of request {pos}")
-        rc = lib.hr_req_cas_state(self._mem, pos, REQ_READY, REQ_ANSWERED)
+        rc = lib.hr_req_answer(self._mem, pos, data, len(data))
         if rc == _E_STATE:
             h = self.req_get(pos)
             if h is not None and h.state == REQ_ABANDONED:
                 return False
             raise errors.InvalidState(f"req_answer: request {pos} is in state "
                                       f"{h.state if h else None}, not READY")
-        check(rc, f"req_answer of request {pos}")
+        check(rc, f"req_answer of {len(data)} bytes to request {pos}")
         return True
 
     def req_set_state(self, pos: int, state: int) -> None:
@@ -745,6 +743,12 @@ class Segment:
     def req_reclaim(self, upto: int) -> int:
         """Writer only: free finished records before `upto`; returns the new head."""
         return check(lib.hr_req_reclaim(self._mem, upto), "req_reclaim")
+
+    def req_sweep(self, upto: int) -> int:
+        """Writer only: mark abandoned each answered record before `upto`
+        whose producer died before reading it, then free finished records
+        before `upto`; returns the new head."""
+        return check(lib.hr_req_sweep(self._mem, upto), "req_sweep")
 
     def req_bounds(self) -> Tuple[int, int]:
         """(head, tail): the oldest unreclaimed record and where the next one goes."""

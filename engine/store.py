@@ -325,7 +325,11 @@ class Store:
         raise NotImplementedError
 
     def purge_events(self, before_us: int, limit: int) -> None:
-        """Drop up to `limit` of the oldest submit events from before `before_us`."""
+        """Drop those of the `limit` oldest submit events that are from before `before_us`."""
+        raise NotImplementedError
+
+    def oldest_event_at(self) -> int:
+        """The time of the oldest submit event (a big number if there is none)."""
         raise NotImplementedError
 
     def purge(self, ids: Sequence[int]) -> None:
@@ -508,6 +512,7 @@ class SQLiteStore(_Reads, Store):
 
     def __init__(self, path: str, sync: str = "normal") -> None:
         self.path = path
+        self.sync = sync
         self.conn = connect(path, [set_busy_timeout, check_identity, set_wal, set_synchronous(sync),
                                    disable_autocheckpoint, set_cache], vfs=faults.test_vfs())
         self._prepare()
@@ -588,8 +593,15 @@ class SQLiteStore(_Reads, Store):
         self._insert(_INSERT_EVENT, rows)
 
     def purge_events(self, before_us: int, limit: int) -> None:
-        self.conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? ORDER BY seq LIMIT ?)",
-                          (before_us, limit))
+        # Events are appended in time order: look at the oldest only (filtering
+        # first would scan the whole log when none is old enough).
+        self.conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?) AND at < ?",
+                          (limit, before_us))
+
+    def oldest_event_at(self) -> int:
+        for (at,) in self.conn.execute("SELECT at FROM events ORDER BY seq LIMIT 1"):
+            return int(at)
+        return 1 << 62
 
     def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
         return list(self.conn.execute(
@@ -764,11 +776,31 @@ class SQLiteStore(_Reads, Store):
         mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
         return self.conn.wal_checkpoint(mode=mode)
 
+    def checkpointer(self) -> "Checkpointer":
+        """A connection of its own for PASSIVE checkpoints on another thread."""
+        return Checkpointer(self.path, self.sync)
+
     def wal_bytes(self) -> int:
         try:
             return os.path.getsize(self.path + "-wal")
         except OSError:
             return 0
+
+
+class Checkpointer:
+    """PASSIVE checkpoints through a connection of their own: SQLite runs
+    one while another connection commits, so the writer's thread need not
+    wait while the WAL is copied into the database and synced."""
+
+    def __init__(self, path: str, sync: str) -> None:
+        self.conn = connect(path, [set_busy_timeout, set_synchronous(sync), disable_autocheckpoint],
+                            vfs=faults.test_vfs())
+
+    def passive(self) -> Tuple[int, int]:
+        return self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class _Txn:

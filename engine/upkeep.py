@@ -3,12 +3,13 @@ will read, WAL checkpoints, and noticing that no client is left."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import apsw
 
-from . import errors, paths, shm, store
+from . import errors, shm, store
 from .shm import now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +33,7 @@ class Upkeep:
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
         self.expire_states = shm.ffi.new("uint8_t[]", EXPIRE_BATCH)
+        self.checkpoints: Optional[_Checkpoints] = None  # started at the first checkpoint
 
     def maybe_run(self) -> None:
         now = time.monotonic()
@@ -86,32 +88,31 @@ class Upkeep:
 
     def reclaim(self) -> None:
         """Free request records whose producer read its answer or died waiting."""
-        seg = self.w.seg
-        head, _ = seg.req_bounds()
-        pos = head
-        while pos < self.w.scan:
-            h = seg.req_next(pos)
-            if h is None or h.pos >= self.w.scan:
-                break
-            if h.state == shm.REQ_ANSWERED and not paths.pid_alive(h.pid):
-                seg.req_set_state(h.pos, shm.REQ_ABANDONED)
-            elif h.state not in (shm.REQ_DONE, shm.REQ_ABANDONED):
-                break
-            pos = h.pos + h.len
-        seg.req_reclaim(self.w.scan)
+        self.w.seg.req_sweep(self.w.scan)
 
     def checkpoint(self) -> None:
-        """PASSIVE on a timer; TRUNCATE once the WAL outgrows its bound."""
+        """PASSIVE on a timer (on the checkpoint thread); TRUNCATE, here,
+        once the WAL outgrows its bound."""
         store = self.w.store
+        if store.wal_bytes() <= self.w.cfg.wal_truncate_bytes:
+            if self.checkpoints is None:
+                self.checkpoints = _Checkpoints(store)
+                self.checkpoints.start()
+            if self.checkpoints.is_alive():
+                self.checkpoints.due.set()
+                return
         try:
-            if store.wal_bytes() > self.w.cfg.wal_truncate_bytes:
-                store.checkpoint(truncate=True)
-            else:
-                store.checkpoint()
+            store.checkpoint(truncate=store.wal_bytes() > self.w.cfg.wal_truncate_bytes)
         except apsw.BusyError:
-            pass  # a reader holds an old snapshot; the next pass tries again
+            pass  # a reader holds an old snapshot (or a PASSIVE one runs); the next pass tries again
         except apsw.Error as e:
             print(f"headrace writer: checkpoint failed: {e}", file=sys.stderr)
+
+    def stop(self) -> None:
+        """End the checkpoint thread (before the writer's last checkpoint)."""
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
+            self.checkpoints = None
 
     def due_exit_check(self) -> bool:
         now = time.monotonic()
@@ -119,3 +120,42 @@ class Upkeep:
             return False
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         return True
+
+
+class _Checkpoints(threading.Thread):
+    """Runs a PASSIVE checkpoint each time `due` is set.  SQLite lets it
+    copy the WAL into the database while the writer's thread commits (apsw
+    lets go of the GIL meanwhile), so the writer's turns no longer stall
+    for it; a checkpoint that fails is tried again at the next pass."""
+
+    def __init__(self, st: "store.SQLiteStore") -> None:
+        super().__init__(name="headrace-checkpoints", daemon=True)
+        self.store = st
+        self.due = threading.Event()
+        self.quit = False
+
+    def run(self) -> None:
+        try:
+            ck = self.store.checkpointer()
+        except errors.StoreError as e:  # the writer's thread checkpoints instead (is_alive is False)
+            print(f"headrace writer: no checkpoint thread ({e}); checkpoints run between turns", file=sys.stderr)
+            return
+        try:
+            while True:
+                self.due.wait()
+                self.due.clear()
+                if self.quit:
+                    return
+                try:
+                    ck.passive()
+                except apsw.BusyError:
+                    pass
+                except apsw.Error as e:
+                    print(f"headrace writer: checkpoint failed: {e}", file=sys.stderr)
+        finally:
+            ck.close()
+
+    def stop(self) -> None:
+        self.quit = True
+        self.due.set()
+        self.join(30)

@@ -110,6 +110,11 @@ class Writer:
         self.seg.set_flush_seq(self.flush_seq)
         #: Where the next purge pass starts looking (task id).
         self.purge_cursor = 0
+        #: A walk of every task by age ("round") began at this time (us), and
+        #: the oldest end it met that was kept; once a round is over, nothing
+        #: can be old enough before the older of the two plus the retention.
+        self.purge_round = (0, 0)
+        self.purge_idle_until = 0
         #: Tasks waiting on dependencies (kept in memory so that flushes skip the lookup when none do).
         self.waiting_n = self.store.waiting_count()
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
@@ -129,6 +134,9 @@ class Writer:
         self.no_stream_at = -1
         #: Set by _gather: the RESERVED record it stopped at has parts to start on.
         self.stream_head: Optional[Any] = None
+        #: The last turn left work behind (a chunk's worth of requests, or a
+        #: full flush): the next one starts at once instead of waiting.
+        self.more = False
         self.dirty_buf = Segment.dirty_records(cfg.flush_rows)
         self.last_flush = time.monotonic()
         self.upkeep = Upkeep(self)
@@ -297,9 +305,11 @@ class Writer:
         pos = self.scan
         seg = self.seg
         self.stream_head = None
+        self.more = True
         while True:
             h = seg.req_next(pos)
             if h is None:
+                self.more = False  # every published request is taken
                 break
             if h.state == shm.REQ_READY:
                 try:
@@ -321,6 +331,7 @@ class Writer:
             elif h.state == shm.REQ_RESERVED:
                 if paths.pid_alive(h.pid):
                     pos = h.pos
+                    self.more = False  # its publish will wake us
                     # Its first parts are there: start on them, unless it needs the replay check
                     # (published before this writer started) or working ahead on it stopped once.
                     if not recs and h.tag and h.pos >= self.replay_before and h.pos != self.no_stream_at:
@@ -351,6 +362,8 @@ class Writer:
             _, dirty_n, epoch = seg.peek_dirty(self.cfg.flush_rows, self.dirty_buf)
         if not recs and not dirty_n and not reports and not manage:
             return False
+        if dirty_n >= self.cfg.flush_rows:
+            self.more = True  # the ring may hold more
         plan = _Plan()
         try:
             with self.store.transaction():
@@ -390,6 +403,7 @@ class Writer:
                 self._drop_reports(reports)
             self._rolled_back()
             time.sleep(0.05)
+            self.more = True
             return True
         faults.point("committed")
         self.store_ok()
@@ -707,26 +721,39 @@ class Writer:
             done, dead, cancelled, purged = self.store_totals(("completed", "dead", "cancelled", "purged"))
             finished = done + dead + cancelled - purged
             excess = max(0, finished - cfg.retention_count)
+        now = now_us()
+        cutoff = now - int(cfg.retention * 1e6) if cfg.retention else -1
         if excess:  # over the count: the oldest go first, so look from the start
             rows = self.store.finished_after(0, cfg.purge_batch)
+        elif now < self.purge_idle_until:  # by age, and nothing can be old enough yet
+            rows = []
         else:  # by age: walk the ids round, a batch per pass
+            if not self.purge_cursor:
+                self.purge_round = (now, now)
             rows = self.store.finished_after(self.purge_cursor, cfg.purge_batch)
             self.purge_cursor = rows[-1][0] if len(rows) == cfg.purge_batch else 0
-        cutoff = now_us() - int(cfg.retention * 1e6) if cfg.retention else -1
         doomed = []
         by_state: Dict[str, int] = {}
+        kept = self.purge_round[1]
         for tid, state, at in rows:  # oldest ids first
-            if state < shm.COMPLETED or self.seg.get(tid) is not None:
-                continue
-            if at < cutoff or len(doomed) < excess:
+            if state < shm.COMPLETED:
+                continue  # it ends after the round began
+            if (at < cutoff or len(doomed) < excess) and self.seg.get(tid) is None:
                 doomed.append(tid)
                 key = "purged_" + _TERMINAL_NAMES[state]
                 by_state[key] = by_state.get(key, 0) + 1
+            else:
+                kept = min(kept, at)
+        if rows and not excess:
+            self.purge_round = (self.purge_round[0], kept)
+            if not self.purge_cursor and cfg.retention:  # the round is over
+                # A task that ends later ends after the round began.
+                self.purge_idle_until = min(self.purge_round) + int(cfg.retention * 1e6)
         if doomed:
             with self.store.transaction():
                 self.store.purge(doomed)
                 self.store.bump({"purged": len(doomed), **by_state})
-        if cfg.retention:  # the event log keeps the same time
+        if cfg.retention and self.store.oldest_event_at() < cutoff:  # the event log keeps the same time
             with self.store.transaction():
                 self.store.purge_events(cutoff, cfg.purge_batch)
         return len(doomed)
@@ -1125,8 +1152,11 @@ class Writer:
                 break
             if busy:
                 idle_since = None
-                continue
-            if self.upkeep.due_exit_check():
+                if self.more or self.stream_head is not None:
+                    continue
+                # Nothing was left behind: wait, which returns at once if
+                # anything arrived since `seen` (a new request notifies).
+            elif self.upkeep.due_exit_check():
                 if self.no_clients():
                     if idle_since is None:
                         idle_since = time.monotonic()
@@ -1143,6 +1173,8 @@ class Writer:
             # reported (which wakes nobody, to keep its path free of system
             # calls) reaches disk within about one interval.
             timeout = cfg.flush_interval
+            if info.ring_size:  # reported outcomes wait for the next flush, due then
+                timeout = min(timeout, max(0.0, self.last_flush + cfg.flush_interval - time.monotonic()))
             if info.next_run_at:  # a delayed task (a retry's backoff) comes due at its time, not a pass later
                 wait_us = info.next_run_at - now_us()
                 if wait_us <= 0:
@@ -1162,6 +1194,7 @@ class Writer:
             self.store.bump(self.totals)
             self.totals = {}
             self.store.meta_set("clean", 1)
+        self.upkeep.stop()
         try:
             self.store.checkpoint(truncate=True)
         except apsw.Error:

@@ -1,12 +1,14 @@
 """Helpers for end-to-end tests: real writer, worker and producer processes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import psutil
 
@@ -158,3 +160,41 @@ def send_raw(q, data: bytes) -> bytes:
     q.seg.req_write(pos, data)
     q.seg.req_publish(pos)
     return q._await_answer(pos)
+
+
+class InProcessWriter:
+    """A real Writer in the test's process, turned by a thread (queues attach
+    to it as to any writer), so that a test can reach into it."""
+
+    def __init__(self, db: str, upkeep: bool, **settings: Any) -> None:
+        from engine import config
+        from engine.writer import Writer
+        self.w = Writer(db, config.settings(**settings))
+        self.upkeep = upkeep
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            if not self.w.turn():
+                time.sleep(0.001)
+            if self.upkeep:
+                self.w.upkeep.maybe_run()
+
+    def pause(self) -> None:
+        """Stop turning (the test may then call the writer from its own thread)."""
+        self._stop.set()
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def writer_in_process(db: str, upkeep: bool = True, **settings: Any) -> Iterator[InProcessWriter]:
+    iw = InProcessWriter(db, upkeep, **settings)
+    try:
+        yield iw
+    finally:
+        iw.pause()
+        iw.w.store.close()
+        os.ftruncate(iw.w.lock_fd, 0)  # the db fixture stops the writer named there: not this process
+        os.close(iw.w.lock_fd)

@@ -14,7 +14,7 @@ import pytest
 import engine
 from engine import Segment, errors, paths, protocol, shm
 from engine_helpers import (acked, done_counts, kill_writer, read_log, start_producer, start_workers, stop,
-                            send_raw, wait_for, writer_pid)
+                            send_raw, wait_for, writer_in_process, writer_pid)
 from helpers import CHILD_CWD, child_env
 
 
@@ -585,42 +585,21 @@ def test_reports_that_cannot_be_stored_fail_their_attempts_and_the_writer_carrie
     """A report whose outcomes cannot be stored (not a disk error: retrying
     would fail every turn) is dropped, and its attempts count as failed, so
     the task runs again; the next report of the same task is stored."""
-    import threading
+    with writer_in_process(db) as iw, engine.Queue(db) as q:
+        w = iw.w
+        tid = q.submit("t", args=(1,))
+        job = q.claim(1, timeout=5)[0]
 
-    from engine import config
-    from engine.writer import Writer
-
-    w = Writer(db, config.settings())  # in this process, turned by a thread: the queue attaches to it
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not stop.is_set():
-            if not w.turn():
-                time.sleep(0.001)
-            w.upkeep.maybe_run()
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    try:
-        with engine.Queue(db) as q:
-            tid = q.submit("t", args=(1,))
-            job = q.claim(1, timeout=5)[0]
-
-            def refuse(rows):
-                raise TypeError("cannot store this result")
-            monkeypatch.setattr(w.store, "put_results", refuse)
-            job.complete({"v": 1})
-            wait_for(lambda: q.get(tid).state == "pending", what="the dropped report's attempt failed")
-            assert "dropped a report of 1 outcomes" in capfd.readouterr().err
-            monkeypatch.undo()
-            again = q.claim(1, timeout=5)[0]
-            assert again.attempt == 2 and again.complete({"v": 2})
-            assert q.result(tid, timeout=10) == {"v": 2}
-    finally:
-        stop.set()
-        t.join(10)
-        w.store.close()
-        os.ftruncate(w.lock_fd, 0)  # the db fixture stops the writer named there: not this process
-        os.close(w.lock_fd)
+        def refuse(rows):
+            raise TypeError("cannot store this result")
+        monkeypatch.setattr(w.store, "put_results", refuse)
+        job.complete({"v": 1})
+        wait_for(lambda: q.get(tid).state == "pending", what="the dropped report's attempt failed")
+        assert "dropped a report of 1 outcomes" in capfd.readouterr().err
+        monkeypatch.undo()
+        again = q.claim(1, timeout=5)[0]
+        assert again.attempt == 2 and again.complete({"v": 2})
+        assert q.result(tid, timeout=10) == {"v": 2}
 
 
 def test_get_never_shows_an_older_state_while_the_writer_flushes(db):

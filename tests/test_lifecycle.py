@@ -15,7 +15,7 @@ import pytest
 
 import engine
 from engine import Backoff, errors, paths, shm
-from engine_helpers import kill_writer, stop, wait_for
+from engine_helpers import kill_writer, stop, wait_for, writer_in_process
 from helpers import CHILD_CWD, child_env
 
 #: Worker program for these tests: every task appends "event id attempt time"
@@ -781,6 +781,35 @@ def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
         for table in ("payloads", "outcomes", "results"):
             ids = {r[0] for r in q.reader.conn.execute(f"SELECT id FROM {table}")}
             assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
+
+
+def test_purge_by_age_rests_once_a_round_found_nothing_old_enough(db, monkeypatch):
+    """A purge pass by age walks a batch of tasks; once a whole round found
+    nothing old enough, passes look at nothing until the oldest ending it
+    kept (or the round's start) is past the retention, then purge."""
+    from engine import writer
+
+    with writer_in_process(db, upkeep=False, retention=60, purge_batch=50) as iw, engine.Queue(db) as q:
+        w = iw.w
+        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(120)]).inserted
+        done = 0
+        while done < len(ids):
+            for job in q.claim(64, timeout=5):
+                assert job.complete()
+                done += 1
+        wait_for(lambda: all(w.seg.get(tid) is None for tid in ids), what="every outcome flushed")
+        iw.pause()
+        walks = []
+        real = w.store.finished_after
+        monkeypatch.setattr(w.store, "finished_after", lambda *a: walks.append(a) or real(*a))
+        assert [w.purge() for _ in range(3)] == [0, 0, 0]  # a round: 50 + 50 + 20 tasks, all young
+        assert [a[0] for a in walks] == [0, ids[49], ids[99]]
+        assert [w.purge() for _ in range(5)] == [0] * 5 and len(walks) == 3, "walked again too soon"
+        later = writer.now_us() + 61_000_000
+        monkeypatch.setattr(writer, "now_us", lambda: later)
+        assert sum(w.purge() for _ in range(3)) == 120
+        assert q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] == 0
+        assert q.reader.conn.execute("SELECT count(*) FROM events").fetchall()[0][0] == 0
 
 
 def _run_and_purge_down_to(q: engine.Queue, db: str, log: str, n: int, keep: int) -> List[int]:

@@ -315,6 +315,40 @@ def test_send_and_await_a_whole_request_in_one_call_each(segname):
         s.close()
 
 
+def test_answer_then_sweep_frees_what_dead_producers_never_read(segname):
+    """req_answer writes the answer and moves READY to ANSWERED in one call
+    (refusing an abandoned record and an answer too big for it); req_sweep
+    abandons answered records of producers that died before reading them,
+    stops at one a live producer has yet to read, and frees the rest."""
+    s = Segment.create(segname, 8, req_bytes=4096)
+    try:
+        pid = os.fork()
+        if pid == 0:  # a producer that sends, then dies without reading its answer
+            s.req_send(b"from a dead producer", 64)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        dead = s.req_bounds()[0]
+        assert s.req_get(dead).pid == pid
+        mine = s.req_send(b"mine", 64)
+        gone = s.req_send(b"abandoned", 64)
+        s.req_set_state(gone, REQ_ABANDONED)
+        with pytest.raises(errors.InvalidArgument):
+            s.req_answer(dead, b"z" * 200)  # more than the record holds
+        assert s.req_get(dead).state == REQ_READY
+        assert s.req_answer(dead, b"A1") and s.req_answer(mine, b"A2")
+        assert s.req_answer(gone, b"A3") is False and s.req_get(gone).state == REQ_ABANDONED
+        h = s.req_get(mine)
+        assert (h.state, h.nbytes, s.req_read(mine, 2)) == (REQ_ANSWERED, 2, b"A2")
+        tail = s.req_bounds()[1]
+        assert s.req_sweep(tail) == mine, "stops at the answer a live producer has yet to read"
+        assert s.req_bounds()[0] == mine
+        assert s.req_await(mine, 1.0) == b"A2"  # read: DONE
+        assert s.req_sweep(tail) == tail == s.req_bounds()[0]
+        s.verify()
+    finally:
+        s.close()
+
+
 def test_a_position_inside_a_record_is_refused(segname):
     s = Segment.create(segname, 8, req_bytes=4096)
     pos = s.req_reserve(200)
