@@ -929,15 +929,25 @@ class Queue:
     def _await_answer(self, pos: int) -> Optional[bytes]:
         """The writer's answer to record `pos`, or None if the segment it is
         in was replaced (the request must go again)."""
-        while True:
-            try:
-                data = self.seg.req_await(pos, WRITER_CHECK_INTERVAL)  # a reconnect may replace the mapping
-            except errors.InvalidState:
-                raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}") from None
-            if data is not None:
-                return data
-            if self._check_writer():
-                return None
+        seg = self.seg
+        try:
+            while True:
+                try:
+                    data = self.seg.req_await(pos, WRITER_CHECK_INTERVAL)  # a reconnect may replace the mapping
+                except errors.InvalidState:
+                    raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}") from None
+                if data is not None:
+                    return data
+                if self._check_writer():
+                    return None
+        except BaseException:
+            # Interrupted (a KeyboardInterrupt, say): give the record up, or
+            # the answer nobody reads would keep the writer from reclaiming
+            # any record after it while this process lives.  The submit may
+            # or may not have been committed.
+            if self.seg is seg:
+                _give_up(seg, pos)
+            raise
 
     def _check_writer(self) -> bool:
         """Restart a dead writer and follow a rebuilt segment; True if the segment changed."""
@@ -1473,6 +1483,16 @@ def _check_group(group: Any) -> str:
         raise errors.InvalidArgument(f"a group must be a non-empty str of at most {MAX_NAME} characters, "
                                      f"got {_short(group)}")
     return _text("a group", group)
+
+
+def _give_up(seg: Segment, pos: int) -> None:
+    """Abandon our record at `pos` (READY: the writer skips it, or drops
+    its answer), or mark an answer we will not read DONE."""
+    try:
+        if not seg.req_cas_state(pos, shm.REQ_READY, shm.REQ_ABANDONED):
+            seg.req_cas_state(pos, shm.REQ_ANSWERED, shm.REQ_DONE)
+    except errors.EngineError:
+        pass  # no longer a record of ours to give up
 
 
 def _check_name(name: Any) -> None:

@@ -616,3 +616,52 @@ def test_get_never_shows_an_older_state_while_the_writer_flushes(db):
             while time.monotonic() < end:
                 seen.add(q.get(tid).state)
         assert seen == {"cancelled"}
+
+
+INTERRUPTED_PRODUCER = r'''
+import sys, time
+import engine
+q = engine.Queue(sys.argv[1])
+q.submit("t", args=(0,))
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    q.submit("t", args=(1,))
+    print("answered", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print(q.submit("t", args=(2,)), flush=True)  # the process goes on using the queue
+time.sleep(120)
+'''
+
+
+def test_a_submit_interrupted_while_it_waits_leaves_the_request_area_reclaimable(db):
+    """A KeyboardInterrupt while a submit waits for its commit gives its
+    record up: an answer left unread would keep the writer from reclaiming
+    any later record while the process lives, and the area would fill."""
+    with engine.Queue(db) as q:
+        q.submit("t", args=(-1,))  # the writer is up
+        wpid = writer_pid(db)
+        p = subprocess.Popen([sys.executable, "-c", INTERRUPTED_PRODUCER, db], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=child_env(), cwd=CHILD_CWD)
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            os.kill(wpid, signal.SIGSTOP)  # the next submit waits until we let it go on
+            try:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                time.sleep(0.3)  # it is inside the wait
+                p.send_signal(signal.SIGINT)
+                time.sleep(0.5)  # the wait returns (its check interval) and raises
+            finally:
+                os.kill(wpid, signal.SIGCONT)
+            assert p.stdout.readline().strip() == "interrupted"
+            last = int(p.stdout.readline())
+            assert q.get(last).state == "pending"
+            seg = q.seg
+            wait_for(lambda: seg.req_bounds()[0] == seg.req_bounds()[1], timeout=10,
+                     what="every record reclaimed, the interrupted one too")
+            assert p.poll() is None, "the producer lives on"
+        finally:
+            p.kill()
+            p.wait()
