@@ -122,6 +122,16 @@ class Ticket(NamedTuple):
     attempt: int
 
 
+#: hr_ticket: id, slot, attempt (native byte order, no padding).
+_TICKET = struct.Struct("=QII")
+assert _TICKET.size == ffi.sizeof("hr_ticket") and ffi.offsetof("hr_ticket", "attempt") == 12
+
+
+def unpack_tickets(buf: Any, n: int) -> List[Ticket]:
+    """Tickets of an ``hr_ticket[]`` array's first `n` entries, unpacked in C."""
+    return list(map(Ticket._make, _TICKET.iter_unpack(ffi.buffer(buf, n * _TICKET.size))))
+
+
 class SlotInfo(NamedTuple):
     """A snapshot of one slot."""
 

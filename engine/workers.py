@@ -183,7 +183,7 @@ def claim(q: "Queue", max: int, timeout: Optional[float], start: bool = True) ->
         seen = seg.event(shm.EV_PENDING)
         _, n = seg.pop_batch(max, now_us() + lease_us, buf, start=start)
         if n:
-            return _jobs(q, [Ticket(buf[k].id, buf[k].slot, buf[k].attempt) for k in range(n)], start, buf)
+            return _jobs(q, shm.unpack_tickets(buf, n), start, buf)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return []
@@ -340,9 +340,10 @@ class _Leases(threading.Thread):
             for j in jobs:
                 self.held[j.id] = j
 
-    def drop(self, job: ClaimedJob) -> None:
+    def drop(self, jobs: List[ClaimedJob]) -> None:
         with self.lock:
-            self.held.pop(job.id, None)
+            for j in jobs:
+                self.held.pop(j.id, None)
 
     def settle(self, timeout: float) -> None:
         """Before exit: wait (renewing their leases) until the writer settled
@@ -363,7 +364,7 @@ class _Leases(threading.Thread):
                 jobs = list(self.held.values())
             for j in jobs:
                 if not j.done and not j.heartbeat():  # settled, or fenced: nothing more to renew
-                    self.drop(j)
+                    self.drop([j])
 
 
 def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
@@ -387,14 +388,12 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
                 if stopping():
                     for rest in jobs[i:]:
                         q.seg.finish(rest.ticket, shm.PENDING)
-                        leases.drop(rest)
                     break
                 if job.timeout_ms and not job.start():
-                    leases.drop(job)  # timed out or cancelled while it waited its turn
-                    continue
+                    continue  # timed out or cancelled while it waited its turn
                 execute(q, job)
-                if not job.reported:  # a reported one is renewed until the writer settles it
-                    leases.drop(job)
+            # Done ones are not renewed meanwhile; a reported one is, until the writer settles it.
+            leases.drop([job for job in jobs if not job.reported])
             q._flush_reports()
     finally:
         q._hold_reports(False)
