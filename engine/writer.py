@@ -55,9 +55,25 @@ _DIRTY = struct.Struct("<8xQ8xq40xII24xB7x")
 assert _DIRTY.size == shm.ffi.sizeof("hr_dirty") and shm.ffi.offsetof("hr_dirty", "rec") == 8
 
 # Item fields, fetched in C.
-_GROUP, _DEPS, _TAGS = operator.itemgetter(8), operator.itemgetter(12), operator.itemgetter(13)
+_DEDUP, _GROUP, _DEPS, _TAGS = (operator.itemgetter(5), operator.itemgetter(8), operator.itemgetter(12),
+                                operator.itemgetter(13))
 
 _TERMINAL_NAMES = {shm.COMPLETED: "completed", shm.DEAD: "dead", shm.CANCELLED: "cancelled"}
+
+
+#: Request modes of plain submits (ON_DUPLICATE's, without REPLAY, REPORT or MANAGE).
+_PLAIN_MODES = frozenset(protocol.ON_DUPLICATE.values())
+
+
+def _submit_events(requests: Sequence[Tuple[List[int], int]]) -> List[Tuple[int, int, int, int]]:
+    """The event log's rows of submit requests, each (ids inserted, time)."""
+    return [(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
+            else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at) for ids, at in requests]
+
+
+def _live(rows: Sequence[TaskRow]) -> List[LiveRow]:
+    """The live rows (store.LiveRow) of new task rows: not started yet."""
+    return [(r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in rows]
 
 
 def _rank(prio: int, seq: int) -> Tuple[int, int]:
@@ -348,6 +364,8 @@ class Writer:
         recs = self._gather()
         if self.stream_head is not None:
             return self._stream_turn(self.stream_head)
+        if recs and not force_flush and self._plain(recs):
+            return self._plain_turn(recs)
         reports = [r for r in recs if r[1] == protocol.REPORT]
         manage = [r for r in recs if r[1] == protocol.MANAGE]
         if reports or manage:
@@ -385,26 +403,8 @@ class Writer:
                         # Refuse this command alone; a bad one must not stop the writer.
                         plan.answers.append((h, protocol.encode_error(f"{type(e).__name__}: {e}")))
                 faults.point("commit")
-        except Exception as e:  # whatever it is, refuse this turn's requests and carry on: a writer
-            # that died on a request would meet it again, replayed, after every restart
-            msg = f"{type(e).__name__}: {e}"
-            if isinstance(e, apsw.Error):
-                self.store_failed(e)
-            else:
-                print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
-            for h, _, _ in recs + manage:
-                seg.req_answer(h.pos, protocol.encode_error(msg))
-            if recs or manage:
-                seg.notify(shm.EV_COMMIT)
-            if isinstance(e, (apsw.Error, OSError)) or recs or manage:
-                # Stored later, not dropped (next turn without the requests refused here).
-                self.scan = min([h.pos for h, _, _ in reports] + [self.scan])
-            else:  # the reports alone cannot be stored: retrying them would wedge every turn
-                self._drop_reports(reports)
-            self._rolled_back()
-            time.sleep(0.05)
-            self.more = True
-            return True
+        except Exception as e:
+            return self._refuse(e, recs + manage, reports)
         faults.point("committed")
         self.store_ok()
         self._after_commit(plan)
@@ -428,6 +428,81 @@ class Writer:
         if plan.ready_children:  # their dependencies completed
             self._place_or_spill(self.store.tasks_for(plan.ready_children))
         return True
+
+    def _refuse(self, e: Exception, recs: List[Tuple[Any, int, list]], reports: List[Tuple[Any, int, list]]) -> bool:
+        """A turn that failed was rolled back: refuse its requests, whatever
+        the error, and carry on (a writer that died on a request would meet it
+        again, replayed, after every restart); its reports are stored later."""
+        seg = self.seg
+        msg = f"{type(e).__name__}: {e}"
+        if isinstance(e, apsw.Error):
+            self.store_failed(e)
+        else:
+            print(f"headrace writer: commit failed ({msg}); nothing of this turn was stored", file=sys.stderr)
+        for h, _, _ in recs:
+            seg.req_answer(h.pos, protocol.encode_error(msg))
+        if recs:
+            seg.notify(shm.EV_COMMIT)
+        if isinstance(e, (apsw.Error, OSError)) or recs:
+            # Stored later, not dropped (next turn without the requests refused here).
+            self.scan = min([h.pos for h, _, _ in reports] + [self.scan])
+        else:  # the reports alone cannot be stored: retrying them would wedge every turn
+            self._drop_reports(reports)
+        self._rolled_back()
+        time.sleep(0.05)
+        self.more = True
+        return True
+
+    def _plain(self, recs: List[Tuple[Any, int, list]]) -> bool:
+        """Whether this turn is submits of plain jobs only (no dedup key,
+        group, dependency or tag; nothing to check against a replay) that
+        all fit in the segment ahead of an empty spill store, with no flush
+        due: the common case, which :meth:`_plain_turn` commits with none of
+        the general machinery."""
+        if self.gates or self.spill_top is not None or self.spill_n:
+            return False
+        n = 0
+        for h, mode, items in recs:
+            if mode not in _PLAIN_MODES or h.pos < self.replay_before:
+                return False
+            if any(map(_DEDUP, items)) or any(map(_GROUP, items)) or any(map(_DEPS, items)) or any(map(_TAGS, items)):
+                return False
+            n += len(items)
+        info = self.seg.raw_info()
+        if info.ring_size and time.monotonic() - self.last_flush >= self.cfg.flush_interval:
+            return False  # the general turn flushes too
+        return info.nfree >= n
+
+    def _plain_turn(self, recs: List[Tuple[Any, int, list]]) -> bool:
+        """Commit a turn that :meth:`_plain` accepted: insert, commit, place, answer."""
+        new = [it for _, _, items in recs for it in items]
+        rows = self._rows(new)
+        try:
+            with self.store.transaction():
+                self.store.log_submits(_submit_events([([it[0] for it in items], items[0][9])
+                                                       for _, _, items in recs if items]))
+                self.store.insert_tasks(rows, [(it[0], it[2]) for it in new])
+                faults.point("commit")
+        except Exception as e:
+            return self._refuse(e, recs, [])
+        faults.point("committed")
+        self.store_ok()
+        totals = self.totals
+        totals["submitted"] = totals.get("submitted", 0) + len(rows)
+        totals["submit_txns"] = totals.get("submit_txns", 0) + 1
+        self._place_or_spill(_live(rows), held=True)
+        seg = self.seg
+        for h, _, items in recs:
+            seg.req_answer(h.pos, protocol.encode_inserted([it[0] for it in items]))
+        seg.notify(shm.EV_COMMIT)
+        return True
+
+    def _rows(self, new: List[protocol.Item]) -> List[TaskRow]:
+        """The task rows of new items, in a FIFO sequence reserved now."""
+        first = self.seg.reserve_seq(len(new))
+        # Item: protocol.Item; row: store.TaskRow
+        return [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3], it[10], it[11])
+                if it[10] >= 0 else self._defined(it, first + k) for k, it in enumerate(new)]
 
     def _rolled_back(self) -> None:
         """Reload what a rolled-back turn may have changed in memory."""
@@ -842,17 +917,11 @@ class Writer:
         new, requests = plan.new, plan.requests
         plan.new, plan.requests = [], []  # a streamed request calls this once per part
         if requests:
-            self.store.log_submits([(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
-                                    else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at)
-                                    for ids, at in requests])
+            self.store.log_submits(_submit_events(requests))
             plan.count("submit_txns")
         if not new:
             return
-        first = self.seg.reserve_seq(len(new))
-        # Item: protocol.Item; row: store.TaskRow
-        rows: List[TaskRow] = [(it[0], it[1], it[4], first + k, it[9], it[6], it[5], it[8], it[7], it[3],
-                                it[10], it[11]) if it[10] >= 0 else self._defined(it, first + k)
-                               for k, it in enumerate(new)]
+        rows = self._rows(new)
         # The optional parts, looked for at C speed (most submits have none).
         groups = set(map(_GROUP, new))
         groups.discard(None)
@@ -865,7 +934,7 @@ class Writer:
         if any(map(_DEPS, new)):
             held = self._hold_dependents(plan, new)
             rows = [r for r in rows if r[0] not in held]
-        ahead, spill = self._hold_back([(r[0], r[2], r[3], r[5], r[6], 0, r[8], r[10], r[11], r[7]) for r in rows])
+        ahead, spill = self._hold_back(_live(rows))
         top = self.spill_top
         if top is not None:  # gate 0 keeps every spilled task behind the segment's
             behind = [r for r in ahead if not _live_rank(r) < top and not self._gate(r)]
