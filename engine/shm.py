@@ -21,7 +21,7 @@ import stat
 import struct
 import tempfile
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import errors
 from ._core import ffi, lib
@@ -868,6 +868,16 @@ def pack_tasks(rows: Any) -> Tuple[Any, int]:
     if n:
         ffi.memmove(arr, b"".join(parts), n * _TASK.size)
     return arr, n
+
+
+def join_tasks(parts: Sequence[Tuple[Any, int]]) -> Any:
+    """One ``hr_task[]`` of several (array, count) parts, in order."""
+    out = ffi.new("hr_task[]", sum(n for _, n in parts))
+    at = 0
+    for arr, n in parts:
+        ffi.memmove(out + at, arr, n * _TASK.size)
+        at += n
+    return out
 
 
 def fill_task(t: Any, id: int, *, prio: int = 0, seq: int = 0, state: int = PENDING, run_at: int = 0,

@@ -241,13 +241,21 @@ class Writer:
         run-at is ahead; returns the rows that did not fit."""
         if not rows:
             return []
+        return self._push(seg, rows, self._pack(rows))
+
+    def _pack(self, rows: Sequence[Any]) -> Any:
+        """The ``hr_task[]`` of live rows (a task whose run-at is ahead is delayed)."""
         now = now_us()
         groups = self.groups
-        t, n = shm.pack_tasks([(tid, prio, seq, shm.DELAYED if run_at > now else shm.PENDING, run_at, dedup,
+        return shm.pack_tasks([(tid, prio, seq, shm.DELAYED if run_at > now else shm.PENDING, run_at, dedup,
                                 attempt, max_attempts, timeout_ms, backoff, groups[grp][0] if grp else 0)
                                for tid, prio, seq, run_at, dedup, attempt, max_attempts, timeout_ms, backoff, grp
-                               in rows])
-        out, ok = seg.push_batch(t, n)
+                               in rows])[0]
+
+    def _push(self, seg: Segment, rows: Sequence[Any], packed: Any) -> List[Any]:
+        """Insert rows packed by :meth:`_pack`; returns those that did not fit."""
+        n = len(rows)
+        out, ok = seg.push_batch(packed, n)
         if ok == n:
             return []
         return [rows[k] for k in range(n) if out[k] == shm.lib.HR_E_FULL]
@@ -554,6 +562,10 @@ class Writer:
                     if h.state == shm.REQ_READY:
                         break
                     if have == done:
+                        if plan.place:  # idle until the next part: pack what this turn will place
+                            plan.packed.append((plan.place, self._pack(plan.place)))
+                            plan.place = []
+                            continue
                         if not paths.pid_alive(h.pid):
                             if seg.req_cas_state(pos, shm.REQ_RESERVED, shm.REQ_ABANDONED):
                                 raise _StreamStopped("its producer died")
@@ -597,7 +609,16 @@ class Writer:
                 self.seg.cancel(tid)
             except (errors.TaskNotFound, errors.InvalidState):
                 pass
-        self._place_or_spill(plan.place, held=True)
+        if plan.packed:  # packed while a streamed request's parts came in: one insert (one wake-up) for all
+            if plan.place:
+                plan.packed.append((plan.place, self._pack(plan.place)))
+            rows = [r for part, _ in plan.packed for r in part]
+            packed = shm.join_tasks([(arr, len(part)) for part, arr in plan.packed])
+            back = list(map(self._spill_row, self._push(self.seg, rows, packed)))
+            if back:
+                self._spill_now(back)
+        else:
+            self._place_or_spill(plan.place, held=True)
         if plan.swap:
             self.rebalance()  # before answering: a claim after the submit sees the best task
 
@@ -942,7 +963,7 @@ class Writer:
                 spill.extend(map(self._spill_row, behind))
                 out = {r[0] for r in behind}
                 ahead = [r for r in ahead if r[0] not in out]
-        free = max(0, self.seg.raw_info().nfree - len(plan.place))  # placed after the commit
+        free = max(0, self.seg.raw_info().nfree - plan.placing())  # placed after the commit
         if len(ahead) > free:
             ahead.sort(key=_live_rank)
             spill.extend(map(self._spill_row, ahead[free:]))
@@ -1282,13 +1303,15 @@ class _StreamStopped(Exception):
 class _Plan:
     """What one turn will write and then do."""
 
-    __slots__ = ("new", "keys", "place", "answers", "cancel_live", "swap", "counts", "revive", "limits",
+    __slots__ = ("new", "keys", "place", "packed", "answers", "cancel_live", "swap", "counts", "revive", "limits",
                  "ready_children", "requests")
 
     def __init__(self) -> None:
         self.new: List[Any] = []
         self.keys: Dict[bytes, int] = {}
         self.place: List[Any] = []
+        #: Rows to place, already packed as hr_task arrays: (rows, array).
+        self.packed: List[Tuple[List[Any], Any]] = []
         self.answers: List[Tuple[Any, bytes]] = []
         self.cancel_live: List[int] = []
         self.swap = False
@@ -1301,6 +1324,10 @@ class _Plan:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
+
+    def placing(self) -> int:
+        """Rows this turn places after its commit."""
+        return len(self.place) + sum(len(rows) for rows, _ in self.packed)
 
 
 def take_lock(db: str) -> int:
