@@ -1143,10 +1143,18 @@ class Writer:
             free += self._shed_parked()
         if any(self.gate_n.values()):
             free = self._refill_gates(free)
+        # Pending tasks that are all parked (their groups are full) cannot run: refill.
+        refill = free >= cap * self.cfg.refill_free or seg.peek_worst() is None
+        if not refill:
+            # spill_top is never below the best spilled task: if it does not
+            # outrank the segment's worst, no swap is due (the usual case with
+            # a backlog, checked without reading the spill store).
+            w = seg.peek_worst()
+            if self.spill_top is None or w is None or not self.spill_top < _rank(w.prio, w.seq):
+                return
         tops = self.store.spill_ranks(SWAP_MAX)
         take = 0
-        # Pending tasks that are all parked (their groups are full) cannot run: refill.
-        if free >= cap * self.cfg.refill_free or seg.peek_worst() is None:
+        if refill:
             take = min(len(tops), free, max(1, self._fill_target(cap) - (cap - free)))
         free -= take
         evicted: List[SpillRow] = []
