@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quick probes of one engine path each, and A/B runs of two checkouts.
 
-    python benches/probe.py single 20000 [--producers 4]   # one-by-one submits: tasks/s
+    python benches/probe.py single 20000 [--producers 4]   # one-by-one submits: tasks/s (1 producer:
+                                                            # and the WAL's largest size, in MB)
     python benches/probe.py batch 100000                    # submit_batch of 1,000: tasks/s
     python benches/probe.py drain 40000                     # 2 workers drain a preload: tasks/s,
                                                             # workers' and writer's CPU per task
@@ -56,10 +57,13 @@ def _producer(d: str, n: int, out) -> None:
 
 def probe_single(d: str, n: int, producers: int) -> Dict[str, float]:
     q = _queue(d)
+    wal = 0
     if producers == 1:
         t0 = time.perf_counter()
         for i in range(n):
             q.submit(TASK, args=(_payload(i),))
+            if i % 500 == 0:  # how far the WAL grows between the writer's checkpoints
+                wal = max(wal, os.path.getsize(q.path + "-wal"))
         seconds = time.perf_counter() - t0
     else:
         out = mp.get_context("fork").Queue()
@@ -73,7 +77,7 @@ def probe_single(d: str, n: int, producers: int) -> Dict[str, float]:
         for p in ps:
             p.join()
     q.close()
-    return {"tasks_s": n / seconds}
+    return {"tasks_s": n / seconds, "wal_max_mb": wal / 1e6}
 
 
 def probe_batch(d: str, n: int) -> Dict[str, float]:

@@ -944,8 +944,10 @@ class Queue:
             # Interrupted (a KeyboardInterrupt, say): give the record up, or
             # the answer nobody reads would keep the writer from reclaiming
             # any record after it while this process lives.  The submit may
-            # or may not have been committed.
-            if self.seg is seg:
+            # or may not have been committed.  Through the mapping it was
+            # sent on: a reconnect may have mapped the same segment again
+            # (old mappings stay open; one of a rebuilt segment is dead memory).
+            if not seg.closed:
                 _give_up(seg, pos)
             raise
 

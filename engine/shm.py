@@ -318,6 +318,11 @@ class Segment:
         """Remove segment `name`; processes still attached keep their mapping."""
         return _unlink_quiet(segment_path(name, directory))
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` unmapped this view."""
+        return self._mm is None
+
     def close(self) -> None:
         """Unmap this process's view of the segment."""
         if self._mm is None:

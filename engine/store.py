@@ -512,7 +512,6 @@ class SQLiteStore(_Reads, Store):
 
     def __init__(self, path: str, sync: str = "normal") -> None:
         self.path = path
-        self.sync = sync
         self.conn = connect(path, [set_busy_timeout, check_identity, set_wal, set_synchronous(sync),
                                    disable_autocheckpoint, set_cache], vfs=faults.test_vfs())
         self._prepare()
@@ -776,31 +775,11 @@ class SQLiteStore(_Reads, Store):
         mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
         return self.conn.wal_checkpoint(mode=mode)
 
-    def checkpointer(self) -> "Checkpointer":
-        """A connection of its own for PASSIVE checkpoints on another thread."""
-        return Checkpointer(self.path, self.sync)
-
     def wal_bytes(self) -> int:
         try:
             return os.path.getsize(self.path + "-wal")
         except OSError:
             return 0
-
-
-class Checkpointer:
-    """PASSIVE checkpoints through a connection of their own: SQLite runs
-    one while another connection commits, so the writer's thread need not
-    wait while the WAL is copied into the database and synced."""
-
-    def __init__(self, path: str, sync: str) -> None:
-        self.conn = connect(path, [set_busy_timeout, set_synchronous(sync), disable_autocheckpoint],
-                            vfs=faults.test_vfs())
-
-    def passive(self) -> Tuple[int, int]:
-        return self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class _Txn:

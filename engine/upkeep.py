@@ -3,9 +3,8 @@ will read, WAL checkpoints, and noticing that no client is left."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -33,7 +32,6 @@ class Upkeep:
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
         self.expire_states = shm.ffi.new("uint8_t[]", EXPIRE_BATCH)
-        self.checkpoints: Optional[_Checkpoints] = None  # started at the first checkpoint
 
     def maybe_run(self) -> None:
         now = time.monotonic()
@@ -91,28 +89,23 @@ class Upkeep:
         self.w.seg.req_sweep(self.w.scan)
 
     def checkpoint(self) -> None:
-        """PASSIVE on a timer (on the checkpoint thread); TRUNCATE, here,
-        once the WAL outgrows its bound."""
+        """PASSIVE on a timer; TRUNCATE once the WAL outgrows its bound.
+
+        Between turns, on purpose: a PASSIVE checkpoint on a thread of its
+        own ran while turns committed, so it never caught up with the WAL's
+        end, SQLite never restarted the WAL, and it grew to the TRUNCATE
+        bound (365-398 MB in 20 s of one-by-one submits, against 160-195 MB
+        this way: ``benches/probe.py single`` reports it)."""
         store = self.w.store
-        if store.wal_bytes() <= self.w.cfg.wal_truncate_bytes:
-            if self.checkpoints is None:
-                self.checkpoints = _Checkpoints(store)
-                self.checkpoints.start()
-            if self.checkpoints.is_alive():
-                self.checkpoints.due.set()
-                return
         try:
-            store.checkpoint(truncate=store.wal_bytes() > self.w.cfg.wal_truncate_bytes)
+            if store.wal_bytes() > self.w.cfg.wal_truncate_bytes:
+                store.checkpoint(truncate=True)
+            else:
+                store.checkpoint()
         except apsw.BusyError:
-            pass  # a reader holds an old snapshot (or a PASSIVE one runs); the next pass tries again
+            pass  # a reader holds an old snapshot; the next pass tries again
         except apsw.Error as e:
             print(f"headrace writer: checkpoint failed: {e}", file=sys.stderr)
-
-    def stop(self) -> None:
-        """End the checkpoint thread (before the writer's last checkpoint)."""
-        if self.checkpoints is not None:
-            self.checkpoints.stop()
-            self.checkpoints = None
 
     def due_exit_check(self) -> bool:
         now = time.monotonic()
@@ -121,41 +114,3 @@ class Upkeep:
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         return True
 
-
-class _Checkpoints(threading.Thread):
-    """Runs a PASSIVE checkpoint each time `due` is set.  SQLite lets it
-    copy the WAL into the database while the writer's thread commits (apsw
-    lets go of the GIL meanwhile), so the writer's turns no longer stall
-    for it; a checkpoint that fails is tried again at the next pass."""
-
-    def __init__(self, st: "store.SQLiteStore") -> None:
-        super().__init__(name="headrace-checkpoints", daemon=True)
-        self.store = st
-        self.due = threading.Event()
-        self.quit = False
-
-    def run(self) -> None:
-        try:
-            ck = self.store.checkpointer()
-        except errors.StoreError as e:  # the writer's thread checkpoints instead (is_alive is False)
-            print(f"headrace writer: no checkpoint thread ({e}); checkpoints run between turns", file=sys.stderr)
-            return
-        try:
-            while True:
-                self.due.wait()
-                self.due.clear()
-                if self.quit:
-                    return
-                try:
-                    ck.passive()
-                except apsw.BusyError:
-                    pass
-                except apsw.Error as e:
-                    print(f"headrace writer: checkpoint failed: {e}", file=sys.stderr)
-        finally:
-            ck.close()
-
-    def stop(self) -> None:
-        self.quit = True
-        self.due.set()
-        self.join(30)

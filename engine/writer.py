@@ -355,11 +355,13 @@ class Writer:
             elif h.state == shm.REQ_RESERVED:
                 if paths.pid_alive(h.pid):
                     pos = h.pos
-                    self.more = False  # its publish will wake us
                     # Its first parts are there: start on them, unless it needs the replay check
                     # (published before this writer started) or working ahead on it stopped once.
-                    if not recs and h.tag and h.pos >= self.replay_before and h.pos != self.no_stream_at:
+                    ahead = bool(h.tag) and h.pos >= self.replay_before and h.pos != self.no_stream_at
+                    if ahead and not recs:
                         self.stream_head = h
+                    # Else its publish wakes us, or (behind this turn's requests) the next turn starts on it.
+                    self.more = ahead
                     break  # its producer is still writing it
                 if not seg.req_cas_state(h.pos, shm.REQ_RESERVED, shm.REQ_ABANDONED):
                     continue  # published after all, then its producer died: read it again
@@ -830,25 +832,31 @@ class Writer:
             self.purge_cursor = rows[-1][0] if len(rows) == cfg.purge_batch else 0
         doomed = []
         by_state: Dict[str, int] = {}
-        kept = self.purge_round[1]
+        kept = doomed_at = self.purge_round[1]
         for tid, state, at in rows:  # oldest ids first
             if state < shm.COMPLETED:
                 continue  # it ends after the round began
             if (at < cutoff or len(doomed) < excess) and self.seg.get(tid) is None:
                 doomed.append(tid)
+                doomed_at = min(doomed_at, at)
                 key = "purged_" + _TERMINAL_NAMES[state]
                 by_state[key] = by_state.get(key, 0) + 1
             else:
                 kept = min(kept, at)
-        if rows and not excess:
-            self.purge_round = (self.purge_round[0], kept)
-            if not self.purge_cursor and cfg.retention:  # the round is over
-                # A task that ends later ends after the round began.
-                self.purge_idle_until = min(self.purge_round) + int(cfg.retention * 1e6)
-        if doomed:
-            with self.store.transaction():
-                self.store.purge(doomed)
-                self.store.bump({"purged": len(doomed), **by_state})
+        try:
+            if doomed:
+                with self.store.transaction():
+                    self.store.purge(doomed)
+                    self.store.bump({"purged": len(doomed), **by_state})
+        except BaseException:
+            kept = min(kept, doomed_at)  # still there (a full disk, say): the round must not rest past them
+            raise
+        finally:
+            if rows and not excess:
+                self.purge_round = (self.purge_round[0], kept)
+                if not self.purge_cursor and cfg.retention:  # the round is over
+                    # A task that ends later ends after the round began.
+                    self.purge_idle_until = min(self.purge_round) + int(cfg.retention * 1e6)
         if cfg.retention and self.store.oldest_event_at() < cutoff:  # the event log keeps the same time
             with self.store.transaction():
                 self.store.purge_events(cutoff, cfg.purge_batch)
@@ -1292,7 +1300,6 @@ class Writer:
             self.store.bump(self.totals)
             self.totals = {}
             self.store.meta_set("clean", 1)
-        self.upkeep.stop()
         try:
             self.store.checkpoint(truncate=True)
         except apsw.Error:

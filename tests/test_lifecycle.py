@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Dict, List
 
+import apsw
 import pytest
 
 import engine
@@ -807,7 +808,16 @@ def test_purge_by_age_rests_once_a_round_found_nothing_old_enough(db, monkeypatc
         assert [w.purge() for _ in range(5)] == [0] * 5 and len(walks) == 3, "walked again too soon"
         later = writer.now_us() + 61_000_000
         monkeypatch.setattr(writer, "now_us", lambda: later)
-        assert sum(w.purge() for _ in range(3)) == 120
+
+        def full(ids):
+            raise apsw.FullError("database or disk is full")
+        monkeypatch.setattr(w.store, "purge", full)
+        with pytest.raises(apsw.FullError):
+            w.purge()  # the first 50 are old enough, and the disk refuses
+        monkeypatch.undo()
+        monkeypatch.setattr(writer, "now_us", lambda: later)
+        # The round goes on, then the next one takes the 50 the disk refused (it must not rest).
+        assert sum(w.purge() for _ in range(4)) == 120
         assert q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] == 0
         assert q.reader.conn.execute("SELECT count(*) FROM events").fetchall()[0][0] == 0
 
