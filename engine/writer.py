@@ -236,12 +236,13 @@ class Writer:
         """Slots a refill fills up to; the rest stays free for new high-priority work."""
         return max(1, capacity - int(capacity * self.cfg.refill_free / 2))
 
-    def _place(self, seg: Segment, rows: Sequence[Any]) -> List[Any]:
+    def _place(self, seg: Segment, rows: Sequence[Any], packed: Any = None) -> List[Any]:
         """Insert live rows (store.LiveRow): pending, or delayed while their
-        run-at is ahead; returns the rows that did not fit."""
+        run-at is ahead (`packed`: already packed by :meth:`_pack`); returns
+        the rows that did not fit."""
         if not rows:
             return []
-        return self._push(seg, rows, self._pack(rows))
+        return self._push(seg, rows, self._pack(rows) if packed is None else packed)
 
     def _pack(self, rows: Sequence[Any]) -> Any:
         """The ``hr_task[]`` of live rows (a task whose run-at is ahead is delayed)."""
@@ -497,15 +498,18 @@ class Writer:
             return self._refuse(e, recs, [])
         faults.point("committed")
         self.store_ok()
-        totals = self.totals
-        totals["submitted"] = totals.get("submitted", 0) + len(rows)
-        totals["submit_txns"] = totals.get("submit_txns", 0) + 1
+        self._add_totals({"submitted": len(rows), "submit_txns": 1})
         self._place_or_spill(_live(rows), held=True)
         seg = self.seg
         for h, _, items in recs:
             seg.req_answer(h.pos, protocol.encode_inserted([it[0] for it in items]))
         seg.notify(shm.EV_COMMIT)
         return True
+
+    def _add_totals(self, counts: Dict[str, int]) -> None:
+        """Count a committed turn's counts into the totals upkeep writes."""
+        for k, v in counts.items():
+            self.totals[k] = self.totals.get(k, 0) + v
 
     def _rows(self, new: List[protocol.Item]) -> List[TaskRow]:
         """The task rows of new items, in a FIFO sequence reserved now."""
@@ -550,9 +554,9 @@ class Writer:
                     have = h.nbytes if h.state == shm.REQ_READY else h.tag
                     if have > done:
                         for mode, items in protocol.decode_frames(seg.req_read(pos, have - done, done)):
-                            if mode not in protocol.ON_DUPLICATE.values():  # replay, reports, commands
+                            if mode not in _PLAIN_MODES:  # replay, reports, commands
                                 raise _StreamStopped(f"a part in mode {mode:#x}")
-                            if any(it[5] for it in items):
+                            if any(map(_DEDUP, items)):
                                 raise _StreamStopped("a part that needs deduplication")
                             if items:
                                 created = created or items[0][9]
@@ -602,8 +606,7 @@ class Writer:
 
     def _after_commit(self, plan: "_Plan") -> None:
         """Committed: now the segment may show it."""
-        for k, v in plan.counts.items():
-            self.totals[k] = self.totals.get(k, 0) + v
+        self._add_totals(plan.counts)
         for idx, limit in plan.limits:
             self.seg.set_group_limit(idx, limit)
         for tid in plan.cancel_live:
@@ -611,24 +614,22 @@ class Writer:
                 self.seg.cancel(tid)
             except (errors.TaskNotFound, errors.InvalidState):
                 pass
+        rows, packed = plan.place, None
         if plan.packed:  # packed while a streamed request's parts came in: one insert (one wake-up) for all
             if plan.place:
                 plan.packed.append((plan.place, self._pack(plan.place)))
             rows = [r for part, _ in plan.packed for r in part]
             packed = shm.join_tasks([(arr, len(part)) for part, arr in plan.packed])
-            back = list(map(self._spill_row, self._push(self.seg, rows, packed)))
-            if back:
-                self._spill_now(back)
-        else:
-            self._place_or_spill(plan.place, held=True)
+        self._place_or_spill(rows, held=True, packed=packed)
         if plan.swap:
             self.rebalance()  # before answering: a claim after the submit sees the best task
 
-    def _place_or_spill(self, rows: List[LiveRow], held: bool = False) -> None:
-        """Place rows in the segment; what does not fit (or is `_hold_back`'s,
-        unless `held` says that was decided already) is spilled."""
+    def _place_or_spill(self, rows: List[LiveRow], held: bool = False, packed: Any = None) -> None:
+        """Place rows in the segment (`packed` as :meth:`_place` takes it);
+        what does not fit (or is `_hold_back`'s, unless `held` says that was
+        decided already) is spilled."""
         rows, back = (rows, []) if held else self._hold_back(rows)
-        back.extend(map(self._spill_row, self._place(self.seg, rows)))
+        back.extend(map(self._spill_row, self._place(self.seg, rows, packed)))
         if back:  # the segment is full, or their group's share is; they stay live on disk
             self._spill_now(back)
 
@@ -667,7 +668,7 @@ class Writer:
     def _decide(self, plan: "_Plan", h: Any, mode: int, items: list) -> None:
         """Authoritative dedup for one request; fills the plan and its answer."""
         n = len(items)
-        if not mode & protocol.REPLAY and h.pos >= self.replay_before and not any(it[5] for it in items):
+        if not mode & protocol.REPLAY and h.pos >= self.replay_before and not any(map(_DEDUP, items)):
             plan.new.extend(items)  # no dedup key, no replay: every job is new
             plan.answers.append((h, protocol.encode_inserted([it[0] for it in items])))
             plan.requests.append(([it[0] for it in items], items[0][9]))
