@@ -556,10 +556,14 @@ int hr_dirty_peek(void *mem, uint32_t max, hr_dirty *out, uint32_t *epoch)
 /* After the caller committed the first n peeked entries: slots unchanged
  * since the peek become clean (and free, if terminal); changed ones go back
  * to the tail. */
-int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch)
+int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch, uint64_t flush_seq)
 {
     LOCKED(c, mem);
     int rc = 0;
+    /* In the same hold as the frees: a reader of the counts and the sequence
+     * sees both from before this flush or both from after it. */
+    if (flush_seq)
+        c.h->stats.flush_seq = flush_seq;
     if (epoch != c.h->ring_epoch) {
         rc = HR_E_STALE;
     } else if (n > c.h->ring_len) {

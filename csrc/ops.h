@@ -32,7 +32,7 @@ int hr_evict_worst(void *mem, hr_slot *out);
 int hr_evict_parked(void *mem, uint32_t group, hr_slot *out);
 int hr_mark_dirty(void *mem, uint32_t slot);
 int hr_dirty_peek(void *mem, uint32_t max, hr_dirty *out, uint32_t *epoch);
-int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch);
+int hr_dirty_advance(void *mem, uint32_t n, uint32_t epoch, uint64_t flush_seq);
 int hr_dedup_lookup(void *mem, uint64_t lo, uint64_t hi);
 int hr_dedup_insert(void *mem, uint64_t lo, uint64_t hi, uint32_t slot);
 int hr_dedup_delete(void *mem, uint64_t lo, uint64_t hi);

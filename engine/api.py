@@ -43,6 +43,7 @@ STREAM_FIRST = 64
 STREAM_MIN = 2 * STREAM_PART
 #: Running tasks whose progress :meth:`Queue.stats` reports.
 STATS_RUNNING = 20
+STATS_AGREE_S = 2.0  # how long stats waits for the database and the segment to reach the same flush
 
 SERIALIZERS = {"json": 0, "pickle": 1}
 STATE_NAMES = shm.STATE_NAMES
@@ -985,17 +986,22 @@ class Queue:
     def stats(self) -> Dict[str, Any]:
         """Counts by state plus totals (completed counts flushed and unflushed work)."""
         # A finished task is counted by the database once the writer's flush
-        # committed, and by the segment until that flush freed its slot.
-        # Matching flush sequences mean both views split at the same flush.
-        for _ in range(200):
+        # committed, and by the segment until that flush freed its slot (the
+        # segment publishes the flush's sequence in the same lock hold).
+        # Matching sequences mean both views split at the same flush; the
+        # writer advances right after its commit, so a mismatch is short,
+        # unless the writer died in between (then the counts are approximate).
+        deadline, pause = time.monotonic() + STATS_AGREE_S, 0.0002
+        while True:
             try:
                 totals, seq = self.reader.counters_at_flush()
             except apsw.Error:
                 totals, seq = {}, -1
             info = self.seg.info()
-            if info["stats"]["flush_seq"] == seq or seq < 0:
+            if info["stats"]["flush_seq"] == seq or seq < 0 or time.monotonic() > deadline:
                 break
-            time.sleep(0.0005)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
         seg_counts = info["counts"]
         try:
             spilled = self.reader.spill_count()

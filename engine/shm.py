@@ -596,13 +596,15 @@ class Segment:
         n = check(lib.hr_dirty_peek(self._mem, max, out, epoch), "peek_dirty")
         return out, n, int(epoch[0])
 
-    def advance_dirty(self, n: int, epoch: int) -> int:
-        """Consume the first `n` peeked entries after they were committed.
+    def advance_dirty(self, n: int, epoch: int, flush_seq: int = 0) -> int:
+        """Consume the first `n` peeked entries after they were committed,
+        and (writer only) publish `flush_seq` as the last flush whose slots
+        are freed, in the same lock hold as the frees (0 leaves it).
 
         Returns how many terminal slots were freed.  Raises
         :class:`errors.Stale` if the ring was rebuilt since the peek; peek again.
         """
-        return check(lib.hr_dirty_advance(self._mem, n, epoch), "advance_dirty")
+        return check(lib.hr_dirty_advance(self._mem, n, epoch, flush_seq), "advance_dirty")
 
     # ---- task ids --------------------------------------------------------------
 

@@ -418,6 +418,15 @@ class Writer:
             return self._refuse(e, recs + manage, reports)
         faults.point("committed")
         self.store_ok()
+        if dirty_n:
+            # At once: until the advance, the flushed outcomes are in both the
+            # database and the segment, and Queue.stats waits for the two to agree.
+            self.last_flush = now
+            self.flush_seq += 1
+            try:
+                seg.advance_dirty(dirty_n, epoch, self.flush_seq)
+            except errors.Stale:
+                pass  # the ring was rebuilt by a repair; the next peek sees it all again
         self._after_commit(plan)
         for h, _, items in reports:
             self._settle(items)
@@ -426,15 +435,7 @@ class Writer:
             seg.req_answer(h.pos, answer)
         if plan.answers:
             seg.notify(shm.EV_COMMIT)
-        if dirty_n:
-            self.last_flush = now
-            try:
-                seg.advance_dirty(dirty_n, epoch)
-            except errors.Stale:
-                pass  # the ring was rebuilt by a repair; the next peek sees it all again
-            self.flush_seq += 1
-            seg.set_flush_seq(self.flush_seq)  # after the advance: its slots are gone
-        if plan.revive:  # once their dead slots are freed (just above)
+        if plan.revive:  # once their dead slots are freed (by the advance above)
             self._place_or_spill(self.store.tasks_for(plan.revive))
         if plan.ready_children:  # their dependencies completed
             self._place_or_spill(self.store.tasks_for(plan.ready_children))

@@ -905,6 +905,34 @@ def test_stats_count_each_finished_task_once_while_workers_drain(db, log):
         assert len(set(seen)) > 5, "it was sampled while the drain ran"
 
 
+def test_stats_waits_out_a_flush_the_segment_has_not_shown_yet(db, monkeypatch):
+    """Between a flush's commit and the segment freeing its slots, the
+    finished tasks are in both views; stats waits for them to agree even
+    when the writer is slow to get there (descheduled, on a loaded machine)."""
+    import threading
+
+    with writer_in_process(db, upkeep=False) as iw, engine.Queue(db) as q:
+        seg = iw.w.seg
+        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(50)]).inserted
+        inside, real = threading.Event(), seg.advance_dirty
+
+        def slow(n, epoch, flush_seq=0):
+            if flush_seq and seg.info()["counts"]["completed"]:
+                inside.set()
+                time.sleep(0.4)
+            return real(n, epoch, flush_seq)
+        monkeypatch.setattr(seg, "advance_dirty", slow)
+        done = 0
+        while done < len(ids):
+            for job in q.claim(64, timeout=5):
+                assert job.complete()
+                done += 1
+        assert inside.wait(10), "no flush of finished tasks"
+        s = q.stats()
+        assert s["counts"]["completed"] == len(ids), s["counts"]
+        monkeypatch.undo()
+
+
 def test_a_bad_command_is_refused_and_the_writer_lives(db):
     with pytest.raises(errors.InvalidArgument, match="never matches"):
         engine.Queue.periodic(engine.Queue.__new__(engine.Queue), cron="0 0 30 2 *")
