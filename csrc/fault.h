@@ -27,6 +27,8 @@ enum hr_fault_site {
     HR_FS_REQ_RESERVE,  /* request header written, tail not yet advanced */
     HR_FS_GROUP,
     HR_FS_REPAIR,
+    HR_FS_TURN_COMMIT,    /* the C turn: its rows inserted, before COMMIT (no lock held) */
+    HR_FS_TURN_COMMITTED, /* ... after COMMIT, before the segment shows them */
     HR_NFAULTS,
 };
 

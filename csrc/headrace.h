@@ -14,5 +14,6 @@
 #include "wait.h"
 #include "ops.h"
 #include "reqring.h"
+#include "turn.h"
 
 #endif

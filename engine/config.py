@@ -54,6 +54,9 @@ class Settings:
     grace: float = 30.0
     #: Most jobs a worker claims at once.
     claim_batch: int = 32
+    #: 1: the writer commits turns of plain submits in C (csrc/turn.h); 0:
+    #: every turn in Python (to compare, or to rule the C turn out).
+    native_turn: int = 1
     #: Microseconds the writer spins for more requests before it sleeps.
     writer_spin_us: int = 200
     #: Microseconds a producer or worker spins for its wake-up before it sleeps
@@ -83,6 +86,8 @@ class Settings:
         rb = self.request_bytes
         if rb < 4096 or rb & (rb - 1) or rb > 1 << 30:
             raise errors.InvalidArgument(f"request_bytes must be a power of two in 4096..2**30, got {rb!r}")
+        if self.native_turn not in (0, 1):
+            raise errors.InvalidArgument(f"native_turn must be 0 or 1, got {self.native_turn!r}")
         if not 0 < self.refill_free <= 1:
             raise errors.InvalidArgument(f"refill_free must be in (0, 1], got {self.refill_free!r}")
         return self

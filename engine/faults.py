@@ -43,13 +43,20 @@ SITES: Dict[str, int] = {
     "group": lib.HR_FS_GROUP,
     "repair": lib.HR_FS_REPAIR,
 }
+#: Sites of the writer's C turn for plain submits (no lock held): its rows
+#: inserted, before COMMIT; and after COMMIT, before the segment shows them.
+TURN_SITES: Dict[str, int] = {
+    "turn_commit": lib.HR_FS_TURN_COMMIT,
+    "turn_committed": lib.HR_FS_TURN_COMMITTED,
+}
 
 
 def arm(site: str, hit: int = 1) -> None:
     """Kill this process at the `hit`-th pass through `site`."""
-    if site not in SITES:
-        raise errors.InvalidArgument(f"unknown fault site {site!r}; known: {', '.join(SITES)}")
-    lib.hr_fault_arm(SITES[site], hit)
+    known = {**SITES, **TURN_SITES}
+    if site not in known:
+        raise errors.InvalidArgument(f"unknown fault site {site!r}; known: {', '.join(known)}")
+    lib.hr_fault_arm(known[site], hit)
 
 
 def count(on: bool = True) -> None:
@@ -59,7 +66,7 @@ def count(on: bool = True) -> None:
 
 def hits(site: str) -> int:
     """Passes through `site` so far in this process (while counting or armed)."""
-    return int(lib.hr_fault_hits(SITES[site]))
+    return int(lib.hr_fault_hits({**SITES, **TURN_SITES}[site]))
 
 
 #: Python-level site -> the variable that arms it.

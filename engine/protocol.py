@@ -1,10 +1,11 @@
 """The bytes a producer hands the writer through the segment's request area,
 and the answer the writer writes back in place.
 
-A request is one chunk of a submit: ``marshal`` of ``(on_duplicate, items)``.
-marshal is fast and only ever reads records that a process of the same user
-wrote in full (the area is mode 0600 and a record is read only once its
-producer published it).  An answer packs, per item, a kind byte and two
+A request is one chunk of a submit: ``marshal`` of ``(on_duplicate, items)``,
+or, when every job is plain, the packed form that the writer's C turn reads
+(:func:`encode_request`).  marshal is fast and only ever reads records that
+a process of the same user wrote in full (the area is mode 0600 and a record
+is read only once its producer published it).  An answer packs, per item, a kind byte and two
 64-bit ids, so it never needs more room than :func:`answer_room` reserves.
 """
 from __future__ import annotations
@@ -53,20 +54,76 @@ _HEAD = struct.Struct("<I")
 _ERROR = 0xFFFFFFFF
 
 
+#: A request of plain jobs (no dedup key, group, dependency or tag) is
+#: packed for the writer's C turn (csrc/turn.h): a head, then per job a
+#: fixed part followed by its name and body.
+PLAIN_MAGIC = 0x31425248
+_PLAIN_HEAD = struct.Struct("<IIII")  # magic, mode, count, 0
+_PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")  # id, run_at, created, backoff, timeout_ms, max_attempts, name len, prio, ser, body len
+_U64 = (1 << 64) - 1
+_PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
+
+
+def _plain(it: Item) -> bool:
+    return len(it) == ITEM_FIELDS and it[5] is None and it[8] is None and it[12] is None and it[13] is None
+
+
 def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
-    return marshal.dumps((on_duplicate, list(items)))
+    """A request for one chunk of a submit (plain jobs are packed for the C turn)."""
+    if on_duplicate <= 2 and all(map(_plain, items)):
+        pack = _PLAIN_ITEM.pack
+        parts = [_PLAIN_HEAD.pack(PLAIN_MAGIC, on_duplicate, len(items), 0)]
+        try:
+            for it in items:
+                name = it[1].encode()
+                # A backoff with a cap of 2**27 ms or more does not fit an int64: it travels wrapped.
+                bo = it[11] if it[11] < 1 << 63 else it[11] - (1 << 64)
+                parts += (pack(it[0], it[6], it[9], bo, it[10], it[7], len(name), it[4], it[3], len(it[2])),
+                          name, it[2])
+            return b"".join(parts)
+        except (UnicodeEncodeError, struct.error, TypeError, AttributeError):
+            pass  # not packable (a name past the producer's checks, say): the writer refuses it from marshal
+    return _marshal(on_duplicate, items)
+
+
+def _marshal(mode: int, items: Sequence[Any]) -> bytes:
+    return marshal.dumps((mode, list(items)))
+
+
+def _decode_plain(data: bytes) -> Tuple[int, List[Any]]:
+    try:
+        _, mode, n, zero = _PLAIN_HEAD.unpack_from(data)
+        unpack, size = _PLAIN_ITEM.unpack_from, _PLAIN_ITEM.size
+        at, items = _PLAIN_HEAD.size, []
+        for _ in range(n):
+            tid, run_at, created, bo, timeout_ms, max_attempts, nlen, prio, ser, blen = unpack(data, at)
+            at += size
+            name = data[at:at + nlen].decode()
+            body = bytes(data[at + nlen:at + nlen + blen])
+            at += nlen + blen
+            if len(body) != blen:
+                raise ValueError("a truncated job")
+            items.append((tid, name, body, ser, prio, None, run_at, max_attempts, None, created, timeout_ms,
+                          bo & _U64 if timeout_ms >= 0 else UNSET, None, None))
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"undecodable: {e}") from None
+    if zero or at != len(data) or not n:
+        raise ValueError("a plain request of the wrong size")
+    return mode, items
 
 
 def encode_reports(reports: Sequence[Report]) -> bytes:
-    return marshal.dumps((REPORT, list(reports)))
+    return _marshal(REPORT, reports)
 
 
 def encode_manage(command: str, args: Sequence[Any]) -> bytes:
-    return marshal.dumps((MANAGE, [(command, tuple(args))]))
+    return _marshal(MANAGE, [(command, tuple(args))])
 
 
 def decode_request(data: bytes) -> Tuple[int, List[Any]]:
     """(mode, items); ValueError for bytes that are not a request."""
+    if data[:4] == _PLAIN_MAGIC_BYTES:
+        return _decode_plain(data)
     try:
         mode, items = marshal.loads(data)
     except (EOFError, TypeError) as e:
@@ -87,7 +144,7 @@ _FRAME = struct.Struct("<I")
 
 
 def encode_frame(mode: int, items: Sequence[Item]) -> bytes:
-    body = encode_request(mode, items)
+    body = _marshal(mode, items)  # the writer decodes parts in Python, where marshal is quicker
     return _FRAME.pack(len(body)) + body
 
 

@@ -464,6 +464,11 @@ class Segment:
             raise errors.InvalidArgument(f"a group limit must be an int >= 0, got {limit!r}")
         check(lib.hr_set_group_limit(self._mem, group, limit), "set_group_limit")
 
+    @property
+    def handle(self) -> Any:
+        """The mapping as the C core takes it (a ``void *``)."""
+        return self._mem
+
     def set_flush_seq(self, seq: int) -> None:
         """Writer only: its flush `seq` is committed and its slots are freed."""
         check(lib.hr_set_flush_seq(self._mem, seq), "set_flush_seq")

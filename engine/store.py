@@ -22,11 +22,14 @@ The schema keeps a task's life to appended rows:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apsw
 
-from . import errors, faults
+from . import _core, errors, faults
+from ._core import ffi, lib
+from .errors import check
 
 #: Schema version written into a new database; a newer one is refused.
 SCHEMA_VERSION = 3
@@ -516,6 +519,7 @@ class SQLiteStore(_Reads, Store):
                                    disable_autocheckpoint, set_cache], vfs=faults.test_vfs())
         self._prepare()
         self._txn = _Txn(self.conn)
+        self._native: Optional[NativeTurn] = None
 
     def _prepare(self) -> None:
         c = self.conn
@@ -545,7 +549,24 @@ class SQLiteStore(_Reads, Store):
             raise store_error(self.path, e) from e
 
     def close(self) -> None:
+        if self._native is not None:
+            self._native.close()  # its statements first: a connection with statements left does not close
+            self._native = None
         self.conn.close()
+
+    def native_turn(self) -> Optional["NativeTurn"]:
+        """The writer's turn for plain submits in C, on this connection
+        (created once; None if this SQLite cannot load it)."""
+        if self._native is None:
+            if faults.test_vfs():
+                return None  # a VFS written in Python reports its errors to apsw, not to C
+            try:
+                self._native = NativeTurn(self.conn)
+            except (apsw.Error, errors.EngineError) as e:
+                print(f"headrace writer: the C turn for plain submits is off ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+                return None
+        return self._native
 
     # ---- transactions ---------------------------------------------------------
 
@@ -780,6 +801,43 @@ class SQLiteStore(_Reads, Store):
             return os.path.getsize(self.path + "-wal")
         except OSError:
             return 0
+
+
+class NativeTurn:
+    """csrc/turn.h's C turn on a store's connection: it loads the native
+    core as a SQLite extension (so that C reaches the very SQLite library
+    this connection runs on) and prepares the insert statements once."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        # The C API only: the SQL function load_extension() stays off.
+        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 1)
+        try:
+            conn.load_extension(_core.__file__, "sqlite3_headrace_init")
+        finally:
+            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
+        out = ffi.new("hr_turn **")
+        check(lib.hr_turn_open(conn.sqlite3pointer(), _INSERT_TASK.encode(), _INSERT_PAYLOAD.encode(),
+                               _INSERT_EVENT.encode(), out), "the C turn's statements")
+        self._t = out[0]
+        self.out = ffi.new("hr_turn_out *")
+
+    def set_definitions(self, defs: Dict[str, Tuple[int, int, int]]) -> None:
+        """name -> (max_attempts, timeout_ms, backoff), for jobs that left them unset."""
+        names = [ffi.new("char[]", n.encode()) for n in defs]
+        limits = ffi.new("int64_t[]", [v for d in defs.values() for v in d] or [0])
+        check(lib.hr_turn_defs(self._t, len(names), ffi.new("char *[]", names) if names else ffi.NULL, limits),
+              "the C turn's definitions")
+
+    def run(self, mem: Any, scan: int, replay_before: int, chunk: int, flush_due: bool, now: int) -> Any:
+        """One turn from `scan`; returns the ``hr_turn_out`` (valid until the next run)."""
+        check(lib.hr_turn_run(mem, self._t, scan, replay_before, chunk, 1 if flush_due else 0, now, self.out),
+              "the C turn")
+        return self.out
+
+    def close(self) -> None:
+        if self._t is not None:
+            lib.hr_turn_close(self._t)
+            self._t = None
 
 
 class _Txn:

@@ -136,6 +136,10 @@ class Writer:
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
         defs = self.store.definitions()
         self.defs = {n: d[:3] for n, d in defs.items()}
+        #: The C turn for plain submits (None: every turn in Python), and
+        #: whether it still has to learn of a change to self.defs.
+        self.native = self.store.native_turn() if cfg.native_turn else None
+        self.defs_changed = True
         #: Processes that defined each task (a periodic one fires only while one lives).
         self.definers: Dict[str, set] = {}
         #: Periodic tasks: name -> [every_us, cron, prio, next_at].
@@ -372,6 +376,11 @@ class Writer:
 
     def turn(self, force_flush: bool = False) -> bool:
         """Commit what has arrived; returns whether there was anything."""
+        if (self.native is not None and not force_flush and not self.gates and self.spill_top is None
+                and not self.spill_n and not faults._armed):
+            done = self._native_turn()
+            if done is not None:
+                return done
         recs = self._gather()
         if self.stream_head is not None:
             return self._stream_turn(self.stream_head)
@@ -505,6 +514,34 @@ class Writer:
         for h, _, items in recs:
             seg.req_answer(h.pos, protocol.encode_inserted([it[0] for it in items]))
         seg.notify(shm.EV_COMMIT)
+        return True
+
+    def _native_turn(self) -> Optional[bool]:
+        """Commit the plain submits at the scan position in C (see
+        csrc/turn.h): True if it did, False if there is nothing to do until
+        a live producer publishes the request it is writing, None for the
+        Python turn (which also meets any error the C turn met)."""
+        if self.defs_changed:
+            self.native.set_definitions(self.defs)
+            self.defs_changed = False
+        out = self.native.run(self.seg.handle, self.scan, self.replay_before, self.cfg.chunk,
+                              time.monotonic() - self.last_flush >= self.cfg.flush_interval, now_us())
+        if not out.items:
+            if out.stopped == shm.lib.HR_TURN_END or (out.stopped == shm.lib.HR_TURN_RESERVED
+                                                      and paths.pid_alive(out.pid)):
+                self.stream_head = None
+                self.more = False  # a publish wakes the writer
+                return False
+            return None
+        self.scan = out.scan
+        self.stream_head = None
+        self.more = out.stopped == shm.lib.HR_TURN_OTHER  # what it stopped at is the Python turn's, at once
+        self.store_ok()
+        self._add_totals({"submitted": out.items, "submit_txns": 1})
+        if out.unplaced:  # the segment refused them: they stay live on disk
+            full = shm.lib.HR_E_FULL
+            self._spill_now([(t.prio, t.seq, t.id, 0) for t, rc in zip(out.tasks[0:out.items], out.status[0:out.items])
+                             if rc == full])
         return True
 
     def _add_totals(self, counts: Dict[str, int]) -> None:
@@ -807,6 +844,7 @@ class Writer:
             if every_us or cron_expr:
                 self.schedules[name] = [every_us, cron_expr, prio, nxt]
             self.defs[name] = (max_attempts, timeout_ms, backoff)
+            self.defs_changed = True
             rows.append((name, max_attempts, timeout_ms, backoff, every_us, cron_expr, prio, nxt))
         self.store.define(rows)
 

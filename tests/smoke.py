@@ -53,6 +53,12 @@ def main() -> int:
         out = subprocess.run([sys.executable, "-m", "engine", "stats", path], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and "completed" in out.stdout, out.stdout + out.stderr
+        # The writer's turn for plain submits runs in C (built with SQLite's extension header).
+        store = engine.store.SQLiteStore(os.path.join(d, "native.db"))
+        try:
+            assert store.native_turn() is not None, "this build has no C turn for the writer"
+        finally:
+            store.close()
     print(f"headrace {engine.__version__} smoke test passed")
     return 0
 

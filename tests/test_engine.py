@@ -514,15 +514,17 @@ def test_a_malformed_request_is_refused_and_the_writer_carries_on(db):
         assert [j.id for j in q.claim(max=1, timeout=5)] == [tid]
 
 
-@pytest.mark.parametrize("site", ["commit", "committed"])
-def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, site):
+@pytest.mark.parametrize("var,site", [("HEADRACE_WRITER_FAULT", "commit"), ("HEADRACE_WRITER_FAULT", "committed"),
+                                      ("HEADRACE_FAULT", "turn_commit"), ("HEADRACE_FAULT", "turn_committed")])
+def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, var, site):
     """Killed between BEGIN and COMMIT, the chunk is wholly out and is sent
     again; killed after COMMIT but before answering, the replayed request is
     recognised by its ids: either way every submit returns once, and each
-    task exists and runs exactly once."""
-    monkeypatch.setenv("HEADRACE_WRITER_FAULT", f"{site}:3")
+    task exists and runs exactly once.  The Python turn's sites, and the C
+    turn's (which a writer with a Python site armed does not take)."""
+    monkeypatch.setenv(var, f"{site}:3")
     with engine.Queue(db) as q:
-        monkeypatch.delenv("HEADRACE_WRITER_FAULT")  # the restarted writer runs clean
+        monkeypatch.delenv(var)  # the restarted writer runs clean
         first = writer_pid(db)
         ids = [q.submit("t", args=(i,)) for i in range(5)]
         assert writer_pid(db) != first, "the fault never fired"

@@ -1,0 +1,429 @@
+/* The writer's turn for plain submits (see turn.h).  Built without
+ * SQLite's headers (HR_HAVE_SQLITE unset), hr_turn_open says HR_E_NOT_READY
+ * and every turn runs in Python. */
+#include <stdlib.h>
+#include <string.h>
+#include "headrace.h"
+
+#ifndef HR_HAVE_SQLITE
+
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out)
+{
+    (void)db, (void)task_sql, (void)payload_sql, (void)event_sql, (void)out;
+    return HR_E_NOT_READY;
+}
+
+int hr_turn_defs(hr_turn *t, uint32_t n, const char *const *names, const int64_t *limits)
+{
+    (void)t, (void)n, (void)names, (void)limits;
+    return HR_E_NOT_READY;
+}
+
+void hr_turn_close(hr_turn *t)
+{
+    (void)t;
+}
+
+int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
+                int64_t now, hr_turn_out *out)
+{
+    (void)mem, (void)t, (void)scan, (void)replay_before, (void)chunk, (void)flush_due, (void)now, (void)out;
+    return HR_E_NOT_READY;
+}
+
+#else
+
+#include <sqlite3ext.h>
+SQLITE_EXTENSION_INIT1
+
+#define HDR ((uint64_t)sizeof(hr_req))
+#define EV_SUBMITTED 1
+#define EV_BATCH_SUBMITTED 2
+
+typedef struct hr_def {
+    char *name;
+    uint32_t len;
+    uint32_t max_attempts;
+    int64_t timeout_ms;
+    int64_t backoff;
+} hr_def;
+
+/* One job of a request, pointing into the request area. */
+typedef struct item {
+    uint64_t id;
+    int64_t run_at, created, backoff, timeout_ms;
+    int32_t max_attempts;
+    uint32_t name_len, body_len;
+    uint8_t prio, ser;
+    const char *name, *body;
+} item;
+
+typedef struct rec {
+    uint64_t pos;
+    uint32_t first, n; /* its items: items[first .. first + n) */
+} rec;
+
+struct hr_turn {
+    sqlite3 *db;
+    sqlite3_stmt *begin, *commit, *rollback, *task, *payload, *event;
+    hr_def *defs;
+    uint32_t ndefs;
+    item *items;
+    hr_task *tasks;
+    int32_t *status;
+    uint32_t icap;
+    rec *recs;
+    uint32_t rcap;
+    char *answer;
+    uint32_t acap;
+};
+
+/* The entry point SQLite calls when the store loads this module as an
+ * extension: it hands over the API table of the library the store uses. */
+__attribute__((visibility("default"))) int sqlite3_headrace_init(sqlite3 *db, char **err,
+                                                                  const sqlite3_api_routines *api)
+{
+    (void)db;
+    (void)err;
+    SQLITE_EXTENSION_INIT2(api);
+    return SQLITE_OK;
+}
+
+static void finalize(hr_turn *t)
+{
+    sqlite3_stmt **all[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event};
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++) {
+        if (*all[k])
+            sqlite3_finalize(*all[k]);
+        *all[k] = NULL;
+    }
+}
+
+static void free_defs(hr_turn *t)
+{
+    for (uint32_t k = 0; k < t->ndefs; k++)
+        free(t->defs[k].name);
+    free(t->defs);
+    t->defs = NULL;
+    t->ndefs = 0;
+}
+
+void hr_turn_close(hr_turn *t)
+{
+    if (!t)
+        return;
+    if (sqlite3_api)
+        finalize(t);
+    free_defs(t);
+    free(t->items);
+    free(t->tasks);
+    free(t->status);
+    free(t->recs);
+    free(t->answer);
+    free(t);
+}
+
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out)
+{
+    if (!sqlite3_api)
+        return HR_E_NOT_READY; /* the store has not loaded the extension */
+    if (!db)
+        return HR_E_INVALID;
+    hr_turn *t = calloc(1, sizeof *t);
+    if (!t)
+        return HR_E_FULL;
+    t->db = (sqlite3 *)db;
+    const char *sql[] = {"BEGIN", "COMMIT", "ROLLBACK", task_sql, payload_sql, event_sql};
+    sqlite3_stmt **st[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event};
+    for (size_t k = 0; k < sizeof sql / sizeof *sql; k++) {
+        if (sqlite3_prepare_v2(t->db, sql[k], -1, st[k], NULL) != SQLITE_OK) {
+            hr_turn_close(t);
+            return HR_E_INVALID;
+        }
+    }
+    *out = t;
+    return HR_OK;
+}
+
+int hr_turn_defs(hr_turn *t, uint32_t n, const char *const *names, const int64_t *limits)
+{
+    hr_def *d = n ? calloc(n, sizeof *d) : NULL;
+    if (n && !d)
+        return HR_E_FULL;
+    for (uint32_t k = 0; k < n; k++) {
+        size_t len = strlen(names[k]);
+        d[k] = (hr_def){malloc(len + 1), (uint32_t)len, (uint32_t)limits[3 * k], limits[3 * k + 1], limits[3 * k + 2]};
+        if (!d[k].name) {
+            for (uint32_t j = 0; j < k; j++)
+                free(d[j].name);
+            free(d);
+            return HR_E_FULL;
+        }
+        memcpy(d[k].name, names[k], len + 1);
+    }
+    free_defs(t);
+    t->defs = d;
+    t->ndefs = n;
+    return HR_OK;
+}
+
+static int grow(void **p, uint32_t *cap, uint32_t need, size_t size)
+{
+    if (need <= *cap)
+        return 1;
+    uint32_t c = *cap ? *cap : 64;
+    while (c < need)
+        c *= 2;
+    void *q = realloc(*p, (size_t)c * size);
+    if (!q)
+        return 0;
+    *p = q;
+    *cap = c;
+    return 1;
+}
+
+static int grow_items(hr_turn *t, uint32_t need)
+{
+    uint32_t c = t->icap, c2 = t->icap, c3 = t->icap;
+    if (!grow((void **)&t->items, &c, need, sizeof *t->items) || !grow((void **)&t->tasks, &c2, need, sizeof *t->tasks) ||
+        !grow((void **)&t->status, &c3, need, sizeof *t->status))
+        return 0;
+    t->icap = c;
+    return 1;
+}
+
+static inline uint64_t rd64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint32_t rd32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The limits a job left unset (timeout_ms < 0; max_attempts 0) from its
+ * registered definition (0 where there is none: the worker's applies). */
+static void resolve(const hr_turn *t, item *it)
+{
+    if (it->timeout_ms >= 0 && it->max_attempts)
+        return;
+    const hr_def *d = NULL;
+    for (uint32_t k = 0; k < t->ndefs; k++) {
+        if (t->defs[k].len == it->name_len && !memcmp(t->defs[k].name, it->name, it->name_len)) {
+            d = &t->defs[k];
+            break;
+        }
+    }
+    if (!it->max_attempts)
+        it->max_attempts = d ? (int32_t)d->max_attempts : 0;
+    if (it->timeout_ms < 0) {
+        it->timeout_ms = d ? d->timeout_ms : 0;
+        it->backoff = d ? d->backoff : 0;
+    }
+}
+
+/* Parse a plain request's `nbytes` at `data` into items[at ..]; the count,
+ * or -1 if it is not a plain request this turn can take. */
+static int64_t parse(hr_turn *t, const char *data, uint32_t nbytes, uint32_t at)
+{
+    if (nbytes < HR_PLAIN_HEAD || rd32(data) != HR_PLAIN_MAGIC || rd32(data + 4) > 2 || rd32(data + 12))
+        return -1; /* marshal, or another mode (replay, reports, commands) */
+    uint32_t n = rd32(data + 8);
+    if (n == 0 || n > (nbytes - HR_PLAIN_HEAD) / HR_PLAIN_ITEM || !grow_items(t, at + n))
+        return -1;
+    const char *p = data + HR_PLAIN_HEAD, *end = data + nbytes;
+    for (uint32_t k = 0; k < n; k++) {
+        if ((uint64_t)(end - p) < HR_PLAIN_ITEM)
+            return -1;
+        item *it = &t->items[at + k];
+        it->id = rd64(p);
+        it->run_at = (int64_t)rd64(p + 8);
+        it->created = (int64_t)rd64(p + 16);
+        it->backoff = (int64_t)rd64(p + 24);
+        it->timeout_ms = (int64_t)rd64(p + 32);
+        it->max_attempts = (int32_t)rd32(p + 40);
+        uint16_t name_len;
+        memcpy(&name_len, p + 44, 2);
+        it->name_len = name_len;
+        it->prio = (uint8_t)p[46];
+        it->ser = (uint8_t)p[47];
+        it->body_len = rd32(p + 48);
+        p += HR_PLAIN_ITEM;
+        if (it->id == 0 || it->name_len == 0 || it->max_attempts < 0 || it->timeout_ms > UINT32_MAX ||
+            (uint64_t)(end - p) < (uint64_t)it->name_len + it->body_len)
+            return -1;
+        it->name = p;
+        it->body = p + it->name_len;
+        p += it->name_len + it->body_len;
+        resolve(t, it);
+    }
+    return p == end ? (int64_t)n : -1;
+}
+
+static int step_done(sqlite3_stmt *s)
+{
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+/* BEGIN, the events, tasks and payloads of the taken requests, COMMIT. */
+static int store(hr_turn *t, uint32_t nrec, uint64_t first_seq)
+{
+    int rc = step_done(t->begin);
+    if (rc != SQLITE_OK)
+        return rc;
+    for (uint32_t r = 0; r < nrec && rc == SQLITE_OK; r++) {
+        const item *it = &t->items[t->recs[r].first];
+        uint32_t n = t->recs[r].n;
+        sqlite3_bind_int(t->event, 1, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED);
+        sqlite3_bind_int64(t->event, 2, (sqlite3_int64)it->id);
+        sqlite3_bind_int64(t->event, 3, n);
+        sqlite3_bind_int64(t->event, 4, it->created);
+        rc = step_done(t->event);
+        for (uint32_t k = 0; k < n && rc == SQLITE_OK; k++, it++) {
+            sqlite3_stmt *s = t->task;
+            sqlite3_bind_int64(s, 1, (sqlite3_int64)it->id);
+            sqlite3_bind_text(s, 2, it->name, (int)it->name_len, SQLITE_STATIC);
+            sqlite3_bind_int(s, 3, it->prio);
+            sqlite3_bind_int64(s, 4, (sqlite3_int64)(first_seq + t->recs[r].first + k));
+            sqlite3_bind_int64(s, 5, it->created);
+            sqlite3_bind_int64(s, 6, it->run_at);
+            sqlite3_bind_null(s, 7);
+            sqlite3_bind_null(s, 8);
+            sqlite3_bind_int64(s, 9, it->max_attempts);
+            sqlite3_bind_int(s, 10, it->ser);
+            sqlite3_bind_int64(s, 11, it->timeout_ms);
+            sqlite3_bind_int64(s, 12, it->backoff);
+            rc = step_done(s);
+            if (rc == SQLITE_OK) {
+                sqlite3_bind_int64(t->payload, 1, (sqlite3_int64)it->id);
+                sqlite3_bind_blob(t->payload, 2, it->body, (int)it->body_len, SQLITE_STATIC);
+                rc = step_done(t->payload);
+            }
+        }
+    }
+    sqlite3_clear_bindings(t->task);
+    sqlite3_clear_bindings(t->payload); /* the bodies live in the request area */
+    if (rc == SQLITE_OK) {
+        HR_FAULT(HR_FS_TURN_COMMIT);
+        rc = step_done(t->commit);
+    }
+    if (rc != SQLITE_OK && !sqlite3_get_autocommit(t->db))
+        step_done(t->rollback);
+    return rc;
+}
+
+static void pack(const hr_turn *t, uint32_t n, uint64_t first_seq, int64_t now)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        const item *it = &t->items[k];
+        uint64_t bo = (uint64_t)it->backoff;
+        t->tasks[k] = (hr_task){
+            .id = it->id,
+            .seq = first_seq + k,
+            .run_at = it->run_at,
+            .max_attempts = (uint32_t)it->max_attempts,
+            .timeout_ms = (uint32_t)it->timeout_ms,
+            .bo_base_ms = (uint32_t)((bo >> 8) & ((1u << 28) - 1)),
+            .bo_cap_ms = (uint32_t)((bo >> 36) & ((1u << 28) - 1)),
+            .prio = it->prio,
+            .state = it->run_at > now ? HR_DELAYED : HR_PENDING,
+            .bo_kind = (uint8_t)(bo & 0xFF),
+        };
+    }
+}
+
+/* Answer every taken request: each job inserted under its own id (the
+ * layout of protocol.encode_inserted). */
+static void answer(void *mem, hr_turn *t, uint32_t nrec)
+{
+    for (uint32_t r = 0; r < nrec; r++) {
+        uint32_t n = t->recs[r].n, size = 4 + 17 * n;
+        if (!grow((void **)&t->answer, &t->acap, size, 1))
+            continue; /* its producer waits for a writer that has memory again */
+        memcpy(t->answer, &n, 4);
+        memset(t->answer + 4, 0, n);
+        char *p = t->answer + 4 + n;
+        for (uint32_t k = 0; k < n; k++, p += 16) {
+            uint64_t ids[2] = {t->items[t->recs[r].first + k].id, 0};
+            memcpy(p, ids, 16);
+        }
+        hr_req_answer(mem, t->recs[r].pos, t->answer, size); /* HR_E_STATE: its producer gave up */
+    }
+    hr_notify(mem, HR_EV_COMMIT);
+}
+
+int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
+                int64_t now, hr_turn_out *out)
+{
+    memset(out, 0, sizeof *out);
+    out->scan = scan;
+    hr_info info;
+    int rc = hr_get_info(mem, &info);
+    if (rc != HR_OK)
+        return rc;
+    if (flush_due && info.ring_size) {
+        out->stopped = HR_TURN_OTHER; /* the Python turn flushes too */
+        return HR_OK;
+    }
+    uint32_t nrec = 0, nitems = 0;
+    uint64_t pos = scan;
+    for (;;) {
+        hr_req q;
+        rc = hr_req_next(mem, pos, &q);
+        if (rc == HR_E_NOT_FOUND)
+            break;
+        uint64_t off = 0;
+        int room = rc == HR_OK ? hr_req_data(mem, q.pos, &off) : -1;
+        if (rc == HR_OK && q.state == HR_REQ_RESERVED && !q.tag) {
+            out->stopped = HR_TURN_RESERVED;
+            out->pid = q.pid;
+            break;
+        }
+        if (rc != HR_OK || q.state != HR_REQ_READY || q.tag || q.pos < replay_before || room < 0 ||
+            q.nbytes > (uint32_t)room || !grow((void **)&t->recs, &t->rcap, nrec + 1, sizeof *t->recs)) {
+            out->stopped = HR_TURN_OTHER;
+            break;
+        }
+        int64_t n = parse(t, (const char *)mem + off, q.nbytes, nitems);
+        if (n < 0 || (nitems && nitems + n > chunk) || nitems + n > info.nfree) {
+            out->stopped = HR_TURN_OTHER;
+            break;
+        }
+        t->recs[nrec++] = (rec){q.pos, nitems, (uint32_t)n};
+        nitems += (uint32_t)n;
+        pos = q.pos + q.len;
+    }
+    if (!nrec)
+        return HR_OK;
+    uint64_t first_seq;
+    if ((rc = hr_reserve_seq(mem, nitems, &first_seq)) != HR_OK)
+        return rc;
+    int sql = store(t, nrec, first_seq);
+    if (sql != SQLITE_OK) {
+        out->sql_rc = sql;
+        out->stopped = HR_TURN_OTHER;
+        return HR_OK;
+    }
+    HR_FAULT(HR_FS_TURN_COMMITTED);
+    pack(t, nitems, first_seq, now);
+    rc = hr_insert_batch(mem, t->tasks, nitems, t->status);
+    if (rc < 0)
+        return rc; /* committed, not shown: the writer's repair finds them on disk */
+    out->unplaced = nitems - (uint32_t)rc;
+    answer(mem, t, nrec);
+    out->scan = pos;
+    out->items = nitems;
+    out->records = nrec;
+    out->tasks = t->tasks;
+    out->status = t->status;
+    return HR_OK;
+}
+
+#endif /* HR_HAVE_SQLITE */

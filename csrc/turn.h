@@ -1,0 +1,58 @@
+/* The writer's turn for plain submits, in C.
+ *
+ * Most of the writer's turns, under one-by-one or small-batch load, are
+ * submits of plain jobs (no dedup key, group, dependency or tag): append
+ * them to SQLite in one transaction, show them in the segment, answer them.
+ * In Python that costs the writer more than SQLite does.  This module runs
+ * such a turn end to end.  It reaches SQLite through the connection the
+ * writer's store opened (through the API table SQLite hands a loadable
+ * extension, so it is the same library the store uses), and it takes only
+ * requests that it can finish: anything else stops it where it is, and the
+ * Python turn goes on from there.  A failed statement rolls back and changes
+ * nothing, so the Python turn meets (and handles) the same error.
+ *
+ * A plain request (protocol.encode_request): a 16-byte head (magic, mode,
+ * item count, 0), then per item a 52-byte head (id, run_at, created,
+ * backoff, timeout_ms, max_attempts, name length, prio, ser, body length)
+ * followed by the name and the body.
+ */
+#ifndef HR_TURN_H
+#define HR_TURN_H
+
+#include <stdint.h>
+#include "layout.h"
+
+#define HR_PLAIN_MAGIC 0x31425248u /* "HRB1" */
+#define HR_PLAIN_HEAD 16u
+#define HR_PLAIN_ITEM 52u
+
+typedef struct hr_turn hr_turn;
+
+enum hr_turn_stop {
+    HR_TURN_END = 0,      /* every published request is taken (and no flush is due) */
+    HR_TURN_OTHER = 1,    /* a request for the Python turn, a failed statement or a due flush */
+    HR_TURN_RESERVED = 2, /* a request in whole (no parts yet) that its producer is still writing */
+};
+
+typedef struct hr_turn_out {
+    uint64_t scan;      /* where the next turn starts */
+    uint32_t items;     /* jobs committed (0: the Python turn takes over) */
+    uint32_t records;   /* requests answered */
+    uint32_t stopped;   /* it stopped at a request it does not take: HR_TURN_* */
+    uint32_t pid;       /* HR_TURN_RESERVED: the producer still writing it */
+    int32_t sql_rc;     /* the SQLite result code of a failed statement, else 0 */
+    uint32_t unplaced;  /* committed jobs the segment refused (see tasks, status) */
+    const hr_task *tasks; /* this turn's tasks, and each one's insert status */
+    const int32_t *status;
+} hr_turn_out;
+
+/* Statements for the tasks, payloads and events tables (the store's SQL). */
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out);
+/* The registered definitions, for jobs whose submitter left limits unset:
+ * names[k] with limits[3k..3k+2] = max_attempts, timeout_ms, backoff. */
+int hr_turn_defs(hr_turn *t, uint32_t n, const char *const *names, const int64_t *limits);
+void hr_turn_close(hr_turn *t);
+int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
+                int64_t now, hr_turn_out *out);
+
+#endif
