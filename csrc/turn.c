@@ -340,13 +340,12 @@ static void pack(const hr_turn *t, uint32_t n, uint64_t first_seq, int64_t now)
 }
 
 /* Answer every taken request: each job inserted under its own id (the
- * layout of protocol.encode_inserted). */
+ * layout of protocol.encode_inserted; t->answer was grown for the largest
+ * during the walk, so nothing here can fail after the commit). */
 static void answer(void *mem, hr_turn *t, uint32_t nrec)
 {
     for (uint32_t r = 0; r < nrec; r++) {
         uint32_t n = t->recs[r].n, size = 4 + 17 * n;
-        if (!grow((void **)&t->answer, &t->acap, size, 1))
-            continue; /* its producer waits for a writer that has memory again */
         memcpy(t->answer, &n, 4);
         memset(t->answer + 4, 0, n);
         char *p = t->answer + 4 + n;
@@ -393,6 +392,10 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
         }
         int64_t n = parse(t, (const char *)mem + off, q.nbytes, nitems);
         if (n < 0 || (nitems && nitems + n > chunk) || nitems + n > info.nfree) {
+            out->stopped = HR_TURN_OTHER;
+            break;
+        }
+        if (!grow((void **)&t->answer, &t->acap, 4 + 17 * (uint32_t)n, 1)) { /* before the commit, not after */
             out->stopped = HR_TURN_OTHER;
             break;
         }
