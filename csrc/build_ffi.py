@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from typing import Optional
 
 from cffi import FFI
 
@@ -15,13 +16,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "ops.c", "reqring.c", "segment.c", "slots.c", "turn.c", "wait.c"]
 
 
-def _sqlite_headers() -> bool:
-    """Whether SQLite's extension header is there (the writer's C turn needs
-    it; without it the turn runs in Python)."""
+def _sqlite_headers() -> Optional[str]:
+    """The directory of SQLite's extension header, if there is one (the
+    writer's C turn needs it; without it the turn runs in Python)."""
     import sysconfig
     dirs = [os.environ.get("HEADRACE_SQLITE_INCLUDE", ""), "/usr/include", "/usr/local/include",
             sysconfig.get_config_var("INCLUDEDIR") or ""]
-    return any(d and os.path.exists(os.path.join(d, "sqlite3ext.h")) for d in dirs)
+    return next((d for d in dirs if d and os.path.exists(os.path.join(d, "sqlite3ext.h"))), None)
 
 
 SQLITE = _sqlite_headers()
@@ -33,7 +34,7 @@ ffibuilder.set_source(
     "engine._core",
     '#include "headrace.h"',
     sources=[str((HERE / s).relative_to(HERE.parent)) for s in SOURCES],
-    include_dirs=[str(HERE.relative_to(HERE.parent))] + [d for d in [os.environ.get("HEADRACE_SQLITE_INCLUDE")] if d],
+    include_dirs=[str(HERE.relative_to(HERE.parent))] + ([SQLITE] if SQLITE else []),
     define_macros=[("HR_HAVE_SQLITE", "1")] if SQLITE else [],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden"],
     libraries=["pthread", "m"] if sys.platform.startswith("linux") else [],

@@ -206,11 +206,13 @@ static inline uint32_t rd32(const char *p)
     return v;
 }
 
-/* The limits a job left unset (timeout_ms < 0; max_attempts 0) from its
- * registered definition (0 where there is none: the worker's applies). */
+/* The limits of a job whose submitter did not know its definition
+ * (timeout_ms < 0), as Writer._defined fills them: from the registered
+ * definition (0 where there is none: the claiming worker's applies), the
+ * attempt limit only where the job has none of its own (0). */
 static void resolve(const hr_turn *t, item *it)
 {
-    if (it->timeout_ms >= 0 && it->max_attempts)
+    if (it->timeout_ms >= 0)
         return;
     const hr_def *d = NULL;
     for (uint32_t k = 0; k < t->ndefs; k++) {
@@ -221,10 +223,8 @@ static void resolve(const hr_turn *t, item *it)
     }
     if (!it->max_attempts)
         it->max_attempts = d ? (int32_t)d->max_attempts : 0;
-    if (it->timeout_ms < 0) {
-        it->timeout_ms = d ? d->timeout_ms : 0;
-        it->backoff = d ? d->backoff : 0;
-    }
+    it->timeout_ms = d ? d->timeout_ms : 0;
+    it->backoff = d ? d->backoff : 0;
 }
 
 /* Parse a plain request's `nbytes` at `data` into items[at ..]; the count,

@@ -894,7 +894,7 @@ class Queue:
                 seg.req_write(pos, data[:len(data) // 2])
                 faults.point("chunk_write")
                 seg.req_write(pos, data)
-                seg.req_publish(pos)
+                seg.req_publish(pos, len(data))  # a packed request is read to its exact end
             else:
                 pos = self._send(data, len(items))
             faults.point("chunk_sent")

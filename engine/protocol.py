@@ -60,7 +60,6 @@ _ERROR = 0xFFFFFFFF
 PLAIN_MAGIC = 0x31425248
 _PLAIN_HEAD = struct.Struct("<IIII")  # magic, mode, count, 0
 _PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")  # id, run_at, created, backoff, timeout_ms, max_attempts, name len, prio, ser, body len
-_U64 = (1 << 64) - 1
 _PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
 
 
@@ -76,9 +75,7 @@ def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
         try:
             for it in items:
                 name = it[1].encode()
-                # A backoff with a cap of 2**27 ms or more does not fit an int64: it travels wrapped.
-                bo = it[11] if it[11] < 1 << 63 else it[11] - (1 << 64)
-                parts += (pack(it[0], it[6], it[9], bo, it[10], it[7], len(name), it[4], it[3], len(it[2])),
+                parts += (pack(it[0], it[6], it[9], it[11], it[10], it[7], len(name), it[4], it[3], len(it[2])),
                           name, it[2])
             return b"".join(parts)
         except (UnicodeEncodeError, struct.error, TypeError, AttributeError):
@@ -104,7 +101,7 @@ def _decode_plain(data: bytes) -> Tuple[int, List[Any]]:
             if len(body) != blen:
                 raise ValueError("a truncated job")
             items.append((tid, name, body, ser, prio, None, run_at, max_attempts, None, created, timeout_ms,
-                          bo & _U64 if timeout_ms >= 0 else UNSET, None, None))
+                          bo if timeout_ms >= 0 else UNSET, None, None))
     except (struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"undecodable: {e}") from None
     if zero or at != len(data) or not n:

@@ -840,8 +840,12 @@ assert _TASK.size == ffi.sizeof("hr_task")
 
 
 def pack_backoff(kind: int, base_ms: int, cap_ms: int) -> int:
-    """One int for a retry backoff: kind (with :data:`BO_JITTER`), base and cap in ms."""
-    return kind | base_ms << 8 | cap_ms << 36
+    """One int for a retry backoff: kind (with :data:`BO_JITTER`), base and cap in ms.
+
+    A signed 64-bit value (a cap of 2**27 ms or more sets the top bit), so
+    that SQLite and C store it as it is; :func:`unpack_backoff` masks."""
+    v = kind | base_ms << 8 | cap_ms << 36
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def unpack_backoff(packed: int) -> Tuple[int, int, int]:

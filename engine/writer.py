@@ -535,7 +535,9 @@ class Writer:
             return None
         self.scan = out.scan
         self.stream_head = None
-        self.more = out.stopped == shm.lib.HR_TURN_OTHER  # what it stopped at is the Python turn's, at once
+        # What it stopped at is the Python turn's, at once (a dead producer's record is abandoned there).
+        self.more = out.stopped == shm.lib.HR_TURN_OTHER or (out.stopped == shm.lib.HR_TURN_RESERVED
+                                                            and not paths.pid_alive(out.pid))
         self.store_ok()
         self._add_totals({"submitted": out.items, "submit_txns": 1})
         if out.unplaced:  # the segment refused them: they stay live on disk

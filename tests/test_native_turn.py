@@ -10,7 +10,7 @@ import apsw
 import pytest
 
 import engine
-from engine import Backoff, errors, protocol
+from engine import Backoff, errors, faults, protocol, shm
 from engine_helpers import send_raw, writer_in_process
 
 #: The columns a submit decides (not id, seq or created: those differ between runs).
@@ -121,7 +121,7 @@ def test_plain_requests_decode_to_the_items_they_carry():
              for k, (name, body, ser, prio, run_at, attempts, timeout, bo) in enumerate([
                  ("t", b"", 0, 0, 0, 0, protocol.UNSET, protocol.UNSET),
                  ("é.名", os.urandom(300), 1, 255, 1 << 52, 10, 0, 0),
-                 ("x" * 200, b"\x00" * 5, 0, 3, 5, 1, 2 ** 32 - 1, (1 << 64) - 1),
+                 ("x" * 200, b"\x00" * 5, 0, 3, 5, 1, 2 ** 32 - 1, shm.pack_backoff(0x83, 2 ** 28 - 1, 2 ** 28 - 1)),
              ])]
     data = protocol.encode_request(2, items)
     assert data[:4] == b"HRB1"
@@ -130,3 +130,38 @@ def test_plain_requests_decode_to_the_items_they_carry():
     for mode, its in ((protocol.REPLAY, items), (0, [items[0][:5] + (b"k" * 16,) + items[0][6:]])):
         assert protocol.encode_request(mode, its)[:4] != b"HRB1"
         assert protocol.decode_request(protocol.encode_request(mode, its)) == (mode, its)
+
+
+def test_a_backoff_capped_at_days_is_stored_by_both_turns_and_the_writer_lives(tmp_path, monkeypatch):
+    """A cap of 2**27 ms (37 hours) or more sets the packed backoff's top bit:
+    it is stored as a signed 64-bit value by either turn, and a worker's
+    definition of it does not stop the writer."""
+    days = Backoff.exponential(60, cap=3 * 86400)
+    for native in (1, 0):
+        db = str(tmp_path / f"b{native}.db")
+        with writer_in_process(db, upkeep=False, native_turn=native, flush_interval=60.0) as iw:
+            turns = _spy(monkeypatch, iw.w)
+            with engine.Queue(db) as definer:
+                @definer.task(name="t.days", timeout=5.0, backoff=days)
+                def remote() -> None:
+                    pass
+                definer._define()
+            with engine.Queue(db) as q:
+                @q.task(name="t.local_days", backoff=days)
+                def local() -> None:
+                    pass
+                ids = [q.submit("t.days"), local.submit()]
+                stored = dict(q.reader.conn.execute("SELECT name, backoff FROM tasks").fetchall())
+                assert all(shm.unpack_backoff(stored[n])[2] == 3 * 86400 * 1000 for n in ("t.days", "t.local_days"))
+                assert sorted(j.id for j in q.claim(max=5, timeout=5)) == ids
+            assert sum(n for n, _ in turns) == (2 if native else 0)
+        monkeypatch.undo()
+
+
+def test_a_producer_with_a_fault_site_armed_sends_plain_submits_of_its_true_size(db, monkeypatch):
+    """An armed producer reserves room for the answer and publishes what it
+    wrote: a packed request is read to its exact end, so the size must be its own."""
+    monkeypatch.setitem(faults._armed, "chunk_sent", [10 ** 9, 0])  # armed, never reached
+    with engine.Queue(db) as q:
+        tid = q.submit("t", args=(1,))
+        assert [j.id for j in q.claim(max=1, timeout=5)] == [tid]
