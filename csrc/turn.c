@@ -185,7 +185,9 @@ static int grow(void **p, uint32_t *cap, uint32_t need, size_t size)
 static int grow_items(hr_turn *t, uint32_t need)
 {
     uint32_t c = t->icap, c2 = t->icap, c3 = t->icap;
-    if (!grow((void **)&t->items, &c, need, sizeof *t->items) || !grow((void **)&t->tasks, &c2, need, sizeof *t->tasks) ||
+    /* The three arrays grow alike; one that failed is grown again next time. */
+    if (!grow((void **)&t->items, &c, need, sizeof *t->items) ||
+        !grow((void **)&t->tasks, &c2, need, sizeof *t->tasks) ||
         !grow((void **)&t->status, &c3, need, sizeof *t->status))
         return 0;
     t->icap = c;

@@ -5,8 +5,9 @@ A request is one chunk of a submit: ``marshal`` of ``(on_duplicate, items)``,
 or, when every job is plain, the packed form that the writer's C turn reads
 (:func:`encode_request`).  marshal is fast and only ever reads records that
 a process of the same user wrote in full (the area is mode 0600 and a record
-is read only once its producer published it).  An answer packs, per item, a kind byte and two
-64-bit ids, so it never needs more room than :func:`answer_room` reserves.
+is read only once its producer published it).  An answer packs, per item, a
+kind byte and two 64-bit ids, so it never needs more room than
+:func:`answer_room` reserves.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ _ERROR = 0xFFFFFFFF
 #: fixed part followed by its name and body.
 PLAIN_MAGIC = 0x31425248
 _PLAIN_HEAD = struct.Struct("<IIII")  # magic, mode, count, 0
-_PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")  # id, run_at, created, backoff, timeout_ms, max_attempts, name len, prio, ser, body len
+# id, run_at, created, backoff, timeout_ms, max_attempts, name length, prio, ser, body length
+_PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")
 _PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
 
 

@@ -526,18 +526,17 @@ class Writer:
             self.defs_changed = False
         out = self.native.run(self.seg.handle, self.scan, self.replay_before, self.cfg.chunk,
                               time.monotonic() - self.last_flush >= self.cfg.flush_interval, now_us())
-        if not out.items:
-            if out.stopped == shm.lib.HR_TURN_END or (out.stopped == shm.lib.HR_TURN_RESERVED
-                                                      and paths.pid_alive(out.pid)):
-                self.stream_head = None
-                self.more = False  # a publish wakes the writer
-                return False
-            return None
-        self.scan = out.scan
+        stopped = out.stopped
+        if stopped == shm.lib.HR_TURN_RESERVED and not paths.pid_alive(out.pid):
+            stopped = shm.lib.HR_TURN_OTHER  # a dead producer's record: the Python turn abandons it
         self.stream_head = None
-        # What it stopped at is the Python turn's, at once (a dead producer's record is abandoned there).
-        self.more = out.stopped == shm.lib.HR_TURN_OTHER or (out.stopped == shm.lib.HR_TURN_RESERVED
-                                                            and not paths.pid_alive(out.pid))
+        if not out.items:
+            if stopped == shm.lib.HR_TURN_OTHER:
+                return None
+            self.more = False  # a publish wakes the writer
+            return False
+        self.scan = out.scan
+        self.more = stopped == shm.lib.HR_TURN_OTHER  # what it stopped at is the Python turn's, at once
         self.store_ok()
         self._add_totals({"submitted": out.items, "submit_txns": 1})
         if out.unplaced:  # the segment refused them: they stay live on disk

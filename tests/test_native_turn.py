@@ -41,7 +41,8 @@ def _submit_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[s
     with writer_in_process(db, upkeep=False, native_turn=native, flush_interval=60.0) as iw:
         turns = _spy(monkeypatch, iw.w)
         with engine.Queue(db) as definer:
-            @definer.task(name="t.remote", max_attempts=7, timeout=3.5, backoff=Backoff.exponential(0.5, 60, jitter=True))
+            @definer.task(name="t.remote", max_attempts=7, timeout=3.5,
+                          backoff=Backoff.exponential(0.5, 60, jitter=True))
             def remote(i: int) -> None:
                 pass
             definer._define()  # as a worker would: the writer now knows t.remote's limits
@@ -64,7 +65,8 @@ def _submit_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[s
             rows = q.reader.conn.execute(f"SELECT {_COLS}, t.id FROM tasks t JOIN payloads p ON p.id = t.id"
                                          " ORDER BY t.id").fetchall()
             events = q.reader.conn.execute("SELECT kind, n FROM events ORDER BY seq").fetchall()
-            live = [(i.state, i.priority, i.max_attempts, i.run_at is not None) for i in map(q.get, [r[-1] for r in rows])]
+            live = [(i.state, i.priority, i.max_attempts, i.run_at is not None)
+                    for i in map(q.get, [r[-1] for r in rows])]
             heads = [(j.args[0], j.attempt) for j in q.claim(max=10, timeout=5)]
     return {"rows": [r[:-1] for r in rows], "events": events, "live": live, "heads": heads, "turns": turns}
 
