@@ -24,6 +24,12 @@ void hr_turn_close(hr_turn *t)
     (void)t;
 }
 
+uint32_t hr_turn_wal_frames(const hr_turn *t)
+{
+    (void)t;
+    return 0;
+}
+
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out)
 {
@@ -76,6 +82,7 @@ struct hr_turn {
     uint32_t rcap;
     char *answer;
     uint32_t acap;
+    uint32_t wal_frames; /* frames in the WAL after the connection's last commit (its WAL hook) */
 };
 
 /* The entry point SQLite calls when the store loads this module as an
@@ -108,10 +115,27 @@ static void free_defs(hr_turn *t)
     t->ndefs = 0;
 }
 
+/* Every commit on the connection, whoever made it, reports the WAL's size
+ * here (autocheckpoint is off, so the hook is free for this). */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+    (void)db;
+    (void)name;
+    ((hr_turn *)arg)->wal_frames = frames > 0 ? (uint32_t)frames : 0;
+    return SQLITE_OK;
+}
+
+uint32_t hr_turn_wal_frames(const hr_turn *t)
+{
+    return t->wal_frames;
+}
+
 void hr_turn_close(hr_turn *t)
 {
     if (!t)
         return;
+    if (sqlite3_api && t->db)
+        sqlite3_wal_hook(t->db, NULL, NULL);
     if (sqlite3_api)
         finalize(t);
     free_defs(t);
@@ -141,6 +165,7 @@ int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, co
             return HR_E_INVALID;
         }
     }
+    sqlite3_wal_hook(t->db, wal_hook, t);
     *out = t;
     return HR_OK;
 }

@@ -52,6 +52,9 @@ int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, co
  * names[k] with limits[3k..3k+2] = max_attempts, timeout_ms, backoff. */
 int hr_turn_defs(hr_turn *t, uint32_t n, const char *const *names, const int64_t *limits);
 void hr_turn_close(hr_turn *t);
+/* Frames in the WAL after the connection's last commit (a WAL hook: the
+ * writer checkpoints by size as well as by time). */
+uint32_t hr_turn_wal_frames(const hr_turn *t);
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out);
 

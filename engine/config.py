@@ -44,6 +44,9 @@ class Settings:
     refill_free: float = 0.25
     #: Seconds between PASSIVE WAL checkpoints.
     checkpoint_interval: float = 1.0
+    #: Also a PASSIVE checkpoint once the WAL holds this many pages (one-by-one
+    #: submits write ~3 a commit, so the timer alone let it reach ~200 MB).
+    checkpoint_pages: int = 8192
     #: WAL size (bytes) above which the writer runs a TRUNCATE checkpoint.
     wal_truncate_bytes: int = 256 << 20
     #: How long the writer lingers with no client before it exits (seconds).

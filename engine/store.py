@@ -834,6 +834,10 @@ class NativeTurn:
               "the C turn")
         return self.out
 
+    def wal_frames(self) -> int:
+        """Frames in the WAL after the connection's last commit."""
+        return int(lib.hr_turn_wal_frames(self._t))
+
     def close(self) -> None:
         if self._t is not None:
             lib.hr_turn_close(self._t)

@@ -45,7 +45,8 @@ class Upkeep:
                 self.w.purge()
             except apsw.Error as e:
                 print(f"headrace writer: purge failed ({e}); it will try again", file=sys.stderr)
-        if now >= self.next_checkpoint:
+        native = self.w.native
+        if now >= self.next_checkpoint or (native is not None and native.wal_frames() >= self.w.cfg.checkpoint_pages):
             self.next_checkpoint = now + self.w.cfg.checkpoint_interval
             self.checkpoint()
 
@@ -89,7 +90,9 @@ class Upkeep:
         self.w.seg.req_sweep(self.w.scan)
 
     def checkpoint(self) -> None:
-        """PASSIVE on a timer; TRUNCATE once the WAL outgrows its bound.
+        """PASSIVE on a timer and once the WAL holds `checkpoint_pages` (as
+        the C turn's WAL hook counts them); TRUNCATE once the WAL file
+        outgrows its bound.
 
         Between turns, on purpose: a PASSIVE checkpoint on a thread of its
         own ran while turns committed, so it never caught up with the WAL's

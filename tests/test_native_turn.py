@@ -167,3 +167,18 @@ def test_a_producer_with_a_fault_site_armed_sends_plain_submits_of_its_true_size
     with engine.Queue(db) as q:
         tid = q.submit("t", args=(1,))
         assert [j.id for j in q.claim(max=1, timeout=5)] == [tid]
+
+
+@pytest.mark.parametrize("pages,bound", [(256, ("<", 8 << 20)), (10 ** 9, (">", 20 << 20))])
+def test_the_writer_checkpoints_once_the_wal_holds_checkpoint_pages(tmp_path, pages, bound):
+    """One-by-one submits write ~3 WAL pages a commit: with the timer alone
+    (here an hour) the WAL grows with every submit; with the page bound, a
+    PASSIVE checkpoint lets SQLite start the WAL over and the file stays small."""
+    db = str(tmp_path / "w.db")
+    with writer_in_process(db, checkpoint_interval=3600.0, checkpoint_pages=pages) as iw, engine.Queue(db) as q:
+        assert iw.w.native is not None
+        for i in range(3000):
+            q.submit("t", args=(i,))
+        size = os.path.getsize(db + "-wal")
+    op, limit = bound
+    assert (size < limit) if op == "<" else (size > limit), f"{size / 2 ** 20:.1f} MB of WAL"
