@@ -42,7 +42,6 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
 #include <sqlite3ext.h>
 SQLITE_EXTENSION_INIT1
 
-#define HDR ((uint64_t)sizeof(hr_req))
 #define EV_SUBMITTED 1
 #define EV_BATCH_SUBMITTED 2
 

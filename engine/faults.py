@@ -49,14 +49,14 @@ TURN_SITES: Dict[str, int] = {
     "turn_commit": lib.HR_FS_TURN_COMMIT,
     "turn_committed": lib.HR_FS_TURN_COMMITTED,
 }
+_ALL_SITES = {**SITES, **TURN_SITES}
 
 
 def arm(site: str, hit: int = 1) -> None:
     """Kill this process at the `hit`-th pass through `site`."""
-    known = {**SITES, **TURN_SITES}
-    if site not in known:
-        raise errors.InvalidArgument(f"unknown fault site {site!r}; known: {', '.join(known)}")
-    lib.hr_fault_arm(known[site], hit)
+    if site not in _ALL_SITES:
+        raise errors.InvalidArgument(f"unknown fault site {site!r}; known: {', '.join(_ALL_SITES)}")
+    lib.hr_fault_arm(_ALL_SITES[site], hit)
 
 
 def count(on: bool = True) -> None:
@@ -66,7 +66,7 @@ def count(on: bool = True) -> None:
 
 def hits(site: str) -> int:
     """Passes through `site` so far in this process (while counting or armed)."""
-    return int(lib.hr_fault_hits({**SITES, **TURN_SITES}[site]))
+    return int(lib.hr_fault_hits(_ALL_SITES[site]))
 
 
 #: Python-level site -> the variable that arms it.

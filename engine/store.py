@@ -796,6 +796,12 @@ class SQLiteStore(_Reads, Store):
         mode = apsw.SQLITE_CHECKPOINT_TRUNCATE if truncate else apsw.SQLITE_CHECKPOINT_PASSIVE
         return self.conn.wal_checkpoint(mode=mode)
 
+    def wal_frames(self) -> int:
+        """Frames in the WAL after the last commit on this connection, as the
+        C turn's WAL hook counts them (0 without the C turn: checkpoints then
+        run on the timer alone)."""
+        return self._native.wal_frames() if self._native is not None else 0
+
     def wal_bytes(self) -> int:
         try:
             return os.path.getsize(self.path + "-wal")

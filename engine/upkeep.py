@@ -45,8 +45,7 @@ class Upkeep:
                 self.w.purge()
             except apsw.Error as e:
                 print(f"headrace writer: purge failed ({e}); it will try again", file=sys.stderr)
-        native = self.w.native
-        if now >= self.next_checkpoint or (native is not None and native.wal_frames() >= self.w.cfg.checkpoint_pages):
+        if now >= self.next_checkpoint or self.w.store.wal_frames() >= self.w.cfg.checkpoint_pages:
             self.next_checkpoint = now + self.w.cfg.checkpoint_interval
             self.checkpoint()
 

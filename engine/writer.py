@@ -376,8 +376,7 @@ class Writer:
 
     def turn(self, force_flush: bool = False) -> bool:
         """Commit what has arrived; returns whether there was anything."""
-        if (self.native is not None and not force_flush and not self.gates and self.spill_top is None
-                and not self.spill_n and not faults._armed):
+        if self.native is not None and not force_flush and self._unhindered() and not faults._armed:
             done = self._native_turn()
             if done is not None:
                 return done
@@ -395,7 +394,7 @@ class Writer:
         now = time.monotonic()
         # A management request is answered after a flush of what was reported
         # before it (dead_letters must see a task that just died).
-        due = recs or manage or force_flush or now - self.last_flush >= self.cfg.flush_interval
+        due = recs or manage or force_flush or self._flush_due(now)
         if due and seg.raw_info().ring_size:
             _, dirty_n, epoch = seg.peek_dirty(self.cfg.flush_rows, self.dirty_buf)
         if not recs and not dirty_n and not reports and not manage:
@@ -474,13 +473,22 @@ class Writer:
         self.more = True
         return True
 
+    def _unhindered(self) -> bool:
+        """No limited group and nothing spilled: new plain tasks go straight
+        to the segment, as the plain turns (Python's and C's) assume."""
+        return not self.gates and self.spill_top is None and not self.spill_n
+
+    def _flush_due(self, now: float) -> bool:
+        """Whether the dirty ring's timed flush is due (`now`: time.monotonic())."""
+        return now - self.last_flush >= self.cfg.flush_interval
+
     def _plain(self, recs: List[Tuple[Any, int, list]]) -> bool:
         """Whether this turn is submits of plain jobs only (no dedup key,
         group, dependency or tag; nothing to check against a replay) that
         all fit in the segment ahead of an empty spill store, with no flush
         due: the common case, which :meth:`_plain_turn` commits with none of
         the general machinery."""
-        if self.gates or self.spill_top is not None or self.spill_n:
+        if not self._unhindered():
             return False
         n = 0
         for h, mode, items in recs:
@@ -490,7 +498,7 @@ class Writer:
                 return False
             n += len(items)
         info = self.seg.raw_info()
-        if info.ring_size and time.monotonic() - self.last_flush >= self.cfg.flush_interval:
+        if info.ring_size and self._flush_due(time.monotonic()):
             return False  # the general turn flushes too
         return info.nfree >= n
 
@@ -525,7 +533,7 @@ class Writer:
             self.native.set_definitions(self.defs)
             self.defs_changed = False
         out = self.native.run(self.seg.handle, self.scan, self.replay_before, self.cfg.chunk,
-                              time.monotonic() - self.last_flush >= self.cfg.flush_interval, now_us())
+                              self._flush_due(time.monotonic()), now_us())
         stopped = out.stopped
         if stopped == shm.lib.HR_TURN_RESERVED and not paths.pid_alive(out.pid):
             stopped = shm.lib.HR_TURN_OTHER  # a dead producer's record: the Python turn abandons it
