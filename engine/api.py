@@ -1170,9 +1170,12 @@ class Queue:
         out = []
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
+            # The segment first: a slot is freed only after its outcome is
+            # committed, so the database read after it never misses that outcome.
+            live = {tid: self.seg.get(tid) for tid in part}
             stored = self.reader.last_states(part)
             for tid in part:
-                if self._state_of(tid, stored.get(tid, 0)) == state:
+                if self._state_of(tid, stored.get(tid, 0), live[tid]) == state:
                     out.append(tid)
                     if len(out) >= limit:
                         return out
@@ -1189,8 +1192,7 @@ class Queue:
             raise errors.InvalidArgument("cancel_tagged needs at least one tag")
         return self._command("cancel_tagged", (pairs,))[0]
 
-    def _state_of(self, tid: int, stored: int) -> str:
-        live = self.seg.get(tid)
+    def _state_of(self, tid: int, stored: int, live: Optional[shm.SlotInfo]) -> str:
         if live is not None:
             return live.state_name
         if stored == 0 or stored < shm.COMPLETED:

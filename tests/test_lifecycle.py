@@ -691,6 +691,26 @@ def test_tags_find_count_and_cancel(db, log):
             assert stop(w) == 0
 
 
+def test_a_state_count_never_misses_a_flush_that_lands_while_it_reads(db, monkeypatch):
+    """find/count by state read each task's state from the segment, else
+    from the database.  A flush that commits the cancellations and frees
+    their slots between the two reads must not make them look pending: the
+    segment is read first (a slot is freed only after its outcome is
+    committed), so the database read after it has the outcome."""
+    with engine.Queue(db, flush_interval=0.5) as q:
+        ids = [q.submit("l.when", args=(i,), tags={"bucket": "b"}) for i in range(10)]
+        real = q.reader.last_states
+
+        def then_the_flush_lands(part):
+            out = real(part)
+            wait_for(lambda: all(q.seg.get(t) is None for t in ids), what="the flush freed the cancelled slots")
+            return out
+        assert q.cancel_tagged({"bucket": "b"}) == 10
+        assert all(q.seg.get(t) is not None for t in ids), "the flush came before the count could race it"
+        monkeypatch.setattr(q.reader, "last_states", then_the_flush_lands)
+        assert q.count(tags={"bucket": "b"}, state="cancelled") == 10
+
+
 def test_cron_expressions_give_their_next_time():
     from engine.cron import Cron
     t = calendar.timegm((2026, 11, 23, 16, 58, 30))  # a Monday
