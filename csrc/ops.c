@@ -63,18 +63,20 @@ static int insert_one(hr_ctx *c, const hr_task *t)
 int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out)
 {
     LOCKED(c, mem);
-    int ok = 0, pending = 0;
+    int ok = 0;
+    uint32_t pending = 0;
     for (uint32_t k = 0; k < n; k++) {
         int r = insert_one(&c, &tasks[k]);
         out[k] = r;
         if (r >= 0) {
             ok++;
-            pending |= tasks[k].state == HR_PENDING;
+            pending += tasks[k].state == HR_PENDING;
         }
     }
     hr_unlock(&c);
-    if (pending)
-        hr_notify(mem, HR_EV_PENDING); /* one wake-up per batch */
+    /* One wake-up per batch, for as many claimers as it has tasks: every
+     * woken claimer claims until nothing is pending, so none is stranded. */
+    hr_notify_n(mem, HR_EV_PENDING, pending);
     return ok;
 }
 
@@ -443,8 +445,7 @@ int hr_promote(void *mem, int64_t now, uint32_t max)
         k++;
     }
     hr_unlock(&c);
-    if (k)
-        hr_notify(mem, HR_EV_PENDING);
+    hr_notify_n(mem, HR_EV_PENDING, k);
     return (int)k;
 }
 

@@ -69,18 +69,20 @@ uint32_t hr_event_value(void *mem, int ev)
     return __atomic_load_n(&event(mem, ev)->value, __ATOMIC_ACQUIRE);
 }
 
-void hr_notify(void *mem, int ev)
+void hr_notify_n(void *mem, int ev, uint32_t n)
 {
-    if (ev < 0 || ev >= HR_NEVENTS)
+    if (ev < 0 || ev >= HR_NEVENTS || n == 0)
         return;
     hr_event *e = event(mem, ev);
     __atomic_add_fetch(&e->value, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&e->waiters, __ATOMIC_SEQ_CST) == 0)
         return;
 #ifdef __linux__
-    syscall(SYS_futex, &e->value, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    syscall(SYS_futex, &e->value, FUTEX_WAKE, n > INT_MAX ? INT_MAX : (int)n, NULL, NULL, 0);
 #endif
 }
+
+void hr_notify(void *mem, int ev) { hr_notify_n(mem, ev, UINT32_MAX); }
 
 int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
 {

@@ -13,6 +13,11 @@
 
 uint32_t hr_event_value(void *mem, int ev);
 void hr_notify(void *mem, int ev);
+/* hr_notify, waking at most `n` sleepers (0: none, and no bump): for work
+ * that `n` claimers can take, so that the others sleep on (on 2 cores, two
+ * workers woken for each one-by-one task took turns preempting the producer
+ * and the writer). */
+void hr_notify_n(void *mem, int ev, uint32_t n);
 int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us);
 void hr_set_wait_spin(uint32_t spin_us);
 /* Microseconds on the monotonic clock, for waits' deadlines. */

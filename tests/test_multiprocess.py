@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.shm import EV_PENDING, Segment
+from engine.shm import EV_PENDING, Segment, fill_task
 
 from helpers import run_child, spawn
 
@@ -97,6 +97,38 @@ def test_waiter_in_another_process_wakes_on_push(segname):
     seg.push(1)
     woke, waited = child.communicate(timeout=30)[0].split()
     assert woke == "True" and 0.2 < float(waited) < 5.0
+    seg.close()
+
+
+WAITER = """
+import sys, time
+from engine.shm import Segment, EV_PENDING
+seg = Segment.attach(sys.argv[1])
+print("waiting", flush=True)
+t = time.monotonic()
+woke = seg.wait(EV_PENDING, int(sys.argv[2]), float(sys.argv[3]))
+print(woke, time.monotonic() - t)
+"""
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_placing_tasks_wakes_as_many_waiters_as_there_are_tasks(segname, tasks):
+    """Waking every worker for each one-by-one task made them take turns
+    preempting the producer and the writer on 2 cores."""
+    seg = Segment.create(segname, 16)
+    ev = seg.event(EV_PENDING)
+    waiters = [spawn(WAITER, segname, ev, 3.0) for _ in range(2)]
+    for w in waiters:
+        assert w.stdout.readline().strip() == "waiting"
+    time.sleep(0.5)  # both asleep on the futex (past their spin)
+    arr = seg.tasks(tasks)
+    for k in range(tasks):
+        fill_task(arr[k], 1 + k)
+    seg.push_batch(arr, tasks)
+    results = sorted(float(w.communicate(timeout=30)[0].split()[1]) for w in waiters)
+    woken = [r for r in results if r < 2.0]
+    assert len(woken) == tasks, results  # the others slept on to their timeout
+    assert all(r > 2.9 for r in results[tasks:]), results
     seg.close()
 
 
