@@ -1,4 +1,7 @@
 #include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
 #include <limits.h>
 #include <time.h>
 #include <unistd.h>
@@ -14,7 +17,8 @@ static uint32_t wait_spin_us = 20;
 /* Spinners allowed at once: one core is always left to the process being
  * waited for, and the writer (waiting on HR_EV_WRITER, the hub every
  * submit passes through) may spin where others may not: they get a token
- * only with a core to spare besides the writer's.  On 2 cores, spinning
+ * only with a core to spare besides the writer's (a producer waiting for
+ * its commit also where nothing else is runnable, see hr_spin_slots).  On 2 cores, spinning
  * producers took the writer's core and halved the commit rate of 4 of
  * them, and a spinning producer or worker held the core that a woken
  * process then waited for a time slice to get (the end-to-end p99 was
@@ -23,13 +27,59 @@ static int spin_slots = -1;
 
 void hr_set_wait_spin(uint32_t spin_us) { wait_spin_us = spin_us; }
 
-static int spin_slot_count(int ev)
+static long ncpu = -1;
+
+int hr_runnable_fit(const char *loadavg, long cores)
+{
+    /* "0.28 0.54 0.61 1/76 22393": the fourth field is runnable/total */
+    const char *p = loadavg;
+    for (int f = 0; f < 3 && p; f++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    if (!p)
+        return 0;
+    char *end;
+    long running = strtol(p, &end, 10);
+    return end != p && *end == '/' && running > 0 && running <= cores;
+}
+
+/* hr_runnable_fit of this machine now (Linux; elsewhere never). */
+static int cores_to_spare(void)
+{
+#ifdef __linux__
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    return hr_runnable_fit(buf, ncpu);
+#else
+    return 0;
+#endif
+}
+
+int hr_spin_slots(int ev)
 {
     if (spin_slots < 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN) - 1;
+        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        long n = ncpu - 1;
         spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
     }
-    return ev == HR_EV_WRITER ? spin_slots : spin_slots > 0 ? spin_slots - 1 : 0;
+    if (ev == HR_EV_WRITER)
+        return spin_slots;
+    /* A producer waiting for its commit takes the writer's share where the
+     * runnable processes fit the cores: the writer has one, and no woken
+     * worker waits for one (one-by-one submits, 5 runs each: 13.2k -> 16.7k/s
+     * with a producer alone; end to end, 5.9k -> 6.6k/s, same p50 and p99). */
+    if (ev == HR_EV_COMMIT && spin_slots > 0 && cores_to_spare())
+        return spin_slots;
+    return spin_slots > 0 ? spin_slots - 1 : 0;
 }
 
 /* A free spin token, claimed until `until`; -1 if all are taken.  A token
@@ -37,7 +87,7 @@ static int spin_slot_count(int ev)
  * nothing once its time is up. */
 static int take_spin_token(hr_header *h, int ev, int64_t now, int64_t until)
 {
-    int n = spin_slot_count(ev);
+    int n = hr_spin_slots(ev);
     for (int i = 0; i < n; i++) {
         int64_t t = __atomic_load_n(&h->spin_tokens[i], __ATOMIC_RELAXED);
         if (t <= now && __atomic_compare_exchange_n(&h->spin_tokens[i], &t, until, 0, __ATOMIC_ACQ_REL,

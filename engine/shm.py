@@ -935,6 +935,16 @@ def set_wait_spin(us: int) -> None:
     lib.hr_set_wait_spin(us)
 
 
+def spin_slots(ev: int) -> int:
+    """How many waiters on event `ev` may spin at once, as this process sees the machine now."""
+    return int(lib.hr_spin_slots(ev))
+
+
+def runnable_fit(loadavg: str, cores: int) -> bool:
+    """Whether /proc/loadavg text `loadavg` counts at most `cores` runnable tasks."""
+    return bool(lib.hr_runnable_fit(loadavg.encode(), cores))
+
+
 def _unlink_quiet(path: str) -> bool:
     try:
         os.unlink(path)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 
-from engine.shm import EV_PENDING, Segment, fill_task
+from engine.shm import EV_COMMIT, EV_PENDING, EV_WRITER, Segment, fill_task, runnable_fit, spin_slots
 
 from helpers import run_child, spawn
 
@@ -130,6 +131,31 @@ def test_placing_tasks_wakes_as_many_waiters_as_there_are_tasks(segname, tasks):
     assert len(woken) == tasks, results  # the others slept on to their timeout
     assert all(r > 2.9 for r in results[tasks:]), results
     seg.close()
+
+
+def test_runnable_fit_reads_the_running_count_of_proc_loadavg():
+    assert runnable_fit("0.28 0.54 0.61 1/76 22393\n", 2)
+    assert runnable_fit("0.28 0.54 0.61 2/76 22393", 2)
+    assert not runnable_fit("3.10 2.54 1.61 3/76 22393", 2)
+    for bad in ("", "0.28 0.54", "0.28 0.54 0.61 x/76 1", "0.28 0.54 0.61 2", "0.28 0.54 0.61 0/76 1"):
+        assert not runnable_fit(bad, 2), bad
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing may spin")
+def test_a_producer_spins_for_its_commit_only_while_the_runnable_processes_fit_the_cores():
+    writer_share = spin_slots(EV_WRITER)
+    assert spin_slots(EV_PENDING) == writer_share - 1  # workers: only with a core to spare besides the writer's
+    # Alone on the machine (within some of 200 looks), it takes the writer's share.
+    assert any(spin_slots(EV_COMMIT) == writer_share or time.sleep(0.005) for _ in range(200))
+    hogs = [spawn("while True: pass") for _ in range(os.cpu_count() or 2)]
+    try:
+        time.sleep(0.3)
+        assert [spin_slots(EV_COMMIT) for _ in range(20)] == [writer_share - 1] * 20
+        assert spin_slots(EV_WRITER) == writer_share
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
 
 def test_wait_times_out_without_an_event(seg):
