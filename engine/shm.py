@@ -13,6 +13,7 @@ per-item Python objects.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -127,9 +128,13 @@ _TICKET = struct.Struct("=QII")
 assert _TICKET.size == ffi.sizeof("hr_ticket") and ffi.offsetof("hr_ticket", "attempt") == 12
 
 
+#: Ticket((id, slot, attempt)) without the Python-level __new__ of a named tuple.
+_ticket_of = functools.partial(tuple.__new__, Ticket)
+
+
 def unpack_tickets(buf: Any, n: int) -> List[Ticket]:
     """Tickets of an ``hr_ticket[]`` array's first `n` entries, unpacked in C."""
-    return list(map(Ticket._make, _TICKET.iter_unpack(ffi.buffer(buf, n * _TICKET.size))))
+    return list(map(_ticket_of, _TICKET.iter_unpack(ffi.buffer(buf, n * _TICKET.size))))
 
 
 class SlotInfo(NamedTuple):

@@ -16,7 +16,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import errors, protocol, shm
-from .api import dumps_value, loads
+from .api import SERIALIZERS, dumps_value, loads
 from .shm import Ticket, now_us
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,44 +207,51 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
     """The claimed jobs of `tickets` (buf[0:n]: the same, as the claim wrote them)."""
     rows = q.reader.jobs([t.id for t in tickets])
     policies: Dict[str, Any] = {}
-    claimed: List[Tuple[ClaimedJob, int, bytes]] = []
+    jobs: List[ClaimedJob] = []
     # Submitted by name before any worker defined the task: this worker's
     # definition fills in the limits, one locked call per (policy, attempt base).
     adopt: Dict[Tuple[int, int, int], List[int]] = {}
+    unreadable: List[Tuple[ClaimedJob, Exception]] = []
+    pickled = SERIALIZERS["pickle"]
+    refuse_pickle = q._untrusted(pickled)
+    # A limit left unset counts from the attempts used before the task was
+    # last put back from dead: fewer than its attempt number, so none for a first attempt.
+    bases = q.reader.attempt_bases([t[0] for t in tickets if t[2] > 1 and rows.get(t[0], (0,) * 6)[4] == 0])
     for k, t in enumerate(tickets):
-        row = rows.get(t.id)
+        row = rows.get(t[0])
         if row is None:  # cannot happen: a task reaches the segment only after its commit
-            print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
+            print(f"headrace worker: task {t[0]} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
-        name, ser, created, body, max_attempts, base, timeout_ms = row
+        name, ser, created, body, max_attempts, timeout_ms = row
         if not max_attempts:
             policy = policies.get(name)
             if policy is None:
                 task = q.tasks.get(name)
                 policy = policies[name] = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
             max_attempts, timeout_ms, backoff = policy
-            max_attempts += base
+            max_attempts += bases.get(t[0], 0)
             adopt.setdefault((max_attempts, timeout_ms, backoff), []).append(k)
-        claimed.append((ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms), ser, body))
+        job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
+        try:
+            if ser == pickled and refuse_pickle:
+                q._refuse_untrusted(ser, f"the payload of task {job.id} ({name!r})")
+            job.args, job.kwargs = loads(ser, body)
+        except Exception as e:
+            unreadable.append((job, e))
+            continue
+        jobs.append(job)
     if adopt:
         _adopt(q, tickets, buf, adopt)
         if start:  # the claim started the others' clocks; it did not know these timeouts
-            late = {tickets[k].id for idx in adopt.values() for k in idx}
-            for job, _, _ in claimed:
+            late = {tickets[k][0] for idx in adopt.values() for k in idx}
+            for job in jobs:
                 if job.timeout_ms and job.id in late:
                     job.start()
-    jobs = []
-    for job, ser, body in claimed:
-        try:
-            q._refuse_untrusted(ser, f"the payload of task {job.id} ({job.name!r})")
-            job.args, job.kwargs = loads(ser, body)
-        except Exception as e:  # it can never run: dead, with the reason as its error
-            print(f"headrace worker: task {job.id} ({job.name}): its payload cannot be read ({type(e).__name__}: "
-                  f"{_message(e)}); it is dead", file=sys.stderr)
-            job.fail(e, retry=False)
-            continue
-        jobs.append(job)
+    for job, e in unreadable:  # it can never run: dead, with the reason as its error
+        print(f"headrace worker: task {job.id} ({job.name}): its payload cannot be read ({type(e).__name__}: "
+              f"{_message(e)}); it is dead", file=sys.stderr)
+        job.fail(e, retry=False)
     return jobs
 
 

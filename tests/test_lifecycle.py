@@ -495,6 +495,26 @@ def test_workers_register_definitions_for_submits_by_name(db, log):
             assert stop(w) == 0
 
 
+def test_a_task_with_unset_limits_put_back_from_dead_gets_its_fresh_attempts(db, log):
+    """Its limit, unset on disk, comes from the claiming worker's definition
+    and counts from the attempts it used before it was put back."""
+    with engine.Queue(db) as q:
+        tid = q.submit("l.fail", args=(6,))  # nobody has defined l.fail yet
+        assert q.reader.task(tid)["max_attempts"] == 0
+        w = start(db, log)
+        try:
+            with pytest.raises(errors.TaskFailed):
+                q.result(tid, timeout=30)
+            assert [a for _, a, _ in events(log, i=6)] == [1, 2]
+            assert q.retry_dead(tid) == [tid]
+            wait_for(lambda: q.get(tid).state == "dead" and len(events(log, i=6)) >= 4, what="dead again")
+            time.sleep(0.3)  # a wrong limit would show as fewer runs, not more; let any extra one show too
+            assert [a for _, a, _ in events(log, i=6)] == [1, 2, 3, 4]
+            assert q.get(tid).max_attempts == 4
+        finally:
+            assert stop(w) == 0
+
+
 def test_one_claim_adopts_each_name_s_limits_in_one_call_per_policy(db):
     """Tasks submitted by name before anyone defined them take the claiming
     worker's limits, per name, whatever the mix in one claim."""
