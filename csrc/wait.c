@@ -17,12 +17,13 @@ static uint32_t wait_spin_us = 20;
 /* Spinners allowed at once: one core is always left to the process being
  * waited for, and the writer (waiting on HR_EV_WRITER, the hub every
  * submit passes through) may spin where others may not: they get a token
- * only with a core to spare besides the writer's (a producer waiting for
- * its commit also where nothing else is runnable, see hr_spin_slots).  On 2 cores, spinning
+ * only with a core to spare besides the writer's.  On 2 cores, spinning
  * producers took the writer's core and halved the commit rate of 4 of
  * them, and a spinning producer or worker held the core that a woken
  * process then waited for a time slice to get (the end-to-end p99 was
- * 4-5 ms with them spinning, 0.6 ms without). */
+ * 4-5 ms with them spinning, 0.6 ms without).  The writer's and a
+ * committing producer's shares also follow the machine's load: see
+ * hr_spin_slots. */
 static int spin_slots = -1;
 
 void hr_set_wait_spin(uint32_t spin_us) { wait_spin_us = spin_us; }
@@ -71,15 +72,16 @@ int hr_spin_slots(int ev)
         long n = ncpu - 1;
         spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
     }
-    if (ev == HR_EV_WRITER)
+    if (spin_slots == 0 || (ev != HR_EV_WRITER && ev != HR_EV_COMMIT))
+        return spin_slots > 0 ? spin_slots - 1 : 0;
+    /* Where the runnable processes fit the cores, a producer waiting for its
+     * commit takes the writer's share too (the writer works on the other
+     * core; one-by-one submits: 13.8k -> 18.3k/s).  Where they do not, the
+     * writer does not spin either: its spin took the core a woken worker
+     * waited for (end to end, the writer's CPU per task 145 -> 75 us). */
+    if (cores_to_spare())
         return spin_slots;
-    /* A producer waiting for its commit takes the writer's share where the
-     * runnable processes fit the cores: the writer has one, and no woken
-     * worker waits for one (one-by-one submits, 5 runs each: 13.2k -> 16.7k/s
-     * with a producer alone; end to end, 5.9k -> 6.6k/s, same p50 and p99). */
-    if (ev == HR_EV_COMMIT && spin_slots > 0 && cores_to_spare())
-        return spin_slots;
-    return spin_slots > 0 ? spin_slots - 1 : 0;
+    return ev == HR_EV_WRITER ? 0 : spin_slots - 1;
 }
 
 /* A free spin token, claimed until `until`; -1 if all are taken.  A token
