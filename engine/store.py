@@ -178,10 +178,6 @@ _LIVE_TAIL = f"t.dedup, {_LAST_ATTEMPT}, {_MAX_ATTEMPTS}, t.timeout_ms, t.backof
 
 # ---- connection settings: each a named function applied on connect ---------
 
-#: Bytes of the database file a reader maps.
-READER_MMAP_BYTES = 1 << 30
-
-
 def set_busy_timeout(conn: apsw.Connection) -> None:
     """Wait for a busy database instead of failing at once."""
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
@@ -213,13 +209,6 @@ def disable_autocheckpoint(conn: apsw.Connection) -> None:
 def set_cache(conn: apsw.Connection) -> None:
     """A larger page cache for the writer's index pages (32 MiB)."""
     conn.pragma("cache_size", -32768)
-
-
-def set_mmap(conn: apsw.Connection) -> None:
-    """Readers map the database file (up to 1 GiB): every commit of the
-    writer empties a reader's page cache, and mapped pages come back
-    without a read() each.  (The file never shrinks: nothing vacuums it.)"""
-    conn.pragma("mmap_size", READER_MMAP_BYTES)
 
 
 def set_query_only(conn: apsw.Connection) -> None:
@@ -884,7 +873,11 @@ class Reader(_Reads):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.conn = connect(path, [set_busy_timeout, set_query_only, set_mmap], readonly=True)
+        # Not memory-mapped: SQLite unmaps the whole file whenever another
+        # connection has committed, so every claim after a writer's commit
+        # paid an munmap, an mmap and page faults (and pages still in the
+        # WAL are read() anyway).
+        self.conn = connect(path, [set_busy_timeout, set_query_only], readonly=True)
 
     def close(self) -> None:
         self.conn.close()
