@@ -1,8 +1,8 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <limits.h>
 #include <time.h>
 #include <unistd.h>
 #include "headrace.h"
@@ -46,22 +46,23 @@ int hr_runnable_fit(const char *loadavg, long cores)
     return end != p && *end == '/' && running > 0 && running <= cores;
 }
 
-/* hr_runnable_fit of this machine now (Linux; elsewhere never). */
+/* hr_runnable_fit of this machine now: 1 or 0, or -1 where it cannot
+ * tell (no /proc/loadavg: not Linux, or no /proc). */
 static int cores_to_spare(void)
 {
 #ifdef __linux__
     int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return -1;
     char buf[128];
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0)
-        return 0;
+        return -1;
     buf[n] = 0;
     return hr_runnable_fit(buf, ncpu);
 #else
-    return 0;
+    return -1;
 #endif
 }
 
@@ -72,16 +73,19 @@ int hr_spin_slots(int ev)
         long n = ncpu - 1;
         spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
     }
+    int others = spin_slots > 0 ? spin_slots - 1 : 0;
     if (spin_slots == 0 || (ev != HR_EV_WRITER && ev != HR_EV_COMMIT))
-        return spin_slots > 0 ? spin_slots - 1 : 0;
+        return others;
     /* Where the runnable processes fit the cores, a producer waiting for its
      * commit takes the writer's share too (the writer works on the other
      * core; one-by-one submits: 13.8k -> 18.3k/s).  Where they do not, the
      * writer does not spin either: its spin took the core a woken worker
-     * waited for (end to end, the writer's CPU per task 145 -> 75 us). */
-    if (cores_to_spare())
+     * waited for (end to end, the writer's CPU per task 145 -> 75 us).
+     * Where the load is unknown, only the writer spins. */
+    int fit = cores_to_spare();
+    if (fit > 0)
         return spin_slots;
-    return ev == HR_EV_WRITER ? 0 : spin_slots - 1;
+    return ev == HR_EV_WRITER && fit < 0 ? spin_slots : others;
 }
 
 /* A free spin token, claimed until `until`; -1 if all are taken.  A token

@@ -216,11 +216,12 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
     refuse_pickle = q._untrusted(pickled)
     # A limit left unset counts from the attempts used before the task was
     # last put back from dead: fewer than its attempt number, so none for a first attempt.
-    bases = q.reader.attempt_bases([t[0] for t in tickets if t[2] > 1 and rows.get(t[0], (0,) * 6)[4] == 0])
+    unset = [t.id for t in tickets if t.attempt > 1 and t.id in rows and not rows[t.id][4]]
+    bases = q.reader.attempt_bases(unset) if unset else {}
     for k, t in enumerate(tickets):
-        row = rows.get(t[0])
+        row = rows.get(t.id)
         if row is None:  # cannot happen: a task reaches the segment only after its commit
-            print(f"headrace worker: task {t[0]} is not in the database; sending it back", file=sys.stderr)
+            print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)
             continue
         name, ser, created, body, max_attempts, timeout_ms = row
@@ -230,7 +231,7 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
                 task = q.tasks.get(name)
                 policy = policies[name] = task.policy() if task else (q.DEFAULT_MAX_ATTEMPTS, 0, 0)
             max_attempts, timeout_ms, backoff = policy
-            max_attempts += bases.get(t[0], 0)
+            max_attempts += bases.get(t.id, 0)
             adopt.setdefault((max_attempts, timeout_ms, backoff), []).append(k)
         job = ClaimedJob(q, t, name, (), {}, max_attempts, created, ser, timeout_ms)
         try:
@@ -244,7 +245,7 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
     if adopt:
         _adopt(q, tickets, buf, adopt)
         if start:  # the claim started the others' clocks; it did not know these timeouts
-            late = {tickets[k][0] for idx in adopt.values() for k in idx}
+            late = {tickets[k].id for idx in adopt.values() for k in idx}
             for job in jobs:
                 if job.timeout_ms and job.id in late:
                     job.start()

@@ -151,9 +151,10 @@ def test_the_writer_and_a_producer_spin_only_while_the_runnable_processes_fit_th
     hogs = [spawn("while True: pass") for _ in range(os.cpu_count() or 2)]
     try:
         time.sleep(0.3)
-        assert [spin_slots(EV_COMMIT) for _ in range(20)] == [share - 1] * 20
-        assert [spin_slots(EV_WRITER) for _ in range(20)] == [0] * 20
-        assert spin_slots(EV_PENDING) == share - 1
+        # Overloaded, the writer and a producer spin no more than workers do
+        # (on 2 cores: not at all).
+        for ev in (EV_COMMIT, EV_WRITER, EV_PENDING):
+            assert [spin_slots(ev) for _ in range(20)] == [share - 1] * 20, ev
     finally:
         for h in hogs:
             h.kill()
