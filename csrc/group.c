@@ -57,17 +57,20 @@ void hr_unpark(hr_ctx *c, uint32_t i)
 
 /* A running task of group g ended, or its limit rose: its best parked
  * tasks may run again, as many as it has room for. */
-void hr_group_freed(hr_ctx *c, uint32_t gi)
+uint32_t hr_group_freed(hr_ctx *c, uint32_t gi)
 {
     if (gi == 0)
-        return;
+        return 0;
     hr_group *g = &c->g[gi];
     uint32_t room = g->limit ? (g->running < g->limit ? g->limit - g->running : 0) : g->parked;
+    uint32_t n = 0;
     while (room-- > 0 && g->head != HR_NONE) {
         uint32_t i = g->head;
         hr_unpark(c, i);
         hr_mm_push(&c->ready, hr_rkey(&c->s[i]), i);
+        n++;
     }
+    return n;
 }
 
 /* Before a rebuild: no members or running counts, nothing parked (limits stay). */

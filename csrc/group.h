@@ -27,7 +27,10 @@ static inline int hr_group_full(const hr_group *g)
 
 void hr_park(struct hr_ctx *c, uint32_t i);
 void hr_unpark(struct hr_ctx *c, uint32_t i);
-void hr_group_freed(struct hr_ctx *c, uint32_t g);
+/* Unpark what a freed place (or a higher limit) lets go; returns how
+ * many tasks it made claimable, for the caller to wake claimers for
+ * after the lock (hr_notify_n on HR_EV_PENDING). */
+uint32_t hr_group_freed(struct hr_ctx *c, uint32_t g);
 void hr_groups_reset(struct hr_ctx *c);
 int hr_groups_check(struct hr_ctx *c, char *msg, uint32_t msglen);
 

@@ -132,7 +132,8 @@ static inline hr_slot *attempt_slot(hr_ctx *c, const hr_ticket *t)
 /* After running slot i changed state: a terminal task gives up its dedup
  * key, a live one goes into the heap of its new state, and its group has
  * room for one more. */
-static void relink(hr_ctx *c, uint32_t i)
+/* Returns how many parked tasks of its group the move let go (see hr_group_freed). */
+static uint32_t relink(hr_ctx *c, uint32_t i)
 {
     hr_slot *s = &c->s[i];
     if (HR_TERMINAL(s->state)) {
@@ -141,7 +142,7 @@ static void relink(hr_ctx *c, uint32_t i)
     } else {
         hr_heap_link(c, i);
     }
-    hr_group_freed(c, s->group);
+    return hr_group_freed(c, s->group);
 }
 
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
@@ -152,6 +153,7 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
         return HR_E_INVALID;
     LOCKED(c, mem);
     int ok = 0;
+    uint32_t freed = 0;
     for (uint32_t k = 0; k < n; k++) {
         hr_slot *s = attempt_slot(&c, &t[k]);
         if (!s) {
@@ -169,7 +171,7 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
         hr_slot_state(&c, s, state);
         hr_slot_touch(&c, s, i);
         hr_slot_end(&c);
-        relink(&c, i);
+        freed += relink(&c, i);
         if (out)
             out[k] = HR_OK;
         ok++;
@@ -178,6 +180,9 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
     hr_unlock(&c);
     if (ok)
         hr_notify(mem, state == HR_PENDING ? HR_EV_PENDING : HR_EV_FINISH);
+    /* A freed group place lets a parked task go: someone must claim it. */
+    if (state != HR_PENDING)
+        hr_notify_n(mem, HR_EV_PENDING, freed);
     return ok;
 }
 
@@ -224,6 +229,7 @@ static int find_id(hr_ctx *c, uint64_t id)
 int hr_cancel(void *mem, uint64_t id)
 {
     LOCKED(c, mem);
+    uint32_t freed = 0;
     int i = find_id(&c, id);
     if (i >= 0) {
         hr_slot *s = &c.s[i];
@@ -240,12 +246,13 @@ int hr_cancel(void *mem, uint64_t id)
                 hr_hs_erase(&c.dedup, s->dedup_lo, s->dedup_hi);
             /* A running task frees a place; a pending one may have been the
              * group's only unparked task. */
-            hr_group_freed(&c, s->group);
+            freed = hr_group_freed(&c, s->group);
         }
     }
     hr_unlock(&c);
     if (i >= 0)
         hr_notify(mem, HR_EV_FINISH);
+    hr_notify_n(mem, HR_EV_PENDING, freed);
     return i;
 }
 
@@ -333,6 +340,7 @@ int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay
     LOCKED(c, mem);
     hr_slot *s = attempt_slot(&c, t);
     int rc = HR_E_STALE;
+    uint32_t freed = 0;
     if (s) {
         uint32_t i = t->slot;
         hr_heap_unlink(&c, i);
@@ -341,13 +349,15 @@ int hr_fail(void *mem, const hr_ticket *t, int64_t now, int retry, int64_t delay
         HR_FAULT(HR_FS_FINISH);
         settle(&c, i, st);
         hr_slot_end(&c);
-        relink(&c, i);
+        freed = relink(&c, i);
         c.h->stats.finished++;
         rc = st;
     }
     hr_unlock(&c);
     if (rc >= 0)
         hr_notify(mem, rc == HR_PENDING ? HR_EV_PENDING : HR_EV_FINISH);
+    if (rc != HR_PENDING)
+        hr_notify_n(mem, HR_EV_PENDING, freed);
     return rc;
 }
 
@@ -399,7 +409,7 @@ int hr_progress(void *mem, const hr_ticket *t, uint32_t ppm)
 int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *states)
 {
     LOCKED(c, mem);
-    uint32_t k = 0;
+    uint32_t k = 0, freed = 0;
     int pending = 0, finished = 0;
     while (k < max && c.h->lease_n > 0 && (int64_t)c.lease.a[0].key <= now) {
         uint32_t i = hr_bh_pop(&c.lease).slot;
@@ -412,7 +422,7 @@ int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *sta
         HR_FAULT(HR_FS_EXPIRE);
         settle(&c, i, st);
         hr_slot_end(&c);
-        relink(&c, i);
+        freed += relink(&c, i);
         finished |= HR_TERMINAL(st);
         pending |= st == HR_PENDING;
         if (out)
@@ -425,6 +435,8 @@ int hr_expire(void *mem, int64_t now, uint32_t max, hr_ticket *out, uint8_t *sta
     hr_unlock(&c);
     if (pending)
         hr_notify(mem, HR_EV_PENDING);
+    else
+        hr_notify_n(mem, HR_EV_PENDING, freed);
     if (finished)
         hr_notify(mem, HR_EV_FINISH);
     return (int)k;
@@ -485,6 +497,7 @@ int hr_evict_worst(void *mem, hr_slot *out)
 {
     LOCKED(c, mem);
     int rc = HR_E_NOT_FOUND;
+    uint32_t freed = 0;
     if (c.h->ready_n > 0) {
         uint32_t pos = hr_mm_max_pos(&c.ready);
         uint32_t i = c.ready.a[pos].slot;
@@ -494,11 +507,12 @@ int hr_evict_worst(void *mem, hr_slot *out)
             uint32_t group = c.s[i].group;
             hr_mm_remove(&c.ready, pos);
             evict_slot(&c, i, out);
-            hr_group_freed(&c, group); /* it may have been its group's only unparked task */
+            freed = hr_group_freed(&c, group); /* it may have been its group's only unparked task */
             rc = (int)i;
         }
     }
     hr_unlock(&c);
+    hr_notify_n(mem, HR_EV_PENDING, freed);
     return rc;
 }
 

@@ -40,10 +40,13 @@ int hr_runnable_fit(const char *loadavg, long cores)
             p++;
     }
     if (!p)
-        return 0;
+        return -1;
     char *end;
     long running = strtol(p, &end, 10);
-    return end != p && *end == '/' && running > 0 && running <= cores;
+    /* The reader itself runs: 0 is a made-up count (gVisor says "0/0"). */
+    if (end == p || *end != '/' || running <= 0 || cores <= 0)
+        return -1;
+    return running <= cores;
 }
 
 /* hr_runnable_fit of this machine now: 1 or 0, or -1 where it cannot
@@ -60,7 +63,7 @@ static int cores_to_spare(void)
     if (n <= 0)
         return -1;
     buf[n] = 0;
-    return hr_runnable_fit(buf, ncpu);
+    return hr_runnable_fit(buf, ncpu);  /* -1 where it cannot tell */
 #else
     return -1;
 #endif

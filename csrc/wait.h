@@ -22,7 +22,9 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us);
 void hr_set_wait_spin(uint32_t spin_us);
 /* How many waiters on `ev` may spin at once, as this process sees it now. */
 int hr_spin_slots(int ev);
-/* Whether /proc/loadavg text `loadavg` counts at most `cores` runnable tasks. */
+/* Whether /proc/loadavg text `loadavg` counts at most `cores` runnable
+ * tasks: 1 or 0, or -1 where the text does not say (malformed, or no
+ * runnable task at all, which cannot be: the reader runs). */
 int hr_runnable_fit(const char *loadavg, long cores);
 /* Microseconds on the monotonic clock, for waits' deadlines. */
 int64_t hr_mono_us(void);

@@ -945,9 +945,11 @@ def spin_slots(ev: int) -> int:
     return int(lib.hr_spin_slots(ev))
 
 
-def runnable_fit(loadavg: str, cores: int) -> bool:
-    """Whether /proc/loadavg text `loadavg` counts at most `cores` runnable tasks."""
-    return bool(lib.hr_runnable_fit(loadavg.encode(), cores))
+def runnable_fit(loadavg: str, cores: int) -> Optional[bool]:
+    """Whether /proc/loadavg text `loadavg` counts at most `cores` runnable
+    tasks; None where the text does not say."""
+    rc = lib.hr_runnable_fit(loadavg.encode(), cores)
+    return None if rc < 0 else bool(rc)
 
 
 def _unlink_quiet(path: str) -> bool:

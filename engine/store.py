@@ -211,6 +211,14 @@ def set_cache(conn: apsw.Connection) -> None:
     conn.pragma("cache_size", -32768)
 
 
+def set_no_mmap(conn: apsw.Connection) -> None:
+    """Readers read pages rather than map the file, whatever SQLite's
+    build default: SQLite unmaps the whole file whenever another connection
+    has committed, so every claim after a writer's commit paid an munmap,
+    an mmap and page faults (and pages still in the WAL are read() anyway)."""
+    conn.pragma("mmap_size", 0)
+
+
 def set_query_only(conn: apsw.Connection) -> None:
     """Readers can never write, even by mistake."""
     conn.pragma("query_only", True)
@@ -873,11 +881,7 @@ class Reader(_Reads):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # Not memory-mapped: SQLite unmaps the whole file whenever another
-        # connection has committed, so every claim after a writer's commit
-        # paid an munmap, an mmap and page faults (and pages still in the
-        # WAL are read() anyway).
-        self.conn = connect(path, [set_busy_timeout, set_query_only], readonly=True)
+        self.conn = connect(path, [set_busy_timeout, set_query_only, set_no_mmap], readonly=True)
 
     def close(self) -> None:
         self.conn.close()
@@ -888,13 +892,11 @@ class Reader(_Reads):
         if not ids:
             return out
         lo, hi = min(ids), max(ids)
-        if hi - lo < 2 * len(ids):
+        if hi - lo + 1 == len(ids) and len(set(ids)) == len(ids):
             # A claim's tasks are mostly a run of ids: one range scan is a
-            # third cheaper than a seek per id (the others in it are dropped).
-            wanted = set(ids)
+            # third cheaper than a seek per id (and reads no other task's payload).
             for r in self.conn.execute(_JOBS + "t.id BETWEEN ? AND ?", (lo, hi)):
-                if r[0] in wanted:
-                    out[r[0]] = r[1:]
+                out[r[0]] = r[1:]
             return out
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
