@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import psutil
 import pytest
 
 from engine import shm
@@ -122,7 +123,12 @@ def test_placing_tasks_wakes_as_many_waiters_as_there_are_tasks(segname, tasks):
     waiters = [spawn(WAITER, segname, ev, 3.0) for _ in range(2)]
     for w in waiters:
         assert w.stdout.readline().strip() == "waiting"
-    time.sleep(0.5)  # both asleep on the futex (past their spin)
+    # Both asleep on the futex (past their spin), not still on their way to it.
+    deadline = time.monotonic() + 10
+    while not all(psutil.Process(w.pid).status() == psutil.STATUS_SLEEPING for w in waiters):
+        assert time.monotonic() < deadline, "the waiters never went to sleep"
+        time.sleep(0.01)
+    time.sleep(0.2)
     arr = seg.tasks(tasks)
     for k in range(tasks):
         fill_task(arr[k], 1 + k)
@@ -204,7 +210,10 @@ def test_the_writer_and_a_producer_spin_only_while_the_runnable_processes_fit_th
         assert any(looks), ev
     hogs = [spawn("while True: pass") for _ in range(os.cpu_count() or 2)]
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not all(psutil.Process(h.pid).cpu_times().user > 0.2 for h in hogs):  # all of them spinning
+            assert time.monotonic() < deadline, "the CPU hogs never ran"
+            time.sleep(0.05)
         # Overloaded, the writer and a producer spin no more than workers do
         # (on 2 cores: not at all).
         for ev in (EV_COMMIT, EV_WRITER, EV_PENDING):
