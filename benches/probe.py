@@ -113,28 +113,28 @@ def _workers(d: str, rec: str, ready_fd: int) -> None:
     os._exit(0)
 
 
-def _records(rec: str) -> List[List[float]]:
-    out = []
-    for name in os.listdir(rec):
-        with open(os.path.join(rec, name)) as f:
-            for line in f:
+class _Records:
+    """The workers' `index enqueued done` lines, read as the files grow
+    (re-reading them whole every 10 ms took a core from the workers)."""
+
+    def __init__(self, rec: str) -> None:
+        self.rec = rec
+        self.sizes: Dict[str, int] = {}
+        self.rows: List[List[float]] = []
+
+    def read(self) -> int:
+        """Parse what was added since the last call; returns the rows so far."""
+        for name in os.listdir(self.rec):
+            with open(os.path.join(self.rec, name), "rb") as f:
+                f.seek(self.sizes.get(name, 0))
+                data = f.read()
+            cut = data.rfind(b"\n") + 1  # a line being written waits for the next call
+            self.sizes[name] = self.sizes.get(name, 0) + cut
+            for line in data[:cut].split(b"\n"):
                 parts = line.split()
                 if len(parts) == 3:
-                    out.append([float(x) for x in parts])
-    return out
-
-
-def _count_records(rec: str, sizes: Dict[str, int], counts: Dict[str, int]) -> int:
-    """Completed lines in the record files, reading only what was added
-    since the last call (a full parse every 10 ms took a core from the workers)."""
-    for name in os.listdir(rec):
-        with open(os.path.join(rec, name), "rb") as f:
-            f.seek(sizes.get(name, 0))
-            data = f.read()
-        cut = data.rfind(b"\n") + 1
-        sizes[name] = sizes.get(name, 0) + cut
-        counts[name] = counts.get(name, 0) + data.count(b"\n", 0, cut)
-    return sum(counts.values())
+                    self.rows.append([float(x) for x in parts])
+        return len(self.rows)
 
 
 def _writer_cpu(d: str) -> float:
@@ -163,12 +163,11 @@ def _with_workers(d: str, n: int, produce=None) -> Dict[str, float]:
         time.sleep(0.3)
         w0 = _writer_cpu(d)
         t0 = produce()
-    sizes: Dict[str, int] = {}
-    counts: Dict[str, int] = {}
-    while _count_records(rec, sizes, counts) < n:
+    records = _Records(rec)
+    while records.read() < n:
         time.sleep(0.01)
     w1 = _writer_cpu(d)
-    rows = _records(rec)
+    rows = records.rows
     os.kill(pid, signal.SIGTERM)
     os.waitpid(pid, 0)
     with open(os.path.join(d, "workers.cpu")) as f:
