@@ -37,6 +37,24 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     return HR_E_NOT_READY;
 }
 
+int hr_turn_part(void *mem, hr_turn *t, uint64_t pos, uint32_t from, uint32_t to, hr_turn_out *out)
+{
+    (void)mem, (void)t, (void)pos, (void)from, (void)to, (void)out;
+    return HR_E_NOT_READY;
+}
+
+int hr_turn_part_log(hr_turn *t, hr_turn_out *out)
+{
+    (void)t, (void)out;
+    return HR_E_NOT_READY;
+}
+
+int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn_out *out)
+{
+    (void)mem, (void)t, (void)pos, (void)now, (void)out;
+    return HR_E_NOT_READY;
+}
+
 #else
 
 #include <sqlite3ext.h>
@@ -55,7 +73,7 @@ typedef struct hr_def {
 
 /* One job of a request, pointing into the request area. */
 typedef struct item {
-    uint64_t id;
+    uint64_t id, seq;
     int64_t run_at, created, backoff, timeout_ms;
     int32_t max_attempts;
     uint32_t name_len, body_len;
@@ -81,6 +99,7 @@ struct hr_turn {
     uint32_t rcap;
     char *answer;
     uint32_t acap;
+    uint32_t sn; /* jobs of the request being streamed, inserted so far (hr_turn_part) */
     uint32_t wal_frames; /* frames in the WAL after the connection's last commit (its WAL hook) */
 };
 
@@ -291,6 +310,30 @@ static int64_t parse(hr_turn *t, const char *data, uint32_t nbytes, uint32_t at)
     return p == end ? (int64_t)n : -1;
 }
 
+/* Parse the whole frames of a request sent in parts (each a length, then a
+ * plain request of one mode) into items[at ..]; the count, or -1 if they are
+ * not all plain requests of one mode, or do not end on a whole frame. */
+static int64_t parse_frames(hr_turn *t, const char *data, uint64_t nbytes, uint32_t at)
+{
+    const char *p = data, *end = data + nbytes;
+    uint32_t n = 0, mode = 0;
+    while (p < end) {
+        if ((uint64_t)(end - p) < HR_FRAME_HEAD + HR_PLAIN_HEAD)
+            return -1;
+        uint32_t len = rd32(p);
+        if ((uint64_t)(end - p) - HR_FRAME_HEAD < len || len < HR_PLAIN_HEAD ||
+            (n && rd32(p + HR_FRAME_HEAD + 4) != mode))
+            return -1;
+        mode = rd32(p + HR_FRAME_HEAD + 4);
+        int64_t k = parse(t, p + HR_FRAME_HEAD, len, at + n);
+        if (k < 0)
+            return -1;
+        n += (uint32_t)k;
+        p += HR_FRAME_HEAD + len;
+    }
+    return n ? (int64_t)n : -1;
+}
+
 static int step_done(sqlite3_stmt *s)
 {
     int rc = sqlite3_step(s);
@@ -298,44 +341,58 @@ static int step_done(sqlite3_stmt *s)
     return rc == SQLITE_DONE ? SQLITE_OK : rc;
 }
 
+/* The event row of a request's `n` jobs from `it`. */
+static int store_event(hr_turn *t, const item *it, uint32_t n)
+{
+    sqlite3_bind_int(t->event, 1, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED);
+    sqlite3_bind_int64(t->event, 2, (sqlite3_int64)it->id);
+    sqlite3_bind_int64(t->event, 3, n);
+    sqlite3_bind_int64(t->event, 4, it->created);
+    return step_done(t->event);
+}
+
+/* The task and payload rows of `n` jobs from `it`. */
+static int store_items(hr_turn *t, const item *it, uint32_t n)
+{
+    int rc = SQLITE_OK;
+    for (uint32_t k = 0; k < n && rc == SQLITE_OK; k++, it++) {
+        sqlite3_stmt *s = t->task;
+        sqlite3_bind_int64(s, 1, (sqlite3_int64)it->id);
+        sqlite3_bind_text(s, 2, it->name, (int)it->name_len, SQLITE_STATIC);
+        sqlite3_bind_int(s, 3, it->prio);
+        sqlite3_bind_int64(s, 4, (sqlite3_int64)it->seq);
+        sqlite3_bind_int64(s, 5, it->created);
+        sqlite3_bind_int64(s, 6, it->run_at);
+        sqlite3_bind_null(s, 7);
+        sqlite3_bind_null(s, 8);
+        sqlite3_bind_int64(s, 9, it->max_attempts);
+        sqlite3_bind_int(s, 10, it->ser);
+        sqlite3_bind_int64(s, 11, it->timeout_ms);
+        sqlite3_bind_int64(s, 12, it->backoff);
+        rc = step_done(s);
+        if (rc == SQLITE_OK) {
+            sqlite3_bind_int64(t->payload, 1, (sqlite3_int64)it->id);
+            sqlite3_bind_blob(t->payload, 2, it->body, (int)it->body_len, SQLITE_STATIC);
+            rc = step_done(t->payload);
+        }
+    }
+    sqlite3_clear_bindings(t->task);
+    sqlite3_clear_bindings(t->payload); /* the bodies live in the request area */
+    return rc;
+}
+
 /* BEGIN, the events, tasks and payloads of the taken requests, COMMIT. */
-static int store(hr_turn *t, uint32_t nrec, uint64_t first_seq)
+static int store(hr_turn *t, uint32_t nrec)
 {
     int rc = step_done(t->begin);
     if (rc != SQLITE_OK)
         return rc;
     for (uint32_t r = 0; r < nrec && rc == SQLITE_OK; r++) {
         const item *it = &t->items[t->recs[r].first];
-        uint32_t n = t->recs[r].n;
-        sqlite3_bind_int(t->event, 1, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED);
-        sqlite3_bind_int64(t->event, 2, (sqlite3_int64)it->id);
-        sqlite3_bind_int64(t->event, 3, n);
-        sqlite3_bind_int64(t->event, 4, it->created);
-        rc = step_done(t->event);
-        for (uint32_t k = 0; k < n && rc == SQLITE_OK; k++, it++) {
-            sqlite3_stmt *s = t->task;
-            sqlite3_bind_int64(s, 1, (sqlite3_int64)it->id);
-            sqlite3_bind_text(s, 2, it->name, (int)it->name_len, SQLITE_STATIC);
-            sqlite3_bind_int(s, 3, it->prio);
-            sqlite3_bind_int64(s, 4, (sqlite3_int64)(first_seq + t->recs[r].first + k));
-            sqlite3_bind_int64(s, 5, it->created);
-            sqlite3_bind_int64(s, 6, it->run_at);
-            sqlite3_bind_null(s, 7);
-            sqlite3_bind_null(s, 8);
-            sqlite3_bind_int64(s, 9, it->max_attempts);
-            sqlite3_bind_int(s, 10, it->ser);
-            sqlite3_bind_int64(s, 11, it->timeout_ms);
-            sqlite3_bind_int64(s, 12, it->backoff);
-            rc = step_done(s);
-            if (rc == SQLITE_OK) {
-                sqlite3_bind_int64(t->payload, 1, (sqlite3_int64)it->id);
-                sqlite3_bind_blob(t->payload, 2, it->body, (int)it->body_len, SQLITE_STATIC);
-                rc = step_done(t->payload);
-            }
-        }
+        rc = store_event(t, it, t->recs[r].n);
+        if (rc == SQLITE_OK)
+            rc = store_items(t, it, t->recs[r].n);
     }
-    sqlite3_clear_bindings(t->task);
-    sqlite3_clear_bindings(t->payload); /* the bodies live in the request area */
     if (rc == SQLITE_OK) {
         HR_FAULT(HR_FS_TURN_COMMIT);
         rc = step_done(t->commit);
@@ -345,14 +402,14 @@ static int store(hr_turn *t, uint32_t nrec, uint64_t first_seq)
     return rc;
 }
 
-static void pack(const hr_turn *t, uint32_t n, uint64_t first_seq, int64_t now)
+static void pack(const hr_turn *t, uint32_t n, int64_t now)
 {
     for (uint32_t k = 0; k < n; k++) {
         const item *it = &t->items[k];
         uint64_t bo = (uint64_t)it->backoff;
         t->tasks[k] = (hr_task){
             .id = it->id,
-            .seq = first_seq + k,
+            .seq = it->seq,
             .run_at = it->run_at,
             .max_attempts = (uint32_t)it->max_attempts,
             .timeout_ms = (uint32_t)it->timeout_ms,
@@ -389,6 +446,7 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
 {
     memset(out, 0, sizeof *out);
     out->scan = scan;
+    t->sn = 0;
     hr_info info;
     int rc = hr_get_info(mem, &info);
     if (rc != HR_OK)
@@ -411,12 +469,14 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
             out->pid = q.pid;
             break;
         }
-        if (rc != HR_OK || q.state != HR_REQ_READY || q.tag || q.pos < replay_before || room < 0 ||
+        if (rc != HR_OK || q.state != HR_REQ_READY || q.pos < replay_before || room < 0 ||
             q.nbytes > (uint32_t)room || !grow((void **)&t->recs, &t->rcap, nrec + 1, sizeof *t->recs)) {
             out->stopped = HR_TURN_OTHER;
             break;
         }
-        int64_t n = parse(t, (const char *)mem + off, q.nbytes, nitems);
+        /* A tag: it was sent in parts, and is whole now. */
+        const char *data = (const char *)mem + off;
+        int64_t n = q.tag ? parse_frames(t, data, q.nbytes, nitems) : parse(t, data, q.nbytes, nitems);
         if (n < 0 || (nitems && nitems + n > chunk) || nitems + n > info.nfree) {
             out->stopped = HR_TURN_OTHER;
             break;
@@ -434,14 +494,16 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     uint64_t first_seq;
     if ((rc = hr_reserve_seq(mem, nitems, &first_seq)) != HR_OK)
         return rc;
-    int sql = store(t, nrec, first_seq);
+    for (uint32_t k = 0; k < nitems; k++)
+        t->items[k].seq = first_seq + k;
+    int sql = store(t, nrec);
     if (sql != SQLITE_OK) {
         out->sql_rc = sql;
         out->stopped = HR_TURN_OTHER;
         return HR_OK;
     }
     HR_FAULT(HR_FS_TURN_COMMITTED);
-    pack(t, nitems, first_seq, now);
+    pack(t, nitems, now);
     rc = hr_insert_batch(mem, t->tasks, nitems, t->status);
     if (rc < 0)
         return rc; /* committed, not shown: the writer's repair finds them on disk */
@@ -450,6 +512,82 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     out->scan = pos;
     out->items = nitems;
     out->records = nrec;
+    out->tasks = t->tasks;
+    out->status = t->status;
+    return HR_OK;
+}
+
+/* Insert the whole frames of [from, to) of the data of the request being
+ * streamed at `pos` (see turn.h). */
+int hr_turn_part(void *mem, hr_turn *t, uint64_t pos, uint32_t from, uint32_t to, hr_turn_out *out)
+{
+    memset(out, 0, sizeof *out);
+    if (from == 0)
+        t->sn = 0; /* a new request, or the same one again after a rollback */
+    uint64_t off = 0;
+    int room = hr_req_data(mem, pos, &off);
+    if (room < 0)
+        return room;
+    if (from > to || to > (uint32_t)room)
+        return HR_E_INVALID;
+    hr_info info;
+    int rc = hr_get_info(mem, &info);
+    if (rc != HR_OK)
+        return rc;
+    out->stopped = HR_TURN_OTHER; /* until the range is taken */
+    uint32_t at = t->sn;
+    int64_t n = from == to ? 0 : parse_frames(t, (const char *)mem + off + from, to - from, at);
+    /* Room for everything that may not fail after the commit. */
+    if (n < 0 || at + n > info.nfree || !grow((void **)&t->answer, &t->acap, 4 + 17 * (at + (uint32_t)n), 1) ||
+        !grow((void **)&t->recs, &t->rcap, 1, sizeof *t->recs))
+        goto done;
+    uint64_t first_seq;
+    if (n && (rc = hr_reserve_seq(mem, (uint32_t)n, &first_seq)) != HR_OK)
+        return rc;
+    for (uint32_t k = 0; k < (uint32_t)n; k++)
+        t->items[at + k].seq = first_seq + k;
+    int sql = store_items(t, &t->items[at], (uint32_t)n);
+    if (sql != SQLITE_OK) {
+        out->sql_rc = sql;
+        goto done;
+    }
+    t->sn = at + (uint32_t)n;
+    out->stopped = HR_TURN_END;
+done:
+    out->items = t->sn;
+    return HR_OK;
+}
+
+int hr_turn_part_log(hr_turn *t, hr_turn_out *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!t->sn)
+        return HR_E_STATE;
+    out->items = t->sn;
+    int sql = store_event(t, t->items, t->sn);
+    if (sql != SQLITE_OK) {
+        out->sql_rc = sql;
+        out->stopped = HR_TURN_OTHER;
+    }
+    return HR_OK;
+}
+
+int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn_out *out)
+{
+    memset(out, 0, sizeof *out);
+    uint32_t n = t->sn;
+    if (!n)
+        return HR_E_STATE;
+    t->sn = 0;
+    pack(t, n, now);
+    int rc = hr_insert_batch(mem, t->tasks, n, t->status);
+    if (rc < 0)
+        return rc; /* committed, not shown: the writer's repair finds them on disk */
+    out->unplaced = n - (uint32_t)rc;
+    t->recs[0] = (rec){pos, 0, n};
+    answer(mem, t, 1);
+    out->items = n;
+    out->records = 1;
     out->tasks = t->tasks;
     out->status = t->status;
     return HR_OK;

@@ -15,6 +15,13 @@
  * item count, 0), then per item a 52-byte head (id, run_at, created,
  * backoff, timeout_ms, max_attempts, name length, prio, ser, body length)
  * followed by the name and the body.
+ *
+ * A submit_batch chunk may be streamed: its producer writes it in parts
+ * (frames: a 4-byte length, then a request) and the writer inserts each part
+ * as it comes, in one transaction the writer holds, so that serialising
+ * part k+1 overlaps storing part k.  hr_turn_part, hr_turn_part_log and
+ * hr_turn_part_place do that work for plain parts; the caller opens and
+ * commits the transaction, and rolls it back if any of them stops.
  */
 #ifndef HR_TURN_H
 #define HR_TURN_H
@@ -25,6 +32,7 @@
 #define HR_PLAIN_MAGIC 0x31425248u /* "HRB1" */
 #define HR_PLAIN_HEAD 16u
 #define HR_PLAIN_ITEM 52u
+#define HR_FRAME_HEAD 4u /* a part of a streamed request: its length, then a request */
 
 typedef struct hr_turn hr_turn;
 
@@ -57,5 +65,17 @@ void hr_turn_close(hr_turn *t);
 uint32_t hr_turn_wal_frames(const hr_turn *t);
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out);
+/* Insert the parts in [from, to) of the data of the request at `pos`
+ * (from = 0 starts the request).  out->items: its jobs inserted so far;
+ * out->stopped = HR_TURN_OTHER where the range does not end on whole frames
+ * of plain jobs, the segment has no room for them all, or a statement
+ * failed (out->sql_rc): the caller rolls back. */
+int hr_turn_part(void *mem, hr_turn *t, uint64_t pos, uint32_t from, uint32_t to, hr_turn_out *out);
+/* The streamed request's submit event, before the commit (HR_TURN_OTHER and
+ * out->sql_rc if the statement failed). */
+int hr_turn_part_log(hr_turn *t, hr_turn_out *out);
+/* After the commit: show the streamed request's jobs in the segment and
+ * answer it (out->unplaced, tasks, status as for hr_turn_run). */
+int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn_out *out);
 
 #endif

@@ -62,7 +62,7 @@ PLAIN_MAGIC = 0x31425248
 _PLAIN_HEAD = struct.Struct("<IIII")  # magic, mode, count, 0
 # id, run_at, created, backoff, timeout_ms, max_attempts, name length, prio, ser, body length
 _PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")
-_PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
+PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
 
 
 def _plain(it: Item) -> bool:
@@ -121,7 +121,7 @@ def encode_manage(command: str, args: Sequence[Any]) -> bytes:
 
 def decode_request(data: bytes) -> Tuple[int, List[Any]]:
     """(mode, items); ValueError for bytes that are not a request."""
-    if data[:4] == _PLAIN_MAGIC_BYTES:
+    if data[:4] == PLAIN_MAGIC_BYTES:
         return _decode_plain(data)
     try:
         mode, items = marshal.loads(data)
@@ -142,8 +142,11 @@ def decode_request(data: bytes) -> Tuple[int, List[Any]]:
 _FRAME = struct.Struct("<I")
 
 
+FRAME_HEAD = _FRAME.size
+
+
 def encode_frame(mode: int, items: Sequence[Item]) -> bytes:
-    body = _marshal(mode, items)  # the writer decodes parts in Python, where marshal is quicker
+    body = encode_request(mode, items)  # plain parts go to the writer's C turn
     return _FRAME.pack(len(body)) + body
 
 

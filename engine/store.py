@@ -837,6 +837,23 @@ class NativeTurn:
               "the C turn")
         return self.out
 
+    def part(self, mem: Any, pos: int, start: int, end: int) -> Any:
+        """Insert the parts in [start, end) of the data of the request being
+        streamed at `pos` (`start` 0: its first); returns the ``hr_turn_out``
+        (``stopped`` HR_TURN_OTHER: roll back)."""
+        check(lib.hr_turn_part(mem, self._t, pos, start, end, self.out), "the C turn's part")
+        return self.out
+
+    def part_log(self) -> Any:
+        """The streamed request's submit event, before the commit."""
+        check(lib.hr_turn_part_log(self._t, self.out), "the C turn's submit event")
+        return self.out
+
+    def part_place(self, mem: Any, pos: int, now: int) -> Any:
+        """Committed: show the streamed request's jobs in the segment, answer it."""
+        check(lib.hr_turn_part_place(mem, self._t, pos, now, self.out), "the C turn's placing")
+        return self.out
+
     def wal_frames(self) -> int:
         """Frames in the WAL after the connection's last commit."""
         return int(lib.hr_turn_wal_frames(self._t))

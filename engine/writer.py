@@ -529,9 +529,7 @@ class Writer:
         csrc/turn.h): True if it did, False if there is nothing to do until
         a live producer publishes the request it is writing, None for the
         Python turn (which also meets any error the C turn met)."""
-        if self.defs_changed:
-            self.native.set_definitions(self.defs)
-            self.defs_changed = False
+        self._native_defs()
         out = self.native.run(self.seg.handle, self.scan, self.replay_before, self.cfg.chunk,
                               self._flush_due(time.monotonic()), now_us())
         stopped = out.stopped
@@ -547,11 +545,21 @@ class Writer:
         self.more = stopped == shm.lib.HR_TURN_OTHER  # what it stopped at is the Python turn's, at once
         self.store_ok()
         self._add_totals({"submitted": out.items, "submit_txns": 1})
-        if out.unplaced:  # the segment refused them: they stay live on disk
+        self._spill_unplaced(out)
+        return True
+
+    def _native_defs(self) -> None:
+        """Tell the C turn the definitions, if they changed."""
+        if self.defs_changed:
+            self.native.set_definitions(self.defs)
+            self.defs_changed = False
+
+    def _spill_unplaced(self, out: Any) -> None:
+        """Spill the tasks a C turn committed that the segment refused (``hr_turn_out``)."""
+        if out.unplaced:  # they stay live on disk
             full = shm.lib.HR_E_FULL
             self._spill_now([(t.prio, t.seq, t.id, 0) for t, rc in zip(out.tasks[0:out.items], out.status[0:out.items])
                              if rc == full])
-        return True
 
     def _add_totals(self, counts: Dict[str, int]) -> None:
         """Count a committed turn's counts into the totals upkeep writes."""
@@ -576,7 +584,9 @@ class Writer:
         """Work ahead on a request its producer is still writing in parts (a
         submit_batch chunk): insert each part as it arrives, in one
         transaction that commits once the request is READY, so that the
-        producer serialises part k+1 while the writer stores part k.
+        producer serialises part k+1 while the writer stores part k.  Parts
+        of plain jobs go through the C turn, where there is one and nothing
+        hinders it (as for :meth:`_native_turn`).
 
         Only parts of plain jobs (no dedup key) of a record published since
         this writer started are taken this way.  If the producer dies, the
@@ -590,6 +600,9 @@ class Writer:
         done = 0  # data bytes taken so far
         ids: List[int] = []
         created = 0
+        native = self.native if self._unhindered() else None
+        if native is not None:
+            self._native_defs()
         try:
             with self.store.transaction():
                 last_part = time.monotonic()
@@ -600,16 +613,15 @@ class Writer:
                         raise _StreamStopped("its producer abandoned it")
                     have = h.nbytes if h.state == shm.REQ_READY else h.tag
                     if have > done:
-                        for mode, items in protocol.decode_frames(seg.req_read(pos, have - done, done)):
-                            if mode not in _PLAIN_MODES:  # replay, reports, commands
-                                raise _StreamStopped(f"a part in mode {mode:#x}")
-                            if any(map(_DEDUP, items)):
-                                raise _StreamStopped("a part that needs deduplication")
-                            if items:
-                                created = created or items[0][9]
-                                ids.extend(it[0] for it in items)
-                                plan.new.extend(items)
-                                self._write_new(plan)
+                        if native is not None and not done and \
+                                seg.req_read(pos, 4, protocol.FRAME_HEAD) != protocol.PLAIN_MAGIC_BYTES:
+                            native = None  # parts the Python turn decodes
+                        if native is not None:
+                            out = native.part(seg.handle, pos, done, have)
+                            if out.stopped != shm.lib.HR_TURN_END:
+                                raise _StreamStopped(f"a part the C turn does not take (SQLite {out.sql_rc})")
+                        else:
+                            created = self._stream_part(plan, seg.req_read(pos, have - done, done), ids, created)
                         done = have
                         last_part = time.monotonic()
                     if h.state == shm.REQ_READY:
@@ -626,10 +638,14 @@ class Writer:
                         if time.monotonic() - last_part > STREAM_STALL:
                             raise _StreamStopped("no new part came")
                         seg.wait(shm.EV_WRITER, seen, 0.002)
-                if ids:
-                    plan.requests.append((ids, created))
-                    self._write_new(plan)  # logs the submit
-                plan.answers.append((h, protocol.encode_inserted(ids)))
+                if native is not None:
+                    if native.part_log().stopped != shm.lib.HR_TURN_END:
+                        raise _StreamStopped(f"its submit event (SQLite {native.out.sql_rc})")
+                else:
+                    if ids:
+                        plan.requests.append((ids, created))
+                        self._write_new(plan)  # logs the submit
+                    plan.answers.append((h, protocol.encode_inserted(ids)))
                 plan.count("streamed")  # requests the writer worked ahead on
                 faults.point("commit")
         except Exception as e:  # rolled back; the record is handled whole when READY (or was abandoned)
@@ -644,12 +660,34 @@ class Writer:
             return True
         faults.point("committed")
         self.store_ok()
-        self._after_commit(plan)
-        for rec, answer in plan.answers:
-            seg.req_answer(rec.pos, answer)
-        seg.notify(shm.EV_COMMIT)
+        if native is not None:
+            out = native.part_place(seg.handle, pos, now_us())
+            plan.count("submitted", out.items)
+            plan.count("submit_txns")
+            self._add_totals(plan.counts)
+            self._spill_unplaced(out)
+        else:
+            self._after_commit(plan)
+            for rec, answer in plan.answers:
+                seg.req_answer(rec.pos, answer)
+            seg.notify(shm.EV_COMMIT)
         self.scan = pos + h.len
         return True
+
+    def _stream_part(self, plan: "_Plan", data: bytes, ids: List[int], created: int) -> int:
+        """Insert the parts in `data` of a streamed request (their ids go to
+        `ids`); returns the request's time (`created`, if it was known)."""
+        for mode, items in protocol.decode_frames(data):
+            if mode not in _PLAIN_MODES:  # replay, reports, commands
+                raise _StreamStopped(f"a part in mode {mode:#x}")
+            if any(map(_DEDUP, items)):
+                raise _StreamStopped("a part that needs deduplication")
+            if items:
+                created = created or items[0][9]
+                ids.extend(it[0] for it in items)
+                plan.new.extend(items)
+                self._write_new(plan)
+        return created
 
     def _after_commit(self, plan: "_Plan") -> None:
         """Committed: now the segment may show it."""

@@ -3,15 +3,17 @@ shows exactly what the Python turn does, hands over to it on anything it
 does not take, and refuses nothing the Python turn would not refuse."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, List, Tuple
+import time
+from typing import Any, Dict, Iterator, List, Tuple
 
 import apsw
 import pytest
 
 import engine
 from engine import Backoff, errors, faults, protocol, shm
-from engine_helpers import send_raw, writer_in_process
+from engine_helpers import send_raw, wait_for, writer_in_process
 
 #: The columns a submit decides (not id, seq or created: those differ between runs).
 _COLS = "t.name, t.prio, t.run_at > 0, t.dedup, t.grp, t.max_attempts, t.ser, t.timeout_ms, t.backoff, p.body"
@@ -33,13 +35,13 @@ def _spy(monkeypatch: pytest.MonkeyPatch, w: Any) -> List[Tuple[int, int]]:
     return seen
 
 
-def _submit_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
-    """A mix of plain submits (one by one and in small batches; defined here,
-    defined only by another process's worker, not defined at all; delayed,
-    prioritised, with attempt limits; JSON and pickle), and what became of it."""
-    # No flush comes due (the C turn leaves a due flush to the Python turn).
+@contextlib.contextmanager
+def _mix_queues(db: str, native: int) -> Iterator[Tuple[Any, engine.Queue, engine.Queue]]:
+    """An in-process writer (C turn on or off, no flush due: the C turn
+    leaves a due flush to the Python turn), with t.remote defined only by
+    another process's worker and t.local by the JSON queue yielded with a
+    pickle one."""
     with writer_in_process(db, upkeep=False, native_turn=native, flush_interval=60.0) as iw:
-        turns = _spy(monkeypatch, iw.w)
         with engine.Queue(db) as definer:
             @definer.task(name="t.remote", max_attempts=7, timeout=3.5,
                           backoff=Backoff.exponential(0.5, 60, jitter=True))
@@ -50,25 +52,41 @@ def _submit_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[s
             @q.task(name="t.local", max_attempts=2, timeout=1.0, backoff=Backoff.linear(2, 10))
             def local(i: int) -> None:
                 pass
-            k = 0
-            for round_ in range(3):
-                for name in ("t.remote", "t.local", "t.none"):
-                    q.submit(name, args=(k,), priority=k % 256)
-                    k += 1
-                    q.submit(name, args=(k,), max_attempts=k, delay=3600 if k % 2 else None)
-                    k += 1
-                    qp.submit(name, args=(k, {1, 2}))
-                    k += 1
-                jobs = [engine.Job(n, args=(k + j,), priority=j) for j, n in enumerate(["t.remote", "t.none"] * 20)]
-                assert not q.submit_batch(jobs, on_duplicate="reject").rejected
-                k += len(jobs)
-            rows = q.reader.conn.execute(f"SELECT {_COLS}, t.id FROM tasks t JOIN payloads p ON p.id = t.id"
-                                         " ORDER BY t.id").fetchall()
-            events = q.reader.conn.execute("SELECT kind, n FROM events ORDER BY seq").fetchall()
-            live = [(i.state, i.priority, i.max_attempts, i.run_at is not None)
-                    for i in map(q.get, [r[-1] for r in rows])]
-            heads = [(j.args[0], j.attempt) for j in q.claim(max=10, timeout=5)]
-    return {"rows": [r[:-1] for r in rows], "events": events, "live": live, "heads": heads, "turns": turns}
+            yield iw, q, qp
+
+
+def _became(q: engine.Queue, claimer: engine.Queue, n: int) -> Dict[str, Any]:
+    """What became of every submit: the stored rows, the events, the live
+    state, and the first `n` claimed."""
+    rows = q.reader.conn.execute(f"SELECT {_COLS}, t.id FROM tasks t JOIN payloads p ON p.id = t.id"
+                                 " ORDER BY t.id").fetchall()
+    events = q.reader.conn.execute("SELECT kind, n FROM events ORDER BY seq").fetchall()
+    live = [(i.state, i.priority, i.max_attempts, i.run_at is not None) for i in map(q.get, [r[-1] for r in rows])]
+    heads = [(j.args[0], j.attempt) for j in claimer.claim(max=n, timeout=5)]
+    seqs = [r[0] for r in q.reader.conn.execute("SELECT seq FROM tasks ORDER BY id")]
+    return {"rows": [r[:-1] for r in rows], "events": events, "live": live, "heads": heads,
+            "fifo": seqs == sorted(seqs) and len(set(seqs)) == len(seqs)}
+
+
+def _submit_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
+    """A mix of plain submits (one by one and in small batches; defined here,
+    defined only by another process's worker, not defined at all; delayed,
+    prioritised, with attempt limits; JSON and pickle), and what became of it."""
+    with _mix_queues(db, native) as (iw, q, qp):
+        turns = _spy(monkeypatch, iw.w)
+        k = 0
+        for round_ in range(3):
+            for name in ("t.remote", "t.local", "t.none"):
+                q.submit(name, args=(k,), priority=k % 256)
+                k += 1
+                q.submit(name, args=(k,), max_attempts=k, delay=3600 if k % 2 else None)
+                k += 1
+                qp.submit(name, args=(k, {1, 2}))
+                k += 1
+            jobs = [engine.Job(n, args=(k + j,), priority=j) for j, n in enumerate(["t.remote", "t.none"] * 20)]
+            assert not q.submit_batch(jobs, on_duplicate="reject").rejected
+            k += len(jobs)
+        return dict(_became(q, q, 10), turns=turns)
 
 
 def test_the_c_turn_stores_and_shows_what_the_python_turn_does(tmp_path, monkeypatch):
@@ -82,6 +100,122 @@ def test_the_c_turn_stores_and_shows_what_the_python_turn_does(tmp_path, monkeyp
     # The limits a submitter left unset came from the definition a worker registered.
     remote = [r for r in c["rows"] if r[0] == "t.remote"]
     assert {(r[7], r[8] != 0) for r in remote} == {(3500, True)} and {r[5] for r in remote} >= {7}
+
+
+def _spy_parts(monkeypatch: pytest.MonkeyPatch, w: Any) -> List[Tuple[int, int, int]]:
+    """(jobs inserted so far, stopped, SQLite error) of every streamed part the C turn took."""
+    seen: List[Tuple[int, int, int]] = []
+    if w.native is None:
+        return seen
+    real = w.native.part
+
+    def part(*a: Any) -> Any:
+        out = real(*a)
+        seen.append((out.items, out.stopped, out.sql_rc))
+        return out
+    monkeypatch.setattr(w.native, "part", part)
+    return seen
+
+
+def _stream_by_hand(q: engine.Queue, parts: List[List[engine.Job]], taken: Any) -> List[int]:
+    """Send `parts` as one request in parts, as submit_batch does, letting
+    the writer take each part (`taken(k)`: it has the first k) before the
+    next is written; returns the ids."""
+    created = shm.now_us()
+    frames, ids = [], []
+    for jobs in parts:
+        first = q.seg.reserve_ids(len(jobs))
+        items = [(first + k,) + q._item(j.name, j.args, {}, j.priority, None, j.max_attempts, created,
+                                         created + int(j.delay * 1e6) if j.delay else 0, j.group, None, j.tags)[1:]
+                 for k, j in enumerate(jobs)]
+        frames.append(protocol.encode_frame(0, items))
+        ids += [it[0] for it in items]
+    pos = q._reserve(sum(map(len, frames)) + 64, len(ids))
+    off = 0
+    for k, f in enumerate(frames):
+        q.seg.req_write(pos, f, off)
+        off += len(f)
+        q.seg.req_stream(pos, off)
+        taken(k + 1)
+    q.seg.req_publish(pos, off)
+    kinds, flat = protocol.decode_answer(q._await_answer(pos))
+    assert list(kinds) == [0] * len(ids) and list(flat[0::2]) == ids
+    return ids
+
+
+def _stream_mix(db: str, native: int, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
+    """Batches of plain jobs (defined here, defined only by another
+    process's worker, not defined at all; delayed, prioritised, with attempt
+    limits; JSON and pickle), sent in parts by hand and by submit_batch, and
+    what became of them."""
+    with _mix_queues(db, native) as (iw, q, qp):
+        parts = _spy_parts(monkeypatch, iw.w)
+        turns = _spy(monkeypatch, iw.w)
+        names = ("t.remote", "t.local", "t.none")
+
+        def jobs(lo: int, n: int) -> List[engine.Job]:
+            return [engine.Job(names[k % 3], args=(k, "x" * (k % 50)), priority=k % 7,
+                               max_attempts=k % 4 or None, delay=3600 if k % 5 == 0 else None)
+                    for k in range(lo, lo + n)]
+
+        def taken(base: int) -> Any:  # the C turn took part k (the Python turn: a moment to)
+            def wait(k: int) -> None:
+                if native:
+                    wait_for(lambda: len(parts) >= base + k, what=f"part {k} taken")
+                else:
+                    time.sleep(0.02)
+            return wait
+        _stream_by_hand(q, [jobs(0, 64), jobs(64, 200), jobs(264, 336)], taken(0))
+        _stream_by_hand(qp, [jobs(600, 100), jobs(700, 100)], taken(3))
+        for qq, lo, n in ((q, 800, 2500), (qp, 3300, 700)):  # in whole, or in parts: as it comes
+            out = qq.submit_batch(jobs(lo, n))
+            assert len(out.inserted) == n and out.inserted == sorted(out.inserted)
+        return dict(_became(q, qp, 5000), parts=parts, turns=turns)
+
+
+def test_the_c_turn_stores_a_streamed_batch_as_the_python_turn_does(tmp_path, monkeypatch):
+    c = _stream_mix(str(tmp_path / "c.db"), 1, monkeypatch)
+    monkeypatch.undo()
+    py = _stream_mix(str(tmp_path / "py.db"), 0, monkeypatch)
+    assert py["parts"] == [] and py["turns"] == []
+    assert c["parts"][:5] == [(64, 0, 0), (264, 0, 0), (600, 0, 0), (100, 0, 0), (200, 0, 0)], \
+        "the C turn took each part as it came"
+    by_c = 600 + 200 + sum(n for n, _ in c["turns"]) + sum(
+        n for (n, _, _), nxt in zip(c["parts"][5:], c["parts"][6:] + [(0, 0, 0)]) if nxt[0] <= n)
+    assert by_c == len(c["rows"]) == 4000, "every job went through the C turn, in whole or in parts"
+    assert all(stopped == shm.lib.HR_TURN_END for _, stopped, _ in c["parts"])
+    assert c["fifo"] and py["fifo"]
+    for what in ("rows", "events", "live", "heads"):
+        assert c[what] == py[what], what
+    assert len(c["heads"]) == 4000 - 800, "all but the delayed ones run now"
+
+
+def test_a_streamed_batch_the_c_turn_cannot_finish_is_stored_whole(db, monkeypatch):
+    """A later part the C turn does not take (a job with tags), or more jobs
+    than the segment has room for: the C turn's work is rolled back and the
+    request is stored whole by the Python turn, in order, with nothing lost."""
+    with writer_in_process(db, capacity=1500) as iw, engine.Queue(db) as q:
+        parts = _spy_parts(monkeypatch, iw.w)
+
+        def taken(k: int) -> None:
+            wait_for(lambda: len(parts) >= k, what=f"part {k} looked at")
+        tagged = [engine.Job("t", args=(k,), tags={"k": str(k)} if k == 900 else None) for k in range(1000)]
+        ids = _stream_by_hand(q, [tagged[:500], tagged[500:]], taken)
+        assert [p[1] for p in parts] == [shm.lib.HR_TURN_END, shm.lib.HR_TURN_OTHER]
+        assert q.reader.conn.execute("SELECT id, k, v FROM tags").fetchall() == [(ids[900], "k", "900")]
+        parts.clear()
+        big = [engine.Job("t", args=(1000 + k,), priority=k % 2) for k in range(1000)]  # 500 beyond the room
+        _stream_by_hand(q, [big[:500], big[500:]], taken)
+        assert [p[1] for p in parts] == [shm.lib.HR_TURN_END, shm.lib.HR_TURN_OTHER], "no room for the second"
+        assert q.reader.conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 2000
+        order: List[int] = []
+        while len(order) < 2000:  # the spilled ones come back as slots free up
+            jobs = q.claim(max=100, timeout=5)
+            assert jobs, f"{len(order)} of 2000 claimed"
+            order += [j.args[0] for j in jobs]
+            assert all(j.complete() for j in jobs)
+        odd, even = ([1000 + k for k in range(r, 1000, 2)] for r in (1, 0))
+        assert order == odd + list(range(1000)) + even, "by priority, then FIFO, across the spill"
 
 
 def test_a_full_database_refuses_a_c_turn_and_nothing_of_it_is_stored(db, monkeypatch):
