@@ -13,7 +13,7 @@ from typing import Optional
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "ops.c", "reqring.c", "segment.c", "slots.c", "turn.c", "wait.c"]
+SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "ops.c", "plain.c", "reqring.c", "segment.c", "slots.c", "turn.c", "wait.c"]
 
 
 def _sqlite_headers() -> Optional[str]:

@@ -14,6 +14,7 @@
 #include "wait.h"
 #include "ops.h"
 #include "reqring.h"
+#include "plain.h"
 #include "turn.h"
 
 #endif

@@ -11,13 +11,10 @@
  * Python turn goes on from there.  A failed statement rolls back and changes
  * nothing, so the Python turn meets (and handles) the same error.
  *
- * A plain request (protocol.encode_request): a 16-byte head (magic, mode,
- * item count, 0), then per item a 52-byte head (id, run_at, created,
- * backoff, timeout_ms, max_attempts, name length, prio, ser, body length)
- * followed by the name and the body.
+ * The requests it takes are plain requests (plain.h).
  *
  * A submit_batch chunk may be streamed: its producer writes it in parts
- * (frames: a 4-byte length, then a request) and the writer inserts each part
+ * (frames) and the writer inserts each part
  * as it comes, in one transaction the writer holds, so that serialising
  * part k+1 overlaps storing part k.  hr_turn_part, hr_turn_part_log and
  * hr_turn_part_place do that work for plain parts; the caller opens and
@@ -28,11 +25,8 @@
 
 #include <stdint.h>
 #include "layout.h"
+#include "plain.h"
 
-#define HR_PLAIN_MAGIC 0x31425248u /* "HRB1" */
-#define HR_PLAIN_HEAD 16u
-#define HR_PLAIN_ITEM 52u
-#define HR_FRAME_HEAD 4u /* a part of a streamed request: its length, then a request */
 
 typedef struct hr_turn hr_turn;
 

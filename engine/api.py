@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import operator
 import os
@@ -48,6 +49,13 @@ STATS_AGREE_S = 2.0  # how long stats waits for the database and the segment to 
 SERIALIZERS = {"json": 0, "pickle": 1}
 STATE_NAMES = shm.STATE_NAMES
 _DEPS = operator.itemgetter(12)  # an item's depends_on
+#: A job's options that, all unset, leave it differing from its neighbours
+#: only in name, arguments and priority (see Queue._plain_frame).
+_OPTIONS = operator.attrgetter("dedup_key", "max_attempts", "delay", "run_at", "group", "depends_on", "tags")
+_NO_OPTIONS = {(None,) * 7}
+_NAME, _ARGS, _KWARGS, _PRIORITY = map(operator.attrgetter, ("name", "args", "kwargs", "priority"))
+_ARGS_TYPES = {tuple, list}
+_NO_KWARGS: Dict[str, Any] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -704,72 +712,103 @@ class Queue:
         others = [0] * n
         bad: Dict[int, BaseException] = {}
         k = 0
-        carry: Optional[Tuple[List[protocol.Item], List[int], bytes]] = None
+        carry: Optional[Tuple[List[int], bytes]] = None
         while k < n or carry:
-            k, carry, items, where, (kd, flat) = self._stream_chunk(jobs, k, carry, mode, created, bad)
+            k, carry, where, (kd, flat) = self._stream_chunk(jobs, k, carry, mode, created, bad)
             for j, w in enumerate(where):
                 kinds[w], ids[w], others[w] = kd[j], flat[2 * j], flat[2 * j + 1]
         return BatchOutcome(kinds, ids, others, bad)
 
     def _stream_part(self, jobs: Sequence[Job], k: int, take: int, mode: int, created: int,
-                     bad: Dict[int, BaseException]) -> Tuple[List[protocol.Item], List[int], bytes]:
+                     bad: Dict[int, BaseException]) -> Tuple[List[int], bytes]:
+        """The indexes of the `take` jobs from `k` that are sent, and their
+        frame (the others are in `bad`)."""
+        frame = self._plain_frame(jobs[k:k + take], mode, created)
+        if frame is not None:
+            return list(range(k, k + take)), frame
         items, where = self._job_items(zip(range(k, k + take), jobs[k:k + take]), created, bad)
-        if items:
-            first = self.seg.reserve_ids(len(items))
-            items = [(first + j,) + it[1:] for j, it in enumerate(items)]
-        return items, where, protocol.encode_frame(mode, items) if items else b""
+        if not items:
+            return where, b""
+        first = self.seg.reserve_ids(len(items))
+        return where, protocol.encode_frame(mode, [(first + j,) + it[1:] for j, it in enumerate(items)])
 
-    def _stream_chunk(self, jobs: Sequence[Job], k: int, carry: Optional[Tuple[List[protocol.Item], List[int], bytes]],
+    def _plain_frame(self, jobs: Sequence[Job], mode: int, created: int) -> Optional[bytes]:
+        """The frame of jobs of one (known) name with no option set but their
+        arguments and priority, serialised in one JSON call (csrc/plain.h);
+        None for anything else, which goes job by job."""
+        if self._ser or set(map(_OPTIONS, jobs)) != _NO_OPTIONS:
+            return None
+        names = set(map(_NAME, jobs))
+        name = names.pop() if len(names) == 1 else None
+        policy = self._names.get(name) if name.__class__ is str else None  # a name checked before
+        prios = list(map(_PRIORITY, jobs))
+        kwargs = list(map(_KWARGS, jobs))
+        args = list(map(_ARGS, jobs))
+        # Exact types only: a bool priority is refused, and an IntEnum or a
+        # Mapping travels converted, by the job-by-job way.
+        if policy is None or set(map(type, prios)) != {int} or any(kwargs) or \
+                not set(map(type, kwargs)) <= {dict} or not set(map(type, args)) <= _ARGS_TYPES:
+            return None
+        try:
+            text = _JSON(list(zip(args, itertools.repeat(_NO_KWARGS))))
+            levels = bytes(prios)
+        except Exception:  # the job-by-job way says which job, and why
+            return None
+        max_body = min(self._max_payload, max(0, self._request_room - (1 << 20)))
+        return protocol.plain_frame(mode, name.encode(), self.seg.reserve_ids(len(jobs)), created, policy, 0, levels,
+                                    text.encode(), max_body)
+
+    def _stream_chunk(self, jobs: Sequence[Job], k: int, carry: Optional[Tuple[List[int], bytes]],
                       mode: int, created: int, bad: Dict[int, BaseException]) -> Any:
         """Send one chunk of jobs from `k` (after the `carry` part, built but
         not sent) as one record written in parts, and wait for its answer.
-        Returns (next k, a part that did not fit, the items sent, their
-        indexes, (kinds, flat ids))."""
+        Returns (next k, a part that did not fit, the indexes of the jobs
+        sent, (kinds, flat ids))."""
         n, limit = len(jobs), self.settings.chunk
         if carry is None:
             take = min(STREAM_FIRST, n - k, limit)
-            part, where, frame = self._stream_part(jobs, k, take, mode, created, bad)
+            where, frame = self._stream_part(jobs, k, take, mode, created, bad)
             k += take
         else:
-            part, where, frame = carry
+            where, frame = carry
         if len(frame) + 64 > self._request_room:  # too big for any record: sent the plain way, split by bytes
-            kd, tids, others, _ = self._send_items(part, mode)
-            flat = array("q", [0]) * (2 * len(part))
+            kd, tids, others, _ = self._send_items(_frame_items(frame), mode)
+            flat = array("q", [0]) * (2 * len(where))
             flat[0::2], flat[1::2] = array("q", tids), array("q", others)  # type: ignore[arg-type]
-            return k, None, part, where, (kd, flat)
-        most = min(limit, n - k + len(part))  # jobs this chunk may hold
-        per = len(frame) / len(part) if part else 256.0
+            return k, None, where, (kd, flat)
+        most = min(limit, n - k + len(where))  # jobs this chunk may hold
+        per = len(frame) / len(where) if where else 256.0
         room = min(self._request_room, max(int(per * most * 1.25) + 4096, len(frame) + 64))
         seg = self.seg
         pos = self._reserve(room, most)
-        sent: List[protocol.Item] = []
+        frames: List[bytes] = []
         sent_at: List[int] = []
         off = 0
         carry = None
         step = STREAM_FIRST
         try:
             while True:
-                if part:
+                if where:
                     if off + len(frame) > room:  # the record is full: this part starts the next chunk
-                        carry = (part, where, frame)
+                        carry = (where, frame)
                         break
                     seg.req_write(pos, frame, off)
                     off += len(frame)
-                    sent += part
+                    frames.append(frame)
                     sent_at += where
                     seg.req_stream(pos, off)
-                    if faults._armed and len(sent) == len(part):
+                    if faults._armed and len(sent_at) == len(where):
                         faults.point("chunk_write")
-                if k >= n or len(sent) >= limit:
+                if k >= n or len(sent_at) >= limit:
                     break
                 step = min(STREAM_PART, step * 2)
-                per = off / len(sent) if sent else per  # bytes a job took: keep the part within the room left
-                take = min(step, n - k, limit - len(sent), max(1, int((room - off) / per)))
-                part, where, frame = self._stream_part(jobs, k, take, mode, created, bad)
+                per = off / len(sent_at) if sent_at else per  # bytes a job took: keep the part within the room left
+                take = min(step, n - k, limit - len(sent_at), max(1, int((room - off) / per)))
+                where, frame = self._stream_part(jobs, k, take, mode, created, bad)
                 k += take
-            if not sent:  # every job of it was rejected
+            if not sent_at:  # every job of it was rejected
                 seg.req_set_state(pos, shm.REQ_ABANDONED)
-                return k, carry, sent, sent_at, (b"", array("q"))
+                return k, carry, sent_at, (b"", array("q"))
             seg.req_publish(pos, off)
         except BaseException:
             seg.req_set_state(pos, shm.REQ_ABANDONED)  # the writer drops what it did with it
@@ -777,8 +816,8 @@ class Queue:
         faults.point("chunk_sent")
         answer = self._await_answer(pos)
         if answer is None:  # the segment was rebuilt under us: send it again, whole
-            return (k, carry, sent, sent_at) + (self._send_chunk(sent, mode | protocol.REPLAY),)
-        return k, carry, sent, sent_at, protocol.decode_answer(answer)
+            return k, carry, sent_at, self._send_chunk(_frame_items(b"".join(frames)), mode | protocol.REPLAY)
+        return k, carry, sent_at, protocol.decode_answer(answer)
 
     def _item(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], priority: int,
               dedup_key: Optional[Union[str, bytes]], max_attempts: Optional[int], created: int,
@@ -1401,6 +1440,11 @@ def _mode(on_duplicate: str) -> int:
     except (KeyError, TypeError):
         raise errors.InvalidArgument(
             f"on_duplicate must be 'skip', 'supersede' or 'reject', got {_short(on_duplicate)}") from None
+
+
+def _frame_items(frames: bytes) -> List[protocol.Item]:
+    """The items that frames (of parts of a request) carry."""
+    return [it for _, items in protocol.decode_frames(frames) for it in items]
 
 
 def _check_priority(priority: Any) -> None:

@@ -17,6 +17,7 @@ from array import array
 from typing import Any, List, Optional, Sequence, Tuple
 
 from . import errors
+from ._core import ffi, lib
 
 ON_DUPLICATE = {"skip": 0, "supersede": 1, "reject": 2}
 #: Set in the mode when the producer sends a request again after the
@@ -148,6 +149,21 @@ FRAME_HEAD = _FRAME.size
 def encode_frame(mode: int, items: Sequence[Item]) -> bytes:
     body = encode_request(mode, items)  # plain parts go to the writer's C turn
     return _FRAME.pack(len(body)) + body
+
+
+def plain_frame(mode: int, name: bytes, first_id: int, created: int, limits: Tuple[int, int, int], ser: int,
+                prios: bytes, json_array: bytes, max_body: int) -> Optional[bytes]:
+    """One frame of plain jobs that differ only in priority and payload:
+    ids from `first_id`, `limits` (max_attempts, timeout_ms, backoff) and
+    `ser` shared, and as bodies the elements of `json_array` (see
+    csrc/plain.h); None if that array does not hold one element per job of
+    at most `max_body` bytes."""
+    n = len(prios)
+    out = ffi.new("char[]", _FRAME.size + _PLAIN_HEAD.size + n * (_PLAIN_ITEM.size + len(name)) + len(json_array))
+    max_attempts, timeout_ms, backoff = limits
+    size = lib.hr_plain_pack(out, len(out), mode, name, len(name), first_id, created, backoff, timeout_ms,
+                             max_attempts, ser, prios, n, json_array, len(json_array), max_body)
+    return ffi.buffer(out, size)[:] if size > 0 else None
 
 
 def decode_frames(data: bytes) -> List[Tuple[int, List[Any]]]:

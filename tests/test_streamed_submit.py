@@ -6,13 +6,16 @@ producer between parts, and a producer that stalls between parts holds
 back nobody's flushes."""
 from __future__ import annotations
 
+import enum
 import signal
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import engine
-from engine import api, errors, shm
+from engine import api, errors, protocol, shm
 from engine.writer import STREAM_STALL
 from engine_helpers import wait_for
 from helpers import spawn
@@ -177,3 +180,85 @@ def test_a_stalled_producer_is_handled_whole_and_does_not_hold_back_flushes(db):
         assert _stored(q) == list(range(200)) + ["first"]
         assert _streamed(q, before) == 0, "stored whole, not by the rolled-back work ahead"
         assert q.verify() == 200
+
+
+# ---- one JSON call for a part of jobs alike (Queue._plain_frame, csrc/plain.c) ----
+
+_JSONABLE = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 63) | st.floats(allow_nan=True)
+    | st.text(alphabet=st.sampled_from('ab"\\[]{},:\u00e9\u540d\n\x00 '), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12)
+
+
+def _one_by_one(q: engine.Queue, jobs: list, created: int) -> list:
+    """The items the job-by-job way makes of `jobs`, without ids."""
+    items, _ = q._job_items(enumerate(jobs), created, {})
+    return [it[1:] for it in items]
+
+
+def test_one_json_call_packs_each_job_as_the_job_by_job_way_does(db):
+    with engine.Queue(db) as q:
+        q._item("t", (), {}, 0, None, None, 0)  # the name is checked once, as any submit does
+
+        @given(st.lists(st.tuples(st.lists(_JSONABLE, max_size=3), st.integers(0, 255)), min_size=1, max_size=40))
+        @settings(max_examples=300, deadline=None)
+        def check(specs):
+            jobs = [engine.Job("t", args=a if k % 2 else tuple(a), priority=p) for k, (a, p) in enumerate(specs)]
+            created = shm.now_us()
+            frame = q._plain_frame(jobs, 0, created)
+            assert frame is not None
+            items = api._frame_items(frame)
+            assert [it[1:] for it in items] == _one_by_one(q, jobs, created)
+            assert [it[0] for it in items] == list(range(items[0][0], items[0][0] + len(jobs)))
+        check()
+
+
+def test_a_json_array_that_is_not_one_element_per_job_packs_nothing():
+    def pack(text: str, n: int, max_body: int = 1000):
+        return protocol.plain_frame(0, b"t", 1, 5, (0, -1, -1), 0, bytes(n), text.encode(), max_body)
+
+    frame = pack('["a\\"],[",{"]":"[,"},[[1,[2]],{}]]', 3)
+    assert [it[2] for it in api._frame_items(frame)] == [b'"a\\"],["', b'{"]":"[,"}', b'[[1,[2]],{}]']
+    assert [it[2] for it in api._frame_items(pack("[NaN,-Infinity,1e+300]", 3))] == [b"NaN", b"-Infinity", b"1e+300"]
+    for text, n in (("[1]", 2), ("[1,2]", 1), ("[1]x", 1), ("[1],[2]", 2), ('["a]', 1), ('["a\\"]', 1), ("{}", 1),
+                    ("[]", 1), ("[,1]", 2), ("[1,]", 2), ("[[1]", 1), ("[1]]", 1), ("", 1), ("[1]", 0)):
+        assert pack(text, n) is None, (text, n)
+    assert pack('["abc"]', 1, max_body=5) is not None and pack('["abcd"]', 1, max_body=5) is None
+
+
+class _Level(enum.IntEnum):
+    HIGH = 9
+
+
+def test_jobs_unlike_their_neighbours_go_job_by_job_with_the_same_outcomes(db, monkeypatch):
+    """A part holding a job with a bool priority, an IntEnum one, keyword
+    arguments, another name, an option set, an oversized or unserialisable
+    payload is sent job by job: each job gets what it would get alone, and
+    the parts without one still go in one JSON call."""
+    odd = {100: dict(priority=True), 200: dict(priority=_Level.HIGH), 300: dict(kwargs={"x": 1}),
+           400: dict(name="u"), 500: dict(max_attempts=3), 600: dict(args=("x" * 5000,)),
+           700: dict(args=(object(),)), 800: dict(group="g")}
+    jobs = [engine.Job(**{"name": "t", "args": (k,), **odd.get(k, {})}) for k in range(1000)]
+    fast = []
+    real = protocol.plain_frame
+
+    def spy(*a):
+        out = real(*a)
+        fast.append(out is not None)
+        return out
+    monkeypatch.setattr(protocol, "plain_frame", spy)
+    with engine.Queue(db, max_payload=4000) as q:
+        q.submit("t", args=(-1,))
+        out = q.submit_batch(jobs)
+        assert [k for k, o in enumerate(out.outcomes) if o.kind == "rejected"] == [100, 600, 700]
+        assert isinstance(out.outcomes[100].error, errors.InvalidArgument)
+        assert isinstance(out.outcomes[600].error, errors.PayloadTooLarge)
+        assert isinstance(out.outcomes[700].error, errors.NotSerializable)
+        assert fast.count(True) >= 2, "the parts without an odd job went in one JSON call"
+        got = {i.id: i for i in map(q.get, out.inserted)}
+        assert got[out.outcomes[200].id].priority == 9 and got[out.outcomes[500].id].max_attempts == 3
+        assert got[out.outcomes[400].id].name == "u"
+        (body,) = q.reader.conn.execute("SELECT body FROM payloads WHERE id = ?", (out.outcomes[300].id,)).fetchone()
+        assert api.loads(0, body) == ((300,), {"x": 1})
+        assert _stored(q) == [-1] + [k for k in range(1000) if k not in (100, 600, 700)]
