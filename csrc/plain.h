@@ -22,6 +22,8 @@
 #define HR_PLAIN_HEAD 16u
 #define HR_PLAIN_ITEM 52u
 #define HR_FRAME_HEAD 4u
+/* Bytes the answer to one job takes, with room to spare (protocol.answer_room(1)). */
+#define HR_ANSWER_ONE 277u
 
 /* Pack into `out` (`cap` bytes) one frame of `n` jobs named `name` with ids
  * first_id.., priorities prios[k], the shared created, limits and serializer,
@@ -32,5 +34,17 @@
 int64_t hr_plain_pack(char *out, uint64_t cap, uint32_t mode, const char *name, uint32_t name_len, uint64_t first_id,
                       int64_t created, int64_t backoff, int64_t timeout_ms, int32_t max_attempts, uint8_t ser,
                       const uint8_t *prios, uint32_t n, const char *json, uint64_t json_len, uint32_t max_body);
+
+/* Send a plain request of one job (the one-by-one submit): hand out its
+ * id, then write, publish and wake the writer as hr_req_send does; out[0]
+ * is the record's position, out[1] the id.  HR_E_FULL while the request
+ * area is full. */
+int hr_plain_send(void *mem, uint32_t mode, const char *name, uint32_t name_len, const char *body, uint32_t body_len,
+                  uint8_t prio, uint8_t ser, int64_t run_at, int64_t created, int32_t max_attempts, int64_t timeout_ms,
+                  int64_t backoff, uint32_t pid, uint64_t *out);
+/* Wait as hr_req_await does; once answered, one job's answer goes to out
+ * (kind, id, other id) and the record is DONE.  HR_E_BUSY for any other
+ * answer (an error): the record stays ANSWERED for the caller to read. */
+int hr_plain_await(void *mem, uint64_t pos, int64_t timeout_us, int64_t *out);
 
 #endif

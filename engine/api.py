@@ -643,11 +643,34 @@ class Queue:
                           _run_at_us(delay, run_at, now), group, depends_on, tags)
         if item[12]:
             self._check_parents([item])
-        item = (self.seg.reserve_ids(1),) + item[1:]
-        kinds, flat = self._send_chunk([item], mode)  # one job: one chunk
-        if kinds[0] == _REJECTED:
-            raise _duplicate(flat[0], name)
-        return flat[0]
+        if mode <= 2 and protocol.plain(item) and not faults._armed:
+            kind, tid = self._submit_plain(item, mode)
+        else:
+            item = (self.seg.reserve_ids(1),) + item[1:]
+            kinds, flat = self._send_chunk([item], mode)  # one job: one chunk
+            kind, tid = kinds[0], flat[0]
+        if kind == _REJECTED:
+            raise _duplicate(tid, name)
+        return tid
+
+    def _submit_plain(self, item: protocol.Item, mode: int) -> Tuple[int, int]:
+        """Submit one plain job (no dedup key, group, dependency or tag) with
+        one call to send and one to wait (csrc/plain.h); (kind, id) of the answer."""
+        _, name, body, ser, prio, _, run_at, max_attempts, _, created, timeout_ms, backoff = item[:12]
+        try:
+            pos, tid = self._with_room(lambda seg: seg.send_plain(mode, name.encode(), body, prio, ser, run_at,
+                                                                  created, max_attempts, timeout_ms, backoff))
+        except (UnicodeEncodeError, OverflowError):  # not packable: the writer refuses it from marshal
+            kinds, flat = self._send_chunk([(self.seg.reserve_ids(1),) + item[1:]], mode)
+            return kinds[0], flat[0]
+        answer = self._await_answer(pos, plain=True)
+        if answer is None:  # the segment was rebuilt under us: send again (the writer checks for a replay)
+            kinds, flat = self._send_chunk([(tid,) + item[1:]], mode, replay=True)
+            return kinds[0], flat[0]
+        if isinstance(answer, tuple):
+            return answer[0], answer[1]
+        kinds, flat = protocol.decode_answer(answer)  # an error: raises
+        return kinds[0], flat[0]
 
     def submit_batch(self, jobs: Iterable[Job], *, on_duplicate: str = "skip") -> BatchOutcome:
         """Submit many jobs: one transaction per chunk, one wake-up per chunk.
@@ -923,9 +946,10 @@ class Queue:
             start = end
         return kinds, ids, others, errs
 
-    def _send_chunk(self, items: List[protocol.Item], mode: int) -> Tuple[bytes, Any]:
-        """One request, one transaction: the writer's (kinds, flat ids) answer."""
-        data = protocol.encode_request(mode, items)
+    def _send_chunk(self, items: List[protocol.Item], mode: int, replay: bool = False) -> Tuple[bytes, Any]:
+        """One request, one transaction: the writer's (kinds, flat ids) answer
+        (`replay`: it may have been stored before, in a segment since rebuilt)."""
+        data = protocol.encode_request(mode | protocol.REPLAY if replay else mode, items)
         while True:
             if faults._armed:
                 seg = self.seg
@@ -966,14 +990,15 @@ class Queue:
             if not seg.wait(shm.EV_COMMIT, seen, WRITER_CHECK_INTERVAL):
                 self._check_writer()
 
-    def _await_answer(self, pos: int) -> Optional[bytes]:
-        """The writer's answer to record `pos`, or None if the segment it is
-        in was replaced (the request must go again)."""
+    def _await_answer(self, pos: int, plain: bool = False) -> Any:
+        """The writer's answer to record `pos` (`plain`: a one-job request,
+        as Segment.await_plain gives it), or None if the segment it is in was
+        replaced (the request must go again)."""
         seg = self.seg
         try:
             while True:
-                try:
-                    data = self.seg.req_await(pos, WRITER_CHECK_INTERVAL)  # a reconnect may replace the mapping
+                try:  # through self.seg: a reconnect may replace the mapping
+                    data = (self.seg.await_plain if plain else self.seg.req_await)(pos, WRITER_CHECK_INTERVAL)
                 except errors.InvalidState:
                     raise errors.WriterUnavailable(f"the writer dropped request {pos} of {self.path}") from None
                 if data is not None:

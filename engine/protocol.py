@@ -66,13 +66,14 @@ _PLAIN_ITEM = struct.Struct("<QqqqqiHBBI")
 PLAIN_MAGIC_BYTES = struct.pack("<I", PLAIN_MAGIC)
 
 
-def _plain(it: Item) -> bool:
+def plain(it: Item) -> bool:
+    """Whether an item is a plain job (no dedup key, group, dependency or tag)."""
     return len(it) == ITEM_FIELDS and it[5] is None and it[8] is None and it[12] is None and it[13] is None
 
 
 def encode_request(on_duplicate: int, items: Sequence[Item]) -> bytes:
     """A request for one chunk of a submit (plain jobs are packed for the C turn)."""
-    if on_duplicate <= 2 and all(map(_plain, items)):
+    if on_duplicate <= 2 and all(map(plain, items)):
         pack = _PLAIN_ITEM.pack
         parts = [_PLAIN_HEAD.pack(PLAIN_MAGIC, on_duplicate, len(items), 0)]
         try:

@@ -553,6 +553,33 @@ def test_attempt_claimed_before_a_rebuild_is_fenced_even_if_never_flushed(db):
         assert again.complete()
 
 
+def test_a_submit_sent_into_a_lost_segment_is_sent_again_and_stored_once(db, monkeypatch):
+    """A one-by-one submit sent while the writer is dead and its segment
+    gone: the producer restarts the writer, which rebuilds the segment, and
+    sends the submit again as a replay; it returns the id it was given, and
+    the task is stored and runs once."""
+    replays = []
+    real = engine.Queue._send_chunk
+
+    def send_chunk(self, items, mode, replay=False):
+        replays.append(replay)
+        return real(self, items, mode, replay)
+    monkeypatch.setattr(engine.Queue, "_send_chunk", send_chunk)
+    with engine.Queue(db) as q:
+        before = q.submit("t", args=("before",))
+        assert replays == [], "a plain submit goes in one call, not as a chunk"
+        generation = q.seg.generation
+        kill_writer(db)
+        wait_for(lambda: not paths.writer_alive(db), what="writer dead")
+        os.unlink(q.seg.path)
+        tid = q.submit("t", args=("after",))
+        assert replays == [True] and q.seg.generation != generation
+        assert sorted(r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")) == sorted([before, tid])
+        jobs = q.claim(max=10, timeout=5)
+        assert sorted((j.id, j.args[0]) for j in jobs) == sorted([(before, "before"), (tid, "after")])
+        assert q.claim(max=10, timeout=0.3) == []
+
+
 def test_a_rebuild_removes_a_half_built_segment_left_by_a_dead_writer(db):
     with engine.Queue(db) as q:
         name = paths.segment_name(db)
