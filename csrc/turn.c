@@ -37,6 +37,14 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     return HR_E_NOT_READY;
 }
 
+int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int64_t flush_in_us,
+                 int64_t wait_us, uint32_t wal_limit, hr_turn_out *out)
+{
+    (void)mem, (void)t, (void)scan, (void)replay_before, (void)chunk, (void)flush_in_us, (void)wait_us,
+        (void)wal_limit, (void)out;
+    return HR_E_NOT_READY;
+}
+
 int hr_turn_part(void *mem, hr_turn *t, uint64_t pos, uint32_t from, uint32_t to, hr_turn_out *out)
 {
     (void)mem, (void)t, (void)pos, (void)from, (void)to, (void)out;
@@ -57,7 +65,10 @@ int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn
 
 #else
 
+#include <errno.h>
+#include <signal.h>
 #include <sqlite3ext.h>
+#include <time.h>
 SQLITE_EXTENSION_INIT1
 
 #define EV_SUBMITTED 1
@@ -515,6 +526,85 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     out->tasks = t->tasks;
     out->status = t->status;
     return HR_OK;
+}
+
+static int64_t wall_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int pid_alive(uint32_t pid)
+{
+    return pid && (kill((pid_t)pid, 0) == 0 || errno == EPERM);
+}
+
+int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int64_t flush_in_us,
+                 int64_t wait_us, uint32_t wal_limit, hr_turn_out *out)
+{
+    int64_t start = hr_mono_us();
+    int64_t flush_at = start + flush_in_us, until = start + (wait_us < 0 ? 0 : wait_us);
+    uint32_t items = 0, records = 0, turns = 0;
+    hr_turn_out one;
+    int rc;
+    for (;;) {
+        uint32_t seen = hr_event_value(mem, HR_EV_WRITER); /* before the look: no publish is missed */
+        rc = hr_turn_run(mem, t, scan, replay_before, chunk, hr_mono_us() >= flush_at, wall_us(), &one);
+        if (rc != HR_OK)
+            break;
+        if (one.items) {
+            items += one.items;
+            records += one.records;
+            turns++;
+            scan = one.scan;
+            if (one.stopped == HR_TURN_OTHER)
+                break;
+            if (one.unplaced || t->wal_frames >= wal_limit) {
+                one.stopped = HR_TURN_DUE;
+                break;
+            }
+            continue; /* more may have come meanwhile */
+        }
+        if (one.stopped == HR_TURN_OTHER)
+            break;
+        if (one.stopped == HR_TURN_RESERVED && !pid_alive(one.pid)) {
+            one.stopped = HR_TURN_OTHER; /* a dead producer's record: the Python turn abandons it */
+            break;
+        }
+        /* Nothing to take: wait for a publish, until a flush or a delayed task is due, or `until`. */
+        hr_info info;
+        if ((rc = hr_get_info(mem, &info)) != HR_OK)
+            break;
+        int64_t now = hr_mono_us(), deadline = until;
+        if (info.ring_size && flush_at < deadline)
+            deadline = flush_at; /* then hr_turn_run hands the flush to Python */
+        if (info.next_run_at) {
+            int64_t due = info.next_run_at - wall_us();
+            if (due <= 0) {
+                one.stopped = HR_TURN_DUE;
+                break;
+            }
+            if (now + due < deadline)
+                deadline = now + due;
+        }
+        if (now >= until) {
+            one.stopped = HR_TURN_END;
+            break;
+        }
+        hr_wait(mem, HR_EV_WRITER, seen, deadline > now ? deadline - now : 0);
+    }
+    out->scan = scan;
+    out->items = items;
+    out->records = records;
+    out->turns = turns;
+    out->stopped = one.stopped;
+    out->pid = one.pid;
+    out->sql_rc = rc == HR_OK ? one.sql_rc : 0;
+    out->unplaced = rc == HR_OK && one.items ? one.unplaced : 0;
+    out->tasks = one.tasks;
+    out->status = one.status;
+    return rc;
 }
 
 /* Insert the whole frames of [from, to) of the data of the request being

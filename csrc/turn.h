@@ -34,12 +34,15 @@ enum hr_turn_stop {
     HR_TURN_END = 0,      /* every published request is taken (and no flush is due) */
     HR_TURN_OTHER = 1,    /* a request for the Python turn, a failed statement or a due flush */
     HR_TURN_RESERVED = 2, /* a request in whole (no parts yet) that its producer is still writing */
+    HR_TURN_DUE = 3,      /* hr_turn_loop: Python's upkeep is due (a delayed task, a checkpoint by size,
+                             or committed jobs the segment refused) */
 };
 
 typedef struct hr_turn_out {
     uint64_t scan;      /* where the next turn starts */
     uint32_t items;     /* jobs committed (0: the Python turn takes over) */
     uint32_t records;   /* requests answered */
+    uint32_t turns;     /* hr_turn_loop: transactions committed */
     uint32_t stopped;   /* it stopped at a request it does not take: HR_TURN_* */
     uint32_t pid;       /* HR_TURN_RESERVED: the producer still writing it */
     int32_t sql_rc;     /* the SQLite result code of a failed statement, else 0 */
@@ -59,6 +62,17 @@ void hr_turn_close(hr_turn *t);
 uint32_t hr_turn_wal_frames(const hr_turn *t);
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out);
+/* Turns (hr_turn_run) one after another, waiting for publishes in between,
+ * until a turn stops at something for Python (HR_TURN_OTHER: a request it
+ * does not take, a failed statement, a dead producer's record, or the
+ * flush of the dirty ring, due `flush_in_us` from now), Python's upkeep is
+ * due (HR_TURN_DUE: a delayed task's time, `wal_limit` frames in the WAL,
+ * jobs the segment refused), or `wait_us` passed (HR_TURN_END).  out: the
+ * totals of every turn (items, records, turns), where the next starts, and
+ * the last turn's unplaced, tasks and status.  The writer's loop stays in C
+ * while submits keep coming. */
+int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int64_t flush_in_us,
+                 int64_t wait_us, uint32_t wal_limit, hr_turn_out *out);
 /* Insert the parts in [from, to) of the data of the request at `pos`
  * (from = 0 starts the request).  out->items: its jobs inserted so far;
  * out->stopped = HR_TURN_OTHER where the range does not end on whole frames

@@ -831,10 +831,14 @@ class NativeTurn:
         check(lib.hr_turn_defs(self._t, len(names), ffi.new("char *[]", names) if names else ffi.NULL, limits),
               "the C turn's definitions")
 
-    def run(self, mem: Any, scan: int, replay_before: int, chunk: int, flush_due: bool, now: int) -> Any:
-        """One turn from `scan`; returns the ``hr_turn_out`` (valid until the next run)."""
-        check(lib.hr_turn_run(mem, self._t, scan, replay_before, chunk, 1 if flush_due else 0, now, self.out),
-              "the C turn")
+    def loop(self, mem: Any, scan: int, replay_before: int, chunk: int, flush_in: float, wait: float,
+             wal_limit: int) -> Any:
+        """Turns from `scan`, waiting up to `wait` seconds for more, until
+        one stops at something for Python (see csrc/turn.h; the dirty ring's
+        flush is due in `flush_in` seconds); returns the ``hr_turn_out``
+        (valid until the next call)."""
+        check(lib.hr_turn_loop(mem, self._t, scan, replay_before, chunk, int(flush_in * 1e6), int(wait * 1e6),
+                               wal_limit, self.out), "the C turn")
         return self.out
 
     def part(self, mem: Any, pos: int, start: int, end: int) -> Any:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
 EXIT_CHECK_INTERVAL = 0.25
 #: Most expired leases handled in one pass.
 EXPIRE_BATCH = 4096
+#: Least time between two checkpoints the WAL's size calls for, in seconds.
+SIZE_CHECKPOINT_SPACING = 0.01
 
 
 class Upkeep:
@@ -28,6 +30,7 @@ class Upkeep:
         now = time.monotonic()
         self.next_pass = now
         self.next_checkpoint = now + writer.cfg.checkpoint_interval
+        self.next_size_checkpoint = now
         self.next_purge = now + writer.cfg.purge_interval
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         self.expire_buf = shm.Segment.tickets(EXPIRE_BATCH)
@@ -35,18 +38,22 @@ class Upkeep:
 
     def maybe_run(self) -> None:
         now = time.monotonic()
-        if now < self.next_pass:
-            return
-        self.next_pass = now + self.w.cfg.upkeep_interval
-        self.run_once()
-        if now >= self.next_purge:
-            self.next_purge = now + self.w.cfg.purge_interval
-            try:
-                self.w.purge()
-            except apsw.Error as e:
-                print(f"headrace writer: purge failed ({e}); it will try again", file=sys.stderr)
-        if now >= self.next_checkpoint or self.w.store.wal_frames() >= self.w.cfg.checkpoint_pages:
+        if now >= self.next_pass:
+            self.next_pass = now + self.w.cfg.upkeep_interval
+            self.run_once()
+            if now >= self.next_purge:
+                self.next_purge = now + self.w.cfg.purge_interval
+                try:
+                    self.w.purge()
+                except apsw.Error as e:
+                    print(f"headrace writer: purge failed ({e}); it will try again", file=sys.stderr)
+        # By size soon, not at the next pass (fast submits outgrow the bound
+        # between passes), yet not after every commit while a reader holds
+        # the WAL and no checkpoint can start it over.
+        if now >= self.next_checkpoint or (now >= self.next_size_checkpoint and
+                                           self.w.store.wal_frames() >= self.w.cfg.checkpoint_pages):
             self.next_checkpoint = now + self.w.cfg.checkpoint_interval
+            self.next_size_checkpoint = now + SIZE_CHECKPOINT_SPACING
             self.checkpoint()
 
     def run_once(self) -> None:

@@ -45,6 +45,9 @@ GROUP_SHARE = 4
 #: rolls back what it did with it and waits for the whole request instead
 #: (a producer that stopped, or a slow generator of jobs).
 STREAM_STALL = 0.1
+#: Longest the C turn loop waits for submits before it hands back to the
+#: run loop (which checks for a stop signal), in seconds.
+NATIVE_WAIT = 0.05
 #: Exit codes.
 EXIT_OK = 0
 EXIT_LOCKED = 0  # another writer runs: not an error
@@ -140,6 +143,8 @@ class Writer:
         #: whether it still has to learn of a change to self.defs.
         self.native = self.store.native_turn() if cfg.native_turn else None
         self.defs_changed = True
+        #: The C turn loop waited for requests until the run loop's time: do not wait again.
+        self.waited = False
         #: Processes that defined each task (a periodic one fires only while one lives).
         self.definers: Dict[str, set] = {}
         #: Periodic tasks: name -> [every_us, cron, prio, next_at].
@@ -525,28 +530,32 @@ class Writer:
         return True
 
     def _native_turn(self) -> Optional[bool]:
-        """Commit the plain submits at the scan position in C (see
-        csrc/turn.h): True if it did, False if there is nothing to do until
-        a live producer publishes the request it is writing, None for the
-        Python turn (which also meets any error the C turn met)."""
+        """Commit the plain submits from the scan position in C, turn after
+        turn, waiting for more in between (see csrc/turn.h): True if it
+        committed any, False if not, None for the Python turn now (which also
+        meets any error the C turn met).  While submits keep coming, the
+        writer stays in C until a flush or an upkeep pass is due."""
         self._native_defs()
-        out = self.native.run(self.seg.handle, self.scan, self.replay_before, self.cfg.chunk,
-                              self._flush_due(time.monotonic()), now_us())
-        stopped = out.stopped
-        if stopped == shm.lib.HR_TURN_RESERVED and not paths.pid_alive(out.pid):
-            stopped = shm.lib.HR_TURN_OTHER  # a dead producer's record: the Python turn abandons it
+        now = time.monotonic()
+        cfg = self.cfg
+        # Back in time for the next upkeep pass, and for a stop signal.
+        wait = max(0.0, min(cfg.flush_interval, self.upkeep.next_pass - now, NATIVE_WAIT))
+        out = self.native.loop(self.seg.handle, self.scan, self.replay_before, cfg.chunk,
+                               self.last_flush + cfg.flush_interval - now, wait, cfg.checkpoint_pages)
         self.stream_head = None
-        if not out.items:
-            if stopped == shm.lib.HR_TURN_OTHER:
-                return None
-            self.more = False  # a publish wakes the writer
-            return False
-        self.scan = out.scan
-        self.more = stopped == shm.lib.HR_TURN_OTHER  # what it stopped at is the Python turn's, at once
-        self.store_ok()
-        self._add_totals({"submitted": out.items, "submit_txns": 1})
-        self._spill_unplaced(out)
-        return True
+        stopped = out.stopped
+        if out.items:
+            self.scan = out.scan
+            self.store_ok()
+            self._add_totals({"submitted": out.items, "submit_txns": out.turns})
+            self._spill_unplaced(out)
+        if stopped == shm.lib.HR_TURN_OTHER:
+            self.more = True  # what it stopped at is the Python turn's, at once
+            return True if out.items else None
+        self.more = False
+        # HR_TURN_END: it waited its time already; HR_TURN_DUE: the run loop's upkeep now.
+        self.waited = stopped == shm.lib.HR_TURN_END
+        return bool(out.items)
 
     def _native_defs(self) -> None:
         """Tell the C turn the definitions, if they changed."""
@@ -1361,6 +1370,9 @@ class Writer:
                             break
                 else:
                     idle_since = None
+            if self.waited:  # the C turn loop waited for requests already
+                self.waited = False
+                continue
             info = seg.raw_info()
             # Idle, it still looks every flush interval: a change that a worker
             # reported (which wakes nobody, to keep its path free of system

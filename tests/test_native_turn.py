@@ -20,18 +20,18 @@ _COLS = "t.name, t.prio, t.run_at > 0, t.dedup, t.grp, t.max_attempts, t.ser, t.
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, w: Any) -> List[Tuple[int, int]]:
-    """(items committed, SQLite error) of every C turn that did something."""
+    """(items committed, SQLite error) of every C turn loop that did something."""
     seen: List[Tuple[int, int]] = []
     if w.native is None:
         return seen
-    real = w.native.run
+    real = w.native.loop
 
-    def run(*a: Any) -> Any:
+    def loop(*a: Any) -> Any:
         out = real(*a)
         if out.items or out.sql_rc:
             seen.append((out.items, out.sql_rc))
         return out
-    monkeypatch.setattr(w.native, "run", run)
+    monkeypatch.setattr(w.native, "loop", loop)
     return seen
 
 
@@ -316,3 +316,37 @@ def test_the_writer_checkpoints_once_the_wal_holds_checkpoint_pages(tmp_path, pa
         size = os.path.getsize(db + "-wal")
     op, limit = bound
     assert (size < limit) if op == "<" else (size > limit), f"{size / 2 ** 20:.1f} MB of WAL"
+
+
+def test_the_writer_stays_in_the_c_turn_loop_while_submits_keep_coming(db, monkeypatch):
+    """One C call takes turn after turn, waiting for each next publish, so
+    that one-by-one submits do not pass through the Python loop each."""
+    with writer_in_process(db, flush_interval=60.0) as iw, engine.Queue(db) as q:
+        calls = _spy(monkeypatch, iw.w)
+        assert iw.w.native is not None
+        ids = [q.submit("t", args=(i,)) for i in range(300)]
+        wait_for(lambda: sum(n for n, _ in calls) == 300, what="every submit counted")
+        assert len(calls) < 60, f"{len(calls)} C calls for 300 submits"
+        assert sorted(j.id for j in q.claim(max=300, timeout=5)) == ids
+
+
+def test_outcomes_reach_disk_on_time_while_submits_keep_the_writer_in_c(db):
+    """The C turn loop hands the dirty ring's flush to Python when it is due,
+    however busy the submits keep it: a completion is on disk within a few
+    flush intervals, and a delayed task is promoted when its time comes."""
+    with engine.Queue(db) as q:
+        first = q.submit("t", args=("first",))
+        later = q.submit("t", args=("later",), delay=0.3)
+        (job,) = q.claim(max=1, timeout=5)
+        assert job.id == first and job.complete()
+        done_at = time.monotonic()
+        flushed = None
+        k = 0
+        while time.monotonic() - done_at < 1.0:
+            q.submit("t", args=(k,), priority=0)
+            k += 1
+            if flushed is None and q.reader.conn.execute(
+                    "SELECT count(*) FROM outcomes WHERE id = ? AND state = ?", (first, shm.COMPLETED)).fetchone()[0]:
+                flushed = time.monotonic() - done_at
+        assert flushed is not None and flushed < 0.25, f"flushed after {flushed} s ({k} submits meanwhile)"
+        assert q.get(later).state == "pending", "promoted while the submits went on"
