@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Quick probes of one engine path each, and A/B runs of two checkouts.
 
-    python benches/probe.py single 20000 [--producers 4]   # one-by-one submits: tasks/s (1 producer:
+    python benches/probe.py single 20000 [--producers 4]   # one-by-one submits: tasks/s, the writer's
+                                                            # CPU per task (1 producer: and the producer's,
                                                             # and the WAL's largest size, in MB)
-    python benches/probe.py batch 100000                    # submit_batch of 1,000: tasks/s
+    python benches/probe.py batch 100000                    # submit_batch of 1,000: tasks/s, the
+                                                            # producer's and the writer's CPU per task
     python benches/probe.py drain 40000                     # 2 workers drain a preload: tasks/s,
                                                             # workers' and writer's CPU per task
     python benches/probe.py e2e 8000                        # 1 producer one by one, 2 workers: tasks/s, p50, p99
@@ -58,13 +60,16 @@ def _producer(d: str, n: int, out) -> None:
 def probe_single(d: str, n: int, producers: int) -> Dict[str, float]:
     q = _queue(d)
     wal = 0
+    cpu: Dict[str, float] = {}
+    w0 = _writer_cpu(d)
     if producers == 1:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for i in range(n):
             q.submit(TASK, args=(_payload(i),))
             if i % 500 == 0:  # how far the WAL grows between the writer's checkpoints
                 wal = max(wal, os.path.getsize(q.path + "-wal"))
         seconds = time.perf_counter() - t0
+        cpu["producer_cpu_us"] = (time.process_time() - c0) / n * 1e6
     else:
         out = mp.get_context("fork").Queue()
         ps = [mp.get_context("fork").Process(target=_producer, args=(d, n // producers, out))
@@ -76,19 +81,23 @@ def probe_single(d: str, n: int, producers: int) -> Dict[str, float]:
         seconds = max(out.get() for _ in ps)
         for p in ps:
             p.join()
+    cpu["writer_cpu_us"] = (_writer_cpu(d) - w0) / n * 1e6
     q.close()
-    return {"tasks_s": n / seconds, "wal_max_mb": wal / 1e6}
+    return {"tasks_s": n / seconds, "wal_max_mb": wal / 1e6, **cpu}
 
 
 def probe_batch(d: str, n: int) -> Dict[str, float]:
     import engine
     q = _queue(d)
-    t0 = time.perf_counter()
+    q.submit(TASK, args=(_payload(-1),))  # the writer is up
+    w0 = _writer_cpu(d)
+    c0, t0 = time.process_time(), time.perf_counter()
     for start in range(0, n, 1000):
         q.submit_batch([engine.Job(TASK, args=(_payload(i),)) for i in range(start, min(n, start + 1000))])
     seconds = time.perf_counter() - t0
+    cpu = {"producer_cpu_us": (time.process_time() - c0) / n * 1e6, "writer_cpu_us": (_writer_cpu(d) - w0) / n * 1e6}
     q.close()
-    return {"tasks_s": n / seconds}
+    return {"tasks_s": n / seconds, **cpu}
 
 
 def _workers(d: str, rec: str, ready_fd: int) -> None:

@@ -20,9 +20,9 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def test_each_probe_measures_its_path():
-    for args, keys in ((("single", "300"), {"tasks_s", "wal_max_mb"}), (("single", "400", "--producers", "2"),
-                                                                           {"tasks_s", "wal_max_mb"}),
-                       (("batch", "2000"), {"tasks_s"}),
+    for args, keys in ((("single", "300"), {"tasks_s", "wal_max_mb", "producer_cpu_us", "writer_cpu_us"}),
+                       (("single", "400", "--producers", "2"), {"tasks_s", "wal_max_mb", "writer_cpu_us"}),
+                       (("batch", "2000"), {"tasks_s", "producer_cpu_us", "writer_cpu_us"}),
                        (("drain", "2000"), {"tasks_s", "workers_cpu_us", "writer_cpu_us"}),
                        (("e2e", "300"), {"tasks_s", "p50_ms", "p99_ms", "workers_cpu_us", "writer_cpu_us"})):
         r = _run(*args, "--json")
