@@ -53,6 +53,8 @@ _DEPS = operator.itemgetter(12)  # an item's depends_on
 #: only in name, arguments and priority (see Queue._plain_frame).
 _OPTIONS = operator.attrgetter("dedup_key", "max_attempts", "delay", "run_at", "group", "depends_on", "tags")
 _NO_OPTIONS = {(None,) * 7}
+_DEDUP_DEPS = operator.attrgetter("dedup_key", "depends_on")
+_NO_DEDUP_DEPS = {(None, None)}
 _NAME, _ARGS, _KWARGS, _PRIORITY = map(operator.attrgetter, ("name", "args", "kwargs", "priority"))
 _ARGS_TYPES = {tuple, list}
 _NO_KWARGS: Dict[str, Any] = {}
@@ -683,8 +685,7 @@ class Queue:
             raise errors.InvalidType(f"submit_batch takes an iterable of engine.Job, got {_short(jobs)}")
         created = shm.now_us()
         bad: Dict[int, BaseException] = {}
-        if jobs.__class__ in (list, tuple) and len(jobs) >= STREAM_MIN and all(  # type: ignore[arg-type]
-                j.__class__ is Job and j.dedup_key is None and not j.depends_on for j in jobs):
+        if jobs.__class__ in (list, tuple) and len(jobs) >= STREAM_MIN and _streamable(jobs):  # type: ignore[arg-type]
             return self._stream_batch(jobs, mode, created)  # type: ignore[arg-type]
         items, where = self._job_items(enumerate(jobs), created, bad)
         n = len(items) + len(bad)  # each job is in one or the other
@@ -1465,6 +1466,17 @@ def _mode(on_duplicate: str) -> int:
     except (KeyError, TypeError):
         raise errors.InvalidArgument(
             f"on_duplicate must be 'skip', 'supersede' or 'reject', got {_short(on_duplicate)}") from None
+
+
+def _streamable(jobs: Sequence[Any]) -> bool:
+    """Whether a batch may be sent in parts: Jobs only, none with a dedup
+    key (last-wins needs the whole chunk) or dependencies."""
+    try:  # at C speed in the usual case
+        if set(map(type, jobs)) == {Job} and set(map(_DEDUP_DEPS, jobs)) == _NO_DEDUP_DEPS:
+            return True
+    except TypeError:  # an unhashable value (a list of dependencies)
+        pass
+    return all(j.__class__ is Job and j.dedup_key is None and not j.depends_on for j in jobs)
 
 
 def _frame_items(frames: bytes) -> List[protocol.Item]:

@@ -262,3 +262,14 @@ def test_jobs_unlike_their_neighbours_go_job_by_job_with_the_same_outcomes(db, m
         (body,) = q.reader.conn.execute("SELECT body FROM payloads WHERE id = ?", (out.outcomes[300].id,)).fetchone()
         assert api.loads(0, body) == ((300,), {"x": 1})
         assert _stored(q) == [-1] + [k for k in range(1000) if k not in (100, 600, 700)]
+
+
+def test_a_batch_is_streamed_only_if_no_job_needs_the_whole_chunk():
+    class Sub(engine.Job):
+        pass
+    plain = [engine.Job("t", args=(k,)) for k in range(3)]
+    assert api._streamable(plain) and api._streamable(plain + [engine.Job("t", depends_on=[])])
+    assert api._streamable(plain + [engine.Job("t", depends_on=())])
+    for odd in (engine.Job("t", dedup_key="k"), engine.Job("t", depends_on=[1]), engine.Job("t", depends_on=(1,)),
+                Sub("t"), ("t", (1,))):
+        assert not api._streamable(plain + [odd]), odd
