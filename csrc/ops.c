@@ -186,6 +186,14 @@ int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
     return ok;
 }
 
+int hr_finish_one(void *mem, uint64_t id, uint32_t slot, uint32_t attempt, uint8_t state, int64_t run_at, uint64_t aux)
+{
+    hr_ticket t = {id, slot, attempt};
+    int32_t status = 0;
+    int rc = hr_finish_batch(mem, &t, 1, state, run_at, aux, &status);
+    return rc < 0 ? rc : status;
+}
+
 /* Set a running attempt's deadline (0: none) and renew its lease to
  * `lease_until`, never past the deadline.  -1 keeps the deadline it has. */
 static int renew(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start)

@@ -10,6 +10,9 @@ int hr_insert_batch(void *mem, const hr_task *tasks, uint32_t n, int32_t *out);
 int hr_claim(void *mem, uint32_t max, int64_t now, int64_t lease_until, int start, hr_ticket *out);
 int hr_finish_batch(void *mem, const hr_ticket *t, uint32_t n, uint8_t state,
                     int64_t run_at, uint64_t aux, int32_t *out);
+/* hr_finish_batch of one ticket given by its fields: the item's status
+ * (HR_OK, or HR_E_STALE if fenced), or a failure of the call. */
+int hr_finish_one(void *mem, uint64_t id, uint32_t slot, uint32_t attempt, uint8_t state, int64_t run_at, uint64_t aux);
 int hr_heartbeat(void *mem, const hr_ticket *t, int64_t lease_until);
 int hr_clock(void *mem, const hr_ticket *t, int64_t now, int64_t lease_until, int start);
 int hr_cancel(void *mem, uint64_t id);

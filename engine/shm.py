@@ -178,6 +178,7 @@ class ReqHeader(NamedTuple):
 _E_FULL: int = lib.HR_E_FULL
 _E_NOT_FOUND: int = lib.HR_E_NOT_FOUND
 _E_STATE: int = lib.HR_E_STATE
+_E_STALE: int = lib.HR_E_STALE
 
 
 def _slot_info(slot: int, r: Any) -> SlotInfo:
@@ -423,10 +424,13 @@ class Segment:
 
     def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:
         """Report one attempt's outcome; False if the attempt was fenced."""
-        t = self._ticket
-        t.id, t.slot, t.attempt = ticket
-        check(lib.hr_finish_batch(self._mem, t, 1, state, run_at, aux, self._i32), "finish")
-        return self._i32[0] == 0
+        tid, slot, attempt = ticket
+        rc = lib.hr_finish_one(self._mem, tid, slot, attempt, state, run_at, aux)
+        if rc == 0:
+            return True
+        if rc != _E_STALE:
+            check(rc, "finish")
+        return False
 
     def finish_batch(self, tickets: Any, n: int, state: int = COMPLETED, *, run_at: int = 0,
                      aux: int = 0, out: Any = None) -> Tuple[Any, int]:

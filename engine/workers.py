@@ -48,7 +48,7 @@ class ClaimedJob:
         self.queue = queue
         # A ticket is only meaningful in the segment it came from: after a
         # rebuild, slot numbers and unflushed attempt counts start afresh.
-        self.seg = queue.seg
+        self.seg = queue._seg
         self.ticket = ticket
         self.id = ticket.id
         self.attempt = ticket.attempt
@@ -93,9 +93,9 @@ class ClaimedJob:
         """Mark the task completed with `result` (serialised like payloads);
         False if this attempt was fenced (it is stale)."""
         self.done = True
-        seg = self.queue.seg
+        seg = self.queue._seg
         if seg is not self.seg:
-            return False
+            return self.queue.seg is None  # False; raises if the queue is closed
         if result is None:
             return seg.finish(self.ticket, shm.COMPLETED)
         body = dumps_value(self.ser, result)  # NotSerializable names a value that cannot be stored

@@ -694,3 +694,17 @@ def test_a_submit_interrupted_while_it_waits_leaves_the_request_area_reclaimable
         finally:
             p.kill()
             p.wait()
+
+
+def test_completing_a_job_of_a_closed_queue_raises_and_a_stale_one_is_refused(db):
+    q = engine.Queue(db)
+    q.submit("t", args=(1,))
+    (job,) = q.claim(max=1, timeout=5)
+    q.close()
+    with pytest.raises(errors.EngineError, match="closed"):
+        job.complete()
+    with engine.Queue(db) as q2:
+        q2.submit("t", args=(2,))
+        (fresh,) = q2.claim(max=1, timeout=5)
+        assert fresh.complete() is True
+        assert fresh.complete() is False, "a second report of one attempt is fenced"
