@@ -439,6 +439,12 @@ int hr_verify(void *mem, char *msg, uint32_t msglen)
     return rc;
 }
 
+uint32_t hr_pending_count(void *mem)
+{
+    const hr_header *h = (const hr_header *)mem;
+    return __atomic_load_n(&h->count[HR_PENDING], __ATOMIC_RELAXED);
+}
+
 int hr_get_info(void *mem, hr_info *out)
 {
     hr_ctx c;

@@ -27,6 +27,9 @@ int hr_attach(void *mem, uint64_t size, uint32_t uid);
 uint64_t hr_generation(void *mem);
 int hr_verify(void *mem, char *msg, uint32_t msglen);
 int hr_get_info(void *mem, hr_info *out);
+/* Pending tasks, read without the lock (a snapshot that may be a step
+ * behind): for heuristics such as how much of the queue a worker claims. */
+uint32_t hr_pending_count(void *mem);
 void hr_set_lock_spin(uint32_t spins);
 
 void hr_ctx_of(void *mem, hr_ctx *c);

@@ -843,6 +843,10 @@ class Segment:
         rc = lib.hr_verify(self._mem, self._msg, len(self._msg))
         check(rc, f"segment {self.path}", ffi.string(self._msg).decode() or None)
 
+    def pending_count(self) -> int:
+        """Pending tasks, read without the lock (it may be a step behind)."""
+        return lib.hr_pending_count(self._mem)
+
     def raw_info(self) -> Any:
         """The ``hr_info`` counters as a cffi struct (reused by the next call): the cheap form of :meth:`info`."""
         i = self._info

@@ -173,6 +173,11 @@ def claim(q: "Queue", max: int, timeout: Optional[float], start: bool = True) ->
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                 or not timeout >= 0):
         raise errors.InvalidArgument(f"timeout must be None or seconds >= 0, got {timeout!r}")
+    return _claim(q, max, timeout, start)
+
+
+def _claim(q: "Queue", max: int, timeout: Optional[float], start: bool) -> List[ClaimedJob]:
+    """:func:`claim` of arguments known to be good."""
     lease_us = int(q.settings.lease * 1e6)
     q._define()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -389,8 +394,7 @@ def work(q: "Queue", stopping: Callable[[], bool], peers: int = 1) -> None:
             # `peers` other worker processes: a batch runs one job at a time,
             # so hoarding a short queue would idle them (and hold places of
             # limited groups before the jobs start).
-            pending = q.seg.raw_info().count[shm.PENDING]
-            jobs = claim(q, max(1, min(batch, pending // peers)), IDLE_CHECK, start=False)
+            jobs = _claim(q, max(1, min(batch, q.seg.pending_count() // peers)), IDLE_CHECK, False)
             leases.hold(jobs)
             for i, job in enumerate(jobs):
                 if stopping():

@@ -459,6 +459,7 @@ class SegmentModel(RuleBasedStateMachine):
         assert info["ring"] == len(self.ring)
         for code, name in enumerate(STATE_NAMES[1:], start=1):
             assert info["counts"][name] == sum(1 for t in self.tasks.values() if t.state == code), name
+        assert self.seg.pending_count() == info["counts"]["pending"]  # the lock-free read, at rest
         for g in self.limits:
             assert self.seg.group_info(g)["members"] == sum(1 for t in self.tasks.values() if t.group == g)
 
