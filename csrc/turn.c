@@ -521,7 +521,7 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
     out->unplaced = nitems - (uint32_t)rc;
     answer(mem, t, nrec);
     out->scan = pos;
-    out->items = nitems;
+    out->items = out->last = nitems;
     out->records = nrec;
     out->tasks = t->tasks;
     out->status = t->status;
@@ -602,6 +602,7 @@ int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, u
     out->pid = one.pid;
     out->sql_rc = rc == HR_OK ? one.sql_rc : 0;
     out->unplaced = rc == HR_OK && one.items ? one.unplaced : 0;
+    out->last = rc == HR_OK ? one.items : 0;
     out->tasks = one.tasks;
     out->status = one.status;
     return rc;
@@ -676,7 +677,7 @@ int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn
     out->unplaced = n - (uint32_t)rc;
     t->recs[0] = (rec){pos, 0, n};
     answer(mem, t, 1);
-    out->items = n;
+    out->items = out->last = n;
     out->records = 1;
     out->tasks = t->tasks;
     out->status = t->status;

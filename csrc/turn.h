@@ -47,7 +47,8 @@ typedef struct hr_turn_out {
     uint32_t pid;       /* HR_TURN_RESERVED: the producer still writing it */
     int32_t sql_rc;     /* the SQLite result code of a failed statement, else 0 */
     uint32_t unplaced;  /* committed jobs the segment refused (see tasks, status) */
-    const hr_task *tasks; /* this turn's tasks, and each one's insert status */
+    uint32_t last;      /* jobs of the last turn: tasks and status hold as many */
+    const hr_task *tasks; /* the last turn's tasks, and each one's insert status */
     const int32_t *status;
 } hr_turn_out;
 

@@ -567,8 +567,8 @@ class Writer:
         """Spill the tasks a C turn committed that the segment refused (``hr_turn_out``)."""
         if out.unplaced:  # they stay live on disk
             full = shm.lib.HR_E_FULL
-            self._spill_now([(t.prio, t.seq, t.id, 0) for t, rc in zip(out.tasks[0:out.items], out.status[0:out.items])
-                             if rc == full])
+            n = out.last  # the last turn's: the only one that can have left some unplaced
+            self._spill_now([(t.prio, t.seq, t.id, 0) for t, rc in zip(out.tasks[0:n], out.status[0:n]) if rc == full])
 
     def _add_totals(self, counts: Dict[str, int]) -> None:
         """Count a committed turn's counts into the totals upkeep writes."""
