@@ -207,8 +207,6 @@ class Segment:
         self._slot = ffi.new("hr_slot *")
         self._ticket = ffi.new("hr_ticket *")
         self._i32 = ffi.new("int32_t[1]")
-        self._sent = ffi.new("uint64_t[2]")  # send_plain's (position, id)
-        self._answer = ffi.new("int64_t[3]")  # await_plain's (kind, id, other id)
         self._msg = ffi.new("char[]", 512)
         self._info = ffi.new("hr_info *")
         # The buffers above are shared by every call on this object, and cffi
@@ -692,21 +690,22 @@ class Segment:
                    max_attempts: int, timeout_ms: int, backoff: int) -> Optional[Tuple[int, int]]:
         """Send a plain request of one job (csrc/plain.h) in one call: its
         id is handed out here.  (position, id), or None while the area is full."""
+        sent = ffi.new("uint64_t[2]")  # per call: producer threads share the segment
         rc = lib.hr_plain_send(self._mem, mode, name, len(name), body, len(body), prio, ser, run_at, created,
-                               max_attempts, timeout_ms, backoff, os.getpid(), self._sent)
+                               max_attempts, timeout_ms, backoff, os.getpid(), sent)
         if rc == _E_FULL:
             return None
         if rc < 0:
             check(rc, f"send_plain of {len(body)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
-        return int(self._sent[0]), int(self._sent[1])
+        return int(sent[0]), int(sent[1])
 
     def await_plain(self, pos: int, timeout: float) -> Union[None, bytes, Tuple[int, int, int]]:
         """The answer to a one-job request, as :meth:`req_await` gives it:
         (kind, id, other id) for the usual answer, the answer's bytes for any
         other (an error), or None if `timeout` seconds passed first."""
-        rc = lib.hr_plain_await(self._mem, pos, int(timeout * 1e6), self._answer)
+        a = ffi.new("int64_t[3]")  # per call: producer threads share the segment
+        rc = lib.hr_plain_await(self._mem, pos, int(timeout * 1e6), a)
         if rc == 0:
-            a = self._answer
             return int(a[0]), int(a[1]), int(a[2])
         if rc == lib.HR_E_BUSY:
             data = self.req_read(pos, self.req_get(pos).nbytes)

@@ -708,3 +708,27 @@ def test_completing_a_job_of_a_closed_queue_raises_and_a_stale_one_is_refused(db
         (fresh,) = q2.claim(max=1, timeout=5)
         assert fresh.complete() is True
         assert fresh.complete() is False, "a second report of one attempt is fenced"
+
+
+def test_threads_submitting_one_by_one_on_one_queue_each_get_their_own_ids(db):
+    """A queue shared by producer threads: every submit returns the id of
+    the task it stored (one-by-one submits wait in C, with the GIL released)."""
+    import threading
+    got: dict = {}
+    errs: list = []
+    with engine.Queue(db) as q:
+        def produce(t: int) -> None:
+            try:
+                for i in range(300):
+                    got[q.submit("t", args=(t, i))] = (t, i)
+            except Exception as e:  # reported below
+                errs.append(e)
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errs and len(got) == 1200, (errs, len(got))
+        stored = {tid: tuple(engine.api.loads(0, body)[0]) for tid, body in
+                  q.reader.conn.execute("SELECT id, body FROM payloads")}
+        assert stored == got, "each returned id holds the job its thread submitted"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -20,18 +21,23 @@ _COLS = "t.name, t.prio, t.run_at > 0, t.dedup, t.grp, t.max_attempts, t.ser, t.
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, w: Any) -> List[Tuple[int, int]]:
-    """(items committed, SQLite error) of every C turn loop that did something."""
+    """(items committed, SQLite error) of every C turn loop that did something.
+    Returns once the writer's thread is in a spied loop: one it was in when
+    the spy came (it may wait up to NATIVE_WAIT) would take submits unseen."""
     seen: List[Tuple[int, int]] = []
     if w.native is None:
         return seen
     real = w.native.loop
+    entered = threading.Event()
 
     def loop(*a: Any) -> Any:
+        entered.set()
         out = real(*a)
         if out.items or out.sql_rc:
             seen.append((out.items, out.sql_rc))
         return out
     monkeypatch.setattr(w.native, "loop", loop)
+    assert entered.wait(30), "the writer's thread never entered the C turn loop"
     return seen
 
 
