@@ -519,7 +519,7 @@ class Segment:
 
     def heartbeat(self, ticket: Ticket, lease_until: int) -> bool:
         """Extend a running attempt's lease; False if the attempt was fenced."""
-        t = ffi.new("hr_ticket *")  # not self._ticket: a lease thread heartbeats while finish runs
+        t = ffi.new("hr_ticket *")  # not self._ticket: a lease thread heartbeats while pop may run
         t.id, t.slot, t.attempt = ticket
         rc = lib.hr_heartbeat(self._mem, t, lease_until)
         if rc == lib.HR_E_STALE:
