@@ -662,7 +662,7 @@ class Queue:
         try:
             pos, tid = self._with_room(lambda seg: seg.send_plain(mode, name.encode(), body, prio, ser, run_at,
                                                                   created, max_attempts, timeout_ms, backoff))
-        except (UnicodeEncodeError, OverflowError):  # not packable: the writer refuses it from marshal
+        except OverflowError:  # a field past the C types (names are checked before): the old way, from marshal
             kinds, flat = self._send_chunk([(self.seg.reserve_ids(1),) + item[1:]], mode)
             return kinds[0], flat[0]
         answer = self._await_answer(pos, plain=True)

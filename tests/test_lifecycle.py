@@ -4,12 +4,13 @@ cancellation and progress.  Each test fails if its feature is removed."""
 from __future__ import annotations
 
 import calendar
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import apsw
 import pytest
@@ -471,48 +472,48 @@ def test_graceful_stop_flushes_reported_outcomes(db, log):
         assert q.get(tid).state == "completed"
 
 
+@contextlib.contextmanager
+def _failed_before_defined(q: engine.Queue, db: str, log: str, i: int) -> Iterator[int]:
+    """Submit l.fail(i) before any process defined l.fail (its limits stay
+    unset on disk), start a worker and wait until the task has failed for
+    good; yields its id, and stops the worker on the way out."""
+    tid = q.submit("l.fail", args=(i,))
+    assert q.reader.task(tid)["max_attempts"] == 0
+    w = start(db, log)
+    try:
+        with pytest.raises(errors.TaskFailed):
+            q.result(tid, timeout=30)
+        yield tid
+    finally:
+        assert stop(w) == 0
+
+
 def test_workers_register_definitions_for_submits_by_name(db, log):
     """A process that submits by name without the task defined gets the
     limits that the workers' definition sets; before any worker defined it,
     the claiming worker applies its own."""
-    with engine.Queue(db) as q:
-        early = q.submit("l.fail", args=(1,))  # nobody has defined l.fail yet
-        assert q.reader.task(early)["max_attempts"] == 0
-        w = start(db, log)
-        try:
-            with pytest.raises(errors.TaskFailed):
-                q.result(early, timeout=30)
-            assert len(events(log, i=1)) == 2, "the worker's max_attempts=2 applied at claim"
-            wait_for(lambda: "l.slow" in dict(q.reader.conn.execute("SELECT name, 1 FROM definitions")),
-                     what="the workers registered their definitions")
-            late = q.submit("l.slow", args=(2, 0.0))
-            rec = q.reader.task(late)
-            assert (rec["max_attempts"], rec["timeout_ms"]) == (2, 1000)
-            assert q.reader.task(q.submit("l.expo", args=(3,)))["backoff"] == Backoff.exponential(0.2, 0.5).packed()
-            assert q.reader.task(q.submit("l.fail", args=(4,), max_attempts=5))["max_attempts"] == 5, \
-                "an explicit limit wins over the definition"
-        finally:
-            assert stop(w) == 0
+    with engine.Queue(db) as q, _failed_before_defined(q, db, log, 1):
+        assert len(events(log, i=1)) == 2, "the worker's max_attempts=2 applied at claim"
+        wait_for(lambda: "l.slow" in dict(q.reader.conn.execute("SELECT name, 1 FROM definitions")),
+                 what="the workers registered their definitions")
+        late = q.submit("l.slow", args=(2, 0.0))
+        rec = q.reader.task(late)
+        assert (rec["max_attempts"], rec["timeout_ms"]) == (2, 1000)
+        assert q.reader.task(q.submit("l.expo", args=(3,)))["backoff"] == Backoff.exponential(0.2, 0.5).packed()
+        assert q.reader.task(q.submit("l.fail", args=(4,), max_attempts=5))["max_attempts"] == 5, \
+            "an explicit limit wins over the definition"
 
 
 def test_a_task_with_unset_limits_put_back_from_dead_gets_its_fresh_attempts(db, log):
     """Its limit, unset on disk, comes from the claiming worker's definition
     and counts from the attempts it used before it was put back."""
-    with engine.Queue(db) as q:
-        tid = q.submit("l.fail", args=(6,))  # nobody has defined l.fail yet
-        assert q.reader.task(tid)["max_attempts"] == 0
-        w = start(db, log)
-        try:
-            with pytest.raises(errors.TaskFailed):
-                q.result(tid, timeout=30)
-            assert [a for _, a, _ in events(log, i=6)] == [1, 2]
-            assert q.retry_dead(tid) == [tid]
-            wait_for(lambda: q.get(tid).state == "dead" and len(events(log, i=6)) >= 4, what="dead again")
-            time.sleep(0.3)  # a wrong limit would show as fewer runs, not more; let any extra one show too
-            assert [a for _, a, _ in events(log, i=6)] == [1, 2, 3, 4]
-            assert q.get(tid).max_attempts == 4
-        finally:
-            assert stop(w) == 0
+    with engine.Queue(db) as q, _failed_before_defined(q, db, log, 6) as tid:
+        assert [a for _, a, _ in events(log, i=6)] == [1, 2]
+        assert q.retry_dead(tid) == [tid]
+        wait_for(lambda: q.get(tid).state == "dead" and len(events(log, i=6)) >= 4, what="dead again")
+        time.sleep(0.3)  # a wrong limit would show as fewer runs, not more; let any extra one show too
+        assert [a for _, a, _ in events(log, i=6)] == [1, 2, 3, 4]
+        assert q.get(tid).max_attempts == 4
 
 
 def test_one_claim_adopts_each_name_s_limits_in_one_call_per_policy(db):
