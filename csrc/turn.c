@@ -7,9 +7,16 @@
 
 #ifndef HR_HAVE_SQLITE
 
-int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out)
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql,
+                 const char *horizon_sql, int64_t event_delay_us, hr_turn **out)
 {
-    (void)db, (void)task_sql, (void)payload_sql, (void)event_sql, (void)out;
+    (void)db, (void)task_sql, (void)payload_sql, (void)event_sql, (void)horizon_sql, (void)event_delay_us, (void)out;
+    return HR_E_NOT_READY;
+}
+
+int hr_turn_events(void *mem, hr_turn *t, int force, hr_turn_out *out)
+{
+    (void)mem, (void)t, (void)force, (void)out;
     return HR_E_NOT_READY;
 }
 
@@ -97,9 +104,18 @@ typedef struct rec {
     uint32_t first, n; /* its items: items[first .. first + n) */
 } rec;
 
+/* The submit event of a one-job request, not yet written (see defer_event). */
+typedef struct held_event {
+    uint64_t id;
+    int64_t at;
+} held_event;
+
+/* Most held events: a turn that holds more writes them all. */
+#define HELD_MAX 1024
+
 struct hr_turn {
     sqlite3 *db;
-    sqlite3_stmt *begin, *commit, *rollback, *task, *payload, *event;
+    sqlite3_stmt *begin, *commit, *rollback, *task, *payload, *event, *horizon;
     hr_def *defs;
     uint32_t ndefs;
     item *items;
@@ -112,6 +128,10 @@ struct hr_turn {
     uint32_t acap;
     uint32_t sn; /* jobs of the request being streamed, inserted so far (hr_turn_part) */
     uint32_t wal_frames; /* frames in the WAL after the connection's last commit (its WAL hook) */
+    held_event *held;    /* one-job submits' events, committed tasks whose event is not written yet */
+    uint32_t nheld, hcap;
+    int64_t held_since;  /* hr_mono_us() when the oldest was held */
+    int64_t delay_us;    /* how long an event may be held */
 };
 
 /* The entry point SQLite calls when the store loads this module as an
@@ -127,7 +147,7 @@ __attribute__((visibility("default"))) int sqlite3_headrace_init(sqlite3 *db, ch
 
 static void finalize(hr_turn *t)
 {
-    sqlite3_stmt **all[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event};
+    sqlite3_stmt **all[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event, &t->horizon};
     for (size_t k = 0; k < sizeof all / sizeof *all; k++) {
         if (*all[k])
             sqlite3_finalize(*all[k]);
@@ -173,10 +193,12 @@ void hr_turn_close(hr_turn *t)
     free(t->status);
     free(t->recs);
     free(t->answer);
+    free(t->held);
     free(t);
 }
 
-int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out)
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql,
+                 const char *horizon_sql, int64_t event_delay_us, hr_turn **out)
 {
     if (!sqlite3_api)
         return HR_E_NOT_READY; /* the store has not loaded the extension */
@@ -186,8 +208,9 @@ int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, co
     if (!t)
         return HR_E_FULL;
     t->db = (sqlite3 *)db;
-    const char *sql[] = {"BEGIN", "COMMIT", "ROLLBACK", task_sql, payload_sql, event_sql};
-    sqlite3_stmt **st[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event};
+    t->delay_us = event_delay_us < 0 ? 0 : event_delay_us;
+    const char *sql[] = {"BEGIN", "COMMIT", "ROLLBACK", task_sql, payload_sql, event_sql, horizon_sql};
+    sqlite3_stmt **st[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event, &t->horizon};
     for (size_t k = 0; k < sizeof sql / sizeof *sql; k++) {
         if (sqlite3_prepare_v2(t->db, sql[k], -1, st[k], NULL) != SQLITE_OK) {
             hr_turn_close(t);
@@ -352,14 +375,61 @@ static int step_done(sqlite3_stmt *s)
     return rc == SQLITE_DONE ? SQLITE_OK : rc;
 }
 
+static int insert_event(hr_turn *t, int kind, uint64_t id, uint32_t n, int64_t at)
+{
+    sqlite3_bind_int(t->event, 1, kind);
+    sqlite3_bind_int64(t->event, 2, (sqlite3_int64)id);
+    sqlite3_bind_int64(t->event, 3, n);
+    sqlite3_bind_int64(t->event, 4, at);
+    return step_done(t->event);
+}
+
 /* The event row of a request's `n` jobs from `it`. */
 static int store_event(hr_turn *t, const item *it, uint32_t n)
 {
-    sqlite3_bind_int(t->event, 1, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED);
-    sqlite3_bind_int64(t->event, 2, (sqlite3_int64)it->id);
-    sqlite3_bind_int64(t->event, 3, n);
-    sqlite3_bind_int64(t->event, 4, it->created);
-    return step_done(t->event);
+    return insert_event(t, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED, it->id, n, it->created);
+}
+
+/* Hold the submit event of a one-job request, to write it with others: a
+ * commit of one-by-one submits then writes the tasks' and payloads' pages
+ * only, not the events' too (a third of the WAL frames a commit writes).
+ * 0 if it cannot be held (holding is off, or no memory): write it now. */
+static int hold_event(hr_turn *t, const item *it, int64_t mono)
+{
+    if (!t->delay_us || !grow((void **)&t->held, &t->hcap, t->nheld + 1, sizeof *t->held))
+        return 0;
+    if (!t->nheld)
+        t->held_since = mono;
+    t->held[t->nheld++] = (held_event){it->id, it->created};
+    return 1;
+}
+
+/* Inside the caller's transaction: the held events (they stay held until
+ * the commit). */
+static int write_held(hr_turn *t)
+{
+    int rc = SQLITE_OK;
+    for (uint32_t k = 0; k < t->nheld && rc == SQLITE_OK; k++)
+        rc = insert_event(t, EV_SUBMITTED, t->held[k].id, 1, t->held[k].at);
+    return rc;
+}
+
+/* Inside the caller's transaction, once nothing is held: the horizon, the
+ * segment's next FIFO sequence (every committed task below it has its
+ * submit event written; after a crash, the store writes the events of the
+ * tasks from there that have none). */
+static int write_horizon(void *mem, hr_turn *t)
+{
+    uint64_t next;
+    if (hr_reserve_seq(mem, 0, &next) != HR_OK)
+        return SQLITE_ERROR;
+    sqlite3_bind_int64(t->horizon, 1, (sqlite3_int64)next);
+    return step_done(t->horizon);
+}
+
+static int held_due(const hr_turn *t, int64_t mono)
+{
+    return t->nheld && (t->nheld >= HELD_MAX || mono - t->held_since >= t->delay_us);
 }
 
 /* The task and payload rows of `n` jobs from `it`. */
@@ -392,25 +462,80 @@ static int store_items(hr_turn *t, const item *it, uint32_t n)
     return rc;
 }
 
-/* BEGIN, the events, tasks and payloads of the taken requests, COMMIT. */
-static int store(hr_turn *t, uint32_t nrec)
+/* BEGIN, the events, tasks and payloads of the taken requests, COMMIT.
+ * One-job requests' events are held (hold_event) until they are
+ * `delay_us` old, or many, or another event is written anyway; then the
+ * held ones go first, so that the log keeps the order of the commits. */
+static int store(void *mem, hr_turn *t, uint32_t nrec)
 {
+    uint32_t held_before = t->nheld;
+    int64_t mono = hr_mono_us();
+    int flush = held_due(t, mono) || !t->delay_us;
+    for (uint32_t r = 0; r < nrec && !flush; r++)
+        flush = t->recs[r].n != 1;
+    int had = flush && t->nheld; /* only then does the horizon move */
     int rc = step_done(t->begin);
-    if (rc != SQLITE_OK)
-        return rc;
+    if (rc == SQLITE_OK && had)
+        rc = write_held(t);
     for (uint32_t r = 0; r < nrec && rc == SQLITE_OK; r++) {
         const item *it = &t->items[t->recs[r].first];
-        rc = store_event(t, it, t->recs[r].n);
+        uint32_t n = t->recs[r].n;
+        if (flush || !hold_event(t, it, mono))
+            rc = store_event(t, it, n);
         if (rc == SQLITE_OK)
-            rc = store_items(t, it, t->recs[r].n);
+            rc = store_items(t, it, n);
     }
+    if (rc == SQLITE_OK && had)
+        rc = write_horizon(mem, t);
     if (rc == SQLITE_OK) {
         HR_FAULT(HR_FS_TURN_COMMIT);
         rc = step_done(t->commit);
     }
-    if (rc != SQLITE_OK && !sqlite3_get_autocommit(t->db))
-        step_done(t->rollback);
-    return rc;
+    if (rc != SQLITE_OK) {
+        if (!sqlite3_get_autocommit(t->db))
+            step_done(t->rollback);
+        t->nheld = held_before; /* this turn's tasks are not in */
+        return rc;
+    }
+    if (flush)
+        t->nheld = 0;
+    return SQLITE_OK;
+}
+
+/* Write the held events in a transaction of their own (see turn.h). */
+static int commit_held(void *mem, hr_turn *t)
+{
+    int rc = step_done(t->begin);
+    if (rc == SQLITE_OK)
+        rc = write_held(t);
+    if (rc == SQLITE_OK)
+        rc = write_horizon(mem, t);
+    if (rc == SQLITE_OK)
+        rc = step_done(t->commit);
+    if (rc != SQLITE_OK) {
+        if (!sqlite3_get_autocommit(t->db))
+            step_done(t->rollback);
+        return rc;
+    }
+    t->nheld = 0;
+    return SQLITE_OK;
+}
+
+int hr_turn_events(void *mem, hr_turn *t, int force, hr_turn_out *out)
+{
+    memset(out, 0, sizeof *out);
+    uint32_t n = t->nheld;
+    /* Inside a transaction (a streamed request's), they wait for the next call. */
+    if (!n || (!force && !held_due(t, hr_mono_us())) || !sqlite3_get_autocommit(t->db))
+        return HR_OK;
+    int sql = commit_held(mem, t);
+    if (sql != SQLITE_OK) {
+        out->sql_rc = sql;
+        out->stopped = HR_TURN_OTHER;
+        return HR_OK;
+    }
+    out->records = n;
+    return HR_OK;
 }
 
 static void pack(const hr_turn *t, uint32_t n, int64_t now)
@@ -507,7 +632,7 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
         return rc;
     for (uint32_t k = 0; k < nitems; k++)
         t->items[k].seq = first_seq + k;
-    int sql = store(t, nrec);
+    int sql = store(mem, t, nrec);
     if (sql != SQLITE_OK) {
         out->sql_rc = sql;
         out->stopped = HR_TURN_OTHER;
@@ -579,6 +704,14 @@ int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, u
         int64_t now = hr_mono_us(), deadline = until;
         if (info.ring_size && flush_at < deadline)
             deadline = flush_at; /* then hr_turn_run hands the flush to Python */
+        if (t->nheld) {
+            /* No submit to share their write: held events go on their own
+             * once due (one that fails is tried again a delay later). */
+            if (held_due(t, now) && commit_held(mem, t) != SQLITE_OK)
+                t->held_since = now;
+            if (t->nheld && t->held_since + t->delay_us < deadline)
+                deadline = t->held_since + t->delay_us;
+        }
         if (info.next_run_at) {
             int64_t due = info.next_run_at - wall_us();
             if (due <= 0) {

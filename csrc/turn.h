@@ -52,8 +52,20 @@ typedef struct hr_turn_out {
     const int32_t *status;
 } hr_turn_out;
 
-/* Statements for the tasks, payloads and events tables (the store's SQL). */
-int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql, hr_turn **out);
+/* Statements for the tasks, payloads and events tables and for the events'
+ * horizon (the store's SQL).  A one-job request's submit event is held up
+ * to `event_delay_us` (0: never held), to be written with others: see
+ * hr_turn_events. */
+int hr_turn_open(uintptr_t db, const char *task_sql, const char *payload_sql, const char *event_sql,
+                 const char *horizon_sql, int64_t event_delay_us, hr_turn **out);
+/* Write the held submit events, in a transaction of their own, if they are
+ * due (or, with `force`, if there are any) and no transaction is open.
+ * Each write of them also sets the horizon: the FIFO sequence below which
+ * every committed task has its submit event (after a crash, the store
+ * writes those of the tasks from there that lack one).  A turn that commits
+ * writes them too, once they are due.  out->records: events written;
+ * out->sql_rc and HR_TURN_OTHER if the write failed (they stay held). */
+int hr_turn_events(void *mem, hr_turn *t, int force, hr_turn_out *out);
 /* The registered definitions, for jobs whose submitter left limits unset:
  * names[k] with limits[3k..3k+2] = max_attempts, timeout_ms, backoff. */
 int hr_turn_defs(hr_turn *t, uint32_t n, const char *const *names, const int64_t *limits);

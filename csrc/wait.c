@@ -49,9 +49,32 @@ int hr_runnable_fit(const char *loadavg, long cores)
     return running <= cores;
 }
 
+/* How long one reading of the load stands.  Reading /proc/loadavg is three
+ * system calls, and every one-by-one submit waited twice (the producer for
+ * its commit, the writer for the next submit): about 7% of the writer's
+ * time.  The count moves as processes start and stop, so a reading a few
+ * milliseconds old still tells. */
+#define LOAD_READING_US 2000
+
+static int read_load(void);
+
 /* hr_runnable_fit of this machine now: 1 or 0, or -1 where it cannot
  * tell (no /proc/loadavg: not Linux, or no /proc). */
 static int cores_to_spare(void)
+{
+    static int64_t read_at = 0;  /* never read: the monotonic clock is long past 0 */
+    static int reading = -1;
+    int64_t now = hr_mono_us();
+    /* Threads may race here: each then reads the file itself, no harm done. */
+    if (now - __atomic_load_n(&read_at, __ATOMIC_ACQUIRE) < LOAD_READING_US)
+        return __atomic_load_n(&reading, __ATOMIC_RELAXED);
+    int fit = read_load();
+    __atomic_store_n(&reading, fit, __ATOMIC_RELAXED);
+    __atomic_store_n(&read_at, now, __ATOMIC_RELEASE);
+    return fit;
+}
+
+static int read_load(void)
 {
 #ifdef __linux__
     int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);

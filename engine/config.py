@@ -57,6 +57,11 @@ class Settings:
     grace: float = 30.0
     #: Most jobs a worker claims at once.
     claim_batch: int = 32
+    #: Longest the C turn holds a one-by-one submit's event before it writes
+    #: it, with the others held (seconds; 0: each in its own submit's
+    #: commit).  A commit that writes no event writes a third fewer pages.
+    #: Events a crash loses are written again at the next start.
+    event_delay: float = 0.005
     #: 1: the writer commits turns of plain submits in C (csrc/turn.h); 0:
     #: every turn in Python (to compare, or to rule the C turn out).
     native_turn: int = 1

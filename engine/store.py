@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import apsw
 
-from . import _core, errors, faults
+from . import _core, errors, faults, protocol
 from ._core import ffi, lib
 from .errors import check
 
@@ -159,6 +159,10 @@ _INSERT_TASK = ("INSERT INTO tasks(id,name,prio,seq,created,run_at,dedup,grp,max
                 "VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
 _INSERT_PAYLOAD = "INSERT INTO payloads(id,body) VALUES(?,?)"
 _INSERT_EVENT = "INSERT INTO events(kind,id,n,at) VALUES(?,?,?,?)"
+#: The events' horizon: every committed task whose FIFO sequence is below it
+#: has its submit event (the C turn holds one-by-one submits' events for a
+#: moment, to write many at once; see repair_events).
+_EVENTS_HORIZON = "INSERT OR REPLACE INTO meta(k, v) VALUES('events_seq', ?)"
 #: A task's last attempt from the outcome log (0 if it never started); `t` is the task row.
 _LAST_ATTEMPT = "COALESCE((SELECT max(attempt) FROM outcomes o WHERE o.id = t.id), 0)"
 #: Attempts a task used before it was last put back from dead (a pending
@@ -326,6 +330,12 @@ class Store:
 
     def purge_events(self, before_us: int, limit: int) -> None:
         """Drop those of the `limit` oldest submit events that are from before `before_us`."""
+        raise NotImplementedError
+
+    def repair_events(self, next_seq: int, lost: bool) -> int:
+        """If events may be `lost` (a crash): write the submit event of every
+        task from the events' horizon on that has none.  Then move the
+        horizon to `next_seq`.  Returns how many were written."""
         raise NotImplementedError
 
     def oldest_event_at(self) -> int:
@@ -551,14 +561,15 @@ class SQLiteStore(_Reads, Store):
             self._native = None
         self.conn.close()
 
-    def native_turn(self) -> Optional["NativeTurn"]:
+    def native_turn(self, event_delay: float = 0.0) -> Optional["NativeTurn"]:
         """The writer's turn for plain submits in C, on this connection
-        (created once; None if this SQLite cannot load it)."""
+        (created once; None if this SQLite cannot load it).  It holds a
+        one-by-one submit's event up to `event_delay` seconds."""
         if self._native is None:
             if faults.test_vfs():
                 return None  # a VFS written in Python reports its errors to apsw, not to C
             try:
-                self._native = NativeTurn(self.conn)
+                self._native = NativeTurn(self.conn, event_delay)
             except (apsw.Error, errors.EngineError) as e:
                 print(f"headrace writer: the C turn for plain submits is off ({type(e).__name__}: {e})",
                       file=sys.stderr)
@@ -614,6 +625,23 @@ class SQLiteStore(_Reads, Store):
         # first would scan the whole log when none is old enough).
         self.conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?) AND at < ?",
                           (limit, before_us))
+
+    def repair_events(self, next_seq: int, lost: bool) -> int:
+        c = self.conn
+        horizon = self.meta_get("events_seq")
+        missing: List[Tuple[int, int, int, int]] = []
+        if lost and horizon is not None:  # none: from before events were held, when each had its own commit
+            tasks = list(c.execute("SELECT id, created FROM tasks WHERE seq >= ? ORDER BY seq", (horizon,)))
+            if tasks:
+                lo, hi = min(t[0] for t in tasks), max(t[0] for t in tasks)
+                covered = set()
+                # No index on events.id: one scan, at a start after a crash only.
+                for first, n in c.execute("SELECT id, n FROM events WHERE id <= ? AND id + n > ?", (hi, lo)):
+                    covered.update(range(max(first, lo), min(first + n, hi + 1)))
+                missing = [(protocol.EV_SUBMITTED, tid, 1, created) for tid, created in tasks if tid not in covered]
+                self.log_submits(missing)
+        self.meta_set("events_seq", next_seq)
+        return len(missing)
 
     def oldest_event_at(self) -> int:
         for (at,) in self.conn.execute("SELECT at FROM events ORDER BY seq LIMIT 1"):
@@ -811,7 +839,7 @@ class NativeTurn:
     core as a SQLite extension (so that C reaches the very SQLite library
     this connection runs on) and prepares the insert statements once."""
 
-    def __init__(self, conn: apsw.Connection) -> None:
+    def __init__(self, conn: apsw.Connection, event_delay: float = 0.0) -> None:
         # The C API only: the SQL function load_extension() stays off.
         conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 1)
         try:
@@ -820,7 +848,8 @@ class NativeTurn:
             conn.config(apsw.SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
         out = ffi.new("hr_turn **")
         check(lib.hr_turn_open(conn.sqlite3pointer(), _INSERT_TASK.encode(), _INSERT_PAYLOAD.encode(),
-                               _INSERT_EVENT.encode(), out), "the C turn's statements")
+                               _INSERT_EVENT.encode(), _EVENTS_HORIZON.encode(), int(event_delay * 1e6), out),
+              "the C turn's statements")
         self._t = out[0]
         self.out = ffi.new("hr_turn_out *")
 
@@ -856,6 +885,13 @@ class NativeTurn:
     def part_place(self, mem: Any, pos: int, now: int) -> Any:
         """Committed: show the streamed request's jobs in the segment, answer it."""
         check(lib.hr_turn_part_place(mem, self._t, pos, now, self.out), "the C turn's placing")
+        return self.out
+
+    def events(self, mem: Any, force: bool) -> Any:
+        """Write the submit events it holds, if they are due (`force`: if
+        there are any), in a transaction of their own; returns the
+        ``hr_turn_out`` (``sql_rc`` set if the write failed)."""
+        check(lib.hr_turn_events(mem, self._t, int(force), self.out), "the C turn's held events")
         return self.out
 
     def wal_frames(self) -> int:

@@ -73,6 +73,7 @@ class Upkeep:
         self.w.rebalance()
         self.reclaim()
         self.w.write_totals()
+        self.w.write_held_events(force=False)
 
     def _record_expired(self, out: Any, n: int) -> None:
         """Store why each expired attempt ended, as its error."""

@@ -112,6 +112,8 @@ class Writer:
         clean = self.store.meta_get("clean", 0)
         with self.store.transaction():
             self.store.meta_set("clean", 0)
+            # The submit events the C turn of a writer that died still held.
+            self.store.repair_events(self.seg.reserve_seq(0), lost=not clean)
         if not rebuilt and not clean:
             self._reconcile()
         if not clean:
@@ -141,7 +143,7 @@ class Writer:
         self.defs = {n: d[:3] for n, d in defs.items()}
         #: The C turn for plain submits (None: every turn in Python), and
         #: whether it still has to learn of a change to self.defs.
-        self.native = self.store.native_turn() if cfg.native_turn else None
+        self.native = self.store.native_turn(cfg.event_delay) if cfg.native_turn else None
         self.defs_changed = True
         #: The C turn loop waited for requests until the run loop's time: do not wait again.
         self.waited = False
@@ -385,6 +387,8 @@ class Writer:
             done = self._native_turn()
             if done is not None:
                 return done
+        # Before a Python turn writes outcomes: a task's submit event comes first.
+        self.write_held_events(force=True)
         recs = self._gather()
         if self.stream_head is not None:
             return self._stream_turn(self.stream_head)
@@ -556,6 +560,13 @@ class Writer:
         # HR_TURN_END: it waited its time already; HR_TURN_DUE: the run loop's upkeep now.
         self.waited = stopped == shm.lib.HR_TURN_END
         return bool(out.items)
+
+    def write_held_events(self, force: bool) -> None:
+        """Write the one-by-one submits' events the C turn holds: the due
+        ones, or (`force`) all.  One the disk refuses stays held; the turns
+        meet the disk's error themselves."""
+        if self.native is not None:
+            self.native.events(self.seg.handle, force)
 
     def _native_defs(self) -> None:
         """Tell the C turn the definitions, if they changed."""

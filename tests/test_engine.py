@@ -521,7 +521,8 @@ def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, var, si
     again; killed after COMMIT but before answering, the replayed request is
     recognised by its ids: either way every submit returns once, and each
     task exists and runs exactly once.  The Python turn's sites, and the C
-    turn's (which a writer with a Python site armed does not take)."""
+    turn's (which a writer with a Python site armed does not take).  The
+    events the C turn held are written by the next writer."""
     monkeypatch.setenv(var, f"{site}:3")
     with engine.Queue(db) as q:
         monkeypatch.delenv(var)  # the restarted writer runs clean
@@ -530,6 +531,10 @@ def test_writer_killed_inside_or_right_after_its_commit(db, monkeypatch, var, si
         assert writer_pid(db) != first, "the fault never fired"
         stored = sorted(r[0] for r in q.reader.conn.execute("SELECT id FROM tasks"))
         assert stored == sorted(ids) and len(set(ids)) == 5
+        # One submit event each: none lost with the writer, none written twice.
+        events = lambda: sorted(e.id for e in q.events(follow=False) if e.kind == "submitted")  # noqa: E731
+        wait_for(lambda: len(events()) >= 5, timeout=10, what="the submit events")
+        assert events() == sorted(ids)
         got = []
         while len(got) < 5:
             jobs = q.claim(max=10, timeout=5)

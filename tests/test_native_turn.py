@@ -13,8 +13,8 @@ import apsw
 import pytest
 
 import engine
-from engine import Backoff, errors, faults, protocol, shm
-from engine_helpers import send_raw, wait_for, writer_in_process
+from engine import Backoff, errors, faults, paths, protocol, shm
+from engine_helpers import kill_writer, send_raw, wait_for, writer_in_process
 
 #: The columns a submit decides (not id, seq or created: those differ between runs).
 _COLS = "t.name, t.prio, t.run_at > 0, t.dedup, t.grp, t.max_attempts, t.ser, t.timeout_ms, t.backoff, p.body"
@@ -356,3 +356,67 @@ def test_outcomes_reach_disk_on_time_while_submits_keep_the_writer_in_c(db):
                 flushed = time.monotonic() - done_at
         assert flushed is not None and flushed < 0.25, f"flushed after {flushed} s ({k} submits meanwhile)"
         assert q.get(later).state == "pending", "promoted while the submits went on"
+
+
+def _submit_events(q: engine.Queue) -> List[Tuple[str, int, int]]:
+    return [(e.kind, e.id, e.count) for e in q.events(follow=False) if e.kind in ("submitted", "batch_submitted")]
+
+
+def _event_rows(q: engine.Queue) -> int:
+    return q.reader.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+def test_one_by_one_submit_events_are_held_then_written_once_each_in_order(db, tmp_path):
+    """A one-by-one submit's commit holds its event back (the commit writes
+    the tasks' and payloads' pages only); the held events are written
+    together once `event_delay` passes, and a batch's event comes after the
+    held ones that were committed before it."""
+    with engine.Queue(db, event_delay=1.0) as q:
+        ids = [q.submit("t", args=(i,)) for i in range(40)]
+        assert _event_rows(q) == 0, "held, not written"
+        held_at = time.monotonic()
+        wait_for(lambda: _event_rows(q) == 40, timeout=10, what="the held events written")
+        assert time.monotonic() - held_at > 0.5, "written before their delay"
+        assert _submit_events(q) == [("submitted", i, 1) for i in ids]
+        more = [q.submit("t", args=(i,)) for i in range(5)]
+        out = q.submit_batch([engine.Job("t", args=(i,)) for i in range(3)])
+        # The batch's commit writes an event anyway: the held ones go with it, first.
+        assert _submit_events(q)[40:] == [("submitted", i, 1) for i in more] + [("batch_submitted",
+                                                                                 out.inserted[0], 3)]
+    with engine.Queue(str(tmp_path / "unheld.db"), event_delay=0.0) as q:  # a writer of its own
+        tid = q.submit("t", args=("not held",))
+        assert _submit_events(q)[-1] == ("submitted", tid, 1)
+
+
+def test_a_clean_stop_writes_the_events_still_held(db):
+    with engine.Queue(db, event_delay=3600.0, idle_exit=0.1) as q:
+        ids = [q.submit("t", args=(i,)) for i in range(10)]
+        assert _event_rows(q) == 0
+    wait_for(lambda: not paths.writer_alive(db), what="the writer gone")
+    with engine.Queue(db) as q:
+        assert _submit_events(q) == [("submitted", i, 1) for i in ids]
+
+
+def test_events_held_by_a_killed_writer_are_written_by_the_next_once_each(db):
+    """kill -9 while the C turn holds events of committed submits: the next
+    writer finds the tasks from the events' horizon that have no event and
+    writes theirs; those that had one (a batch's, the held ones a batch
+    wrote) are not written twice."""
+    with engine.Queue(db, event_delay=3600.0) as q:
+        first = [q.submit("t", args=(i,)) for i in range(20)]
+        batch = q.submit_batch([engine.Job("t", args=(i,)) for i in range(3)]).inserted
+        held = [q.submit("t", args=(i,)) for i in range(7)]
+        assert _event_rows(q) == 21, "the batch wrote the 20 held before it, and its own"
+        kill_writer(db)
+        wait_for(lambda: not paths.writer_alive(db), what="writer dead")
+        q._refresh()
+        q._command("sync", ([],))  # answered once the new writer serves
+        assert _submit_events(q) == ([("submitted", i, 1) for i in first] + [("batch_submitted", batch[0], 3)] +
+                                     [("submitted", i, 1) for i in held])
+        created = dict(q.reader.conn.execute("SELECT id, created FROM tasks"))
+        assert [e.at for e in q.events(follow=False)][-7:] == [created[i] / 1e6 for i in held]
+        kill_writer(db)  # again, with nothing held: nothing is written twice
+        wait_for(lambda: not paths.writer_alive(db), what="writer dead")
+        q._refresh()
+        q._command("sync", ([],))
+        assert len(_submit_events(q)) == 28
