@@ -3,7 +3,8 @@
 
     python benches/probe.py single 20000 [--producers 4]   # one-by-one submits: tasks/s, the writer's
                                                             # CPU per task (1 producer: and the producer's,
-                                                            # and the WAL's largest size, in MB)
+                                                            # the WAL's largest size, in MB, and the
+                                                            # submit's p99.9 and longest latency, in ms)
     python benches/probe.py batch 100000                    # submit_batch of 1,000: tasks/s, the
                                                             # producer's and the writer's CPU per task
     python benches/probe.py drain 40000                     # 2 workers drain a preload: tasks/s,
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from typing import Dict, List
 
 TASK = "bench.noop"
@@ -63,13 +65,20 @@ def probe_single(d: str, n: int, producers: int) -> Dict[str, float]:
     cpu: Dict[str, float] = {}
     w0 = _writer_cpu(d)
     if producers == 1:
-        c0, t0 = time.process_time(), time.perf_counter()
+        took = array("d", bytes(8 * n))
+        clock = time.perf_counter
+        c0, t0 = time.process_time(), clock()
         for i in range(n):
+            s0 = clock()
             q.submit(TASK, args=(_payload(i),))
+            took[i] = clock() - s0
             if i % 500 == 0:  # how far the WAL grows between the writer's checkpoints
                 wal = max(wal, os.path.getsize(q.path + "-wal"))
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
         cpu["producer_cpu_us"] = (time.process_time() - c0) / n * 1e6
+        ranked = sorted(took)  # the slowest submits wait out a checkpoint, if one holds the writer up
+        cpu["p999_ms"] = ranked[min(n - 1, int(n * 0.999))] * 1e3
+        cpu["max_ms"] = ranked[-1] * 1e3
     else:
         out = mp.get_context("fork").Queue()
         ps = [mp.get_context("fork").Process(target=_producer, args=(d, n // producers, out))

@@ -2,9 +2,11 @@
 will read, WAL checkpoints, and noticing that no client is left."""
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import apsw
 
@@ -20,6 +22,8 @@ EXIT_CHECK_INTERVAL = 0.25
 EXPIRE_BATCH = 4096
 #: Least time between two checkpoints the WAL's size calls for, in seconds.
 SIZE_CHECKPOINT_SPACING = 0.01
+#: Seconds between the WAL syncer's looks at the WAL file (see WalSync).
+WAL_SYNC_INTERVAL = 0.01
 
 
 class Upkeep:
@@ -124,3 +128,50 @@ class Upkeep:
         self.next_exit_check = now + EXIT_CHECK_INTERVAL
         return True
 
+
+
+class WalSync:
+    """Flushes the WAL file to disk from a thread of its own, every
+    WAL_SYNC_INTERVAL while commits write to it.
+
+    With synchronous=NORMAL, SQLite syncs the WAL only when it checkpoints,
+    and that sync wrote everything appended since the one before: at
+    checkpoint_pages=8192, 33 MB of frames, 20-33 ms in which the writer
+    committed nothing (a fifth of its time under one-by-one submits).  Synced
+    as it grows, the WAL leaves the checkpoint 3-4 ms of work.  A sync
+    earlier than SQLite's own changes nothing SQLite relies on."""
+
+    def __init__(self, wal_path: str) -> None:
+        self.path = wal_path
+        #: fdatasync calls made (for tests).
+        self.syncs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="headrace-wal-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = -1
+        seen: Optional[Tuple[int, int]] = None
+        try:
+            while not self._stop.wait(WAL_SYNC_INTERVAL):
+                if fd < 0:
+                    try:
+                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue  # SQLite makes it at the first write
+                st = os.fstat(fd)
+                mark = (st.st_mtime_ns, st.st_size)
+                if mark != seen:  # written since the last look
+                    seen = mark
+                    os.fdatasync(fd)
+                    self.syncs += 1
+        except OSError as e:
+            # The checkpoints sync the WAL anyway, and meet the disk's error themselves.
+            print(f"headrace writer: syncing the WAL between checkpoints stopped ({e})", file=sys.stderr)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

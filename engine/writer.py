@@ -29,7 +29,7 @@ import apsw
 from . import config, cron, errors, faults, paths, protocol, shm
 from .shm import Segment, now_us
 from .store import LiveRow, SQLiteStore, SpillRow, TaskRow, store_error
-from .upkeep import Upkeep
+from .upkeep import Upkeep, WalSync
 
 #: Ids handed out by a rebuilt segment start this far above any seen before,
 #: so that a producer replaying a request from the old segment never meets
@@ -168,6 +168,8 @@ class Writer:
         self.last_flush = time.monotonic()
         self.upkeep = Upkeep(self)
         shm.set_wait_spin(cfg.writer_spin_us)
+        # With synchronous=FULL every commit syncs the WAL: nothing is left to sync.
+        self.wal_sync = WalSync(db + "-wal") if sync != "full" else None
 
     # ---- the segment ------------------------------------------------------------
 
@@ -1410,6 +1412,8 @@ class Writer:
             self.store.bump(self.totals)
             self.totals = {}
             self.store.meta_set("clean", 1)
+        if self.wal_sync is not None:
+            self.wal_sync.close()
         try:
             self.store.checkpoint(truncate=True)
         except apsw.Error:

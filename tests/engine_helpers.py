@@ -195,6 +195,8 @@ def writer_in_process(db: str, upkeep: bool = True, **settings: Any) -> Iterator
         yield iw
     finally:
         iw.pause()
+        if iw.w.wal_sync is not None:
+            iw.w.wal_sync.close()
         iw.w.store.close()
         os.ftruncate(iw.w.lock_fd, 0)  # the db fixture stops the writer named there: not this process
         os.close(iw.w.lock_fd)

@@ -20,7 +20,8 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def test_each_probe_measures_its_path():
-    for args, keys in ((("single", "300"), {"tasks_s", "wal_max_mb", "producer_cpu_us", "writer_cpu_us"}),
+    for args, keys in ((("single", "300"), {"tasks_s", "wal_max_mb", "producer_cpu_us", "p999_ms", "max_ms",
+                                             "writer_cpu_us"}),
                        (("single", "400", "--producers", "2"), {"tasks_s", "wal_max_mb", "writer_cpu_us"}),
                        (("batch", "2000"), {"tasks_s", "producer_cpu_us", "writer_cpu_us"}),
                        (("drain", "2000"), {"tasks_s", "workers_cpu_us", "writer_cpu_us"}),

@@ -311,7 +311,7 @@ def test_a_producer_with_a_fault_site_armed_sends_plain_submits_of_its_true_size
 
 @pytest.mark.parametrize("pages,bound", [(256, ("<", 8 << 20)), (10 ** 9, (">", 20 << 20))])
 def test_the_writer_checkpoints_once_the_wal_holds_checkpoint_pages(tmp_path, pages, bound):
-    """One-by-one submits write ~3 WAL pages a commit: with the timer alone
+    """One-by-one submits write ~2 WAL pages a commit: with the timer alone
     (here an hour) the WAL grows with every submit; with the page bound, a
     PASSIVE checkpoint lets SQLite start the WAL over and the file stays small."""
     db = str(tmp_path / "w.db")
@@ -420,3 +420,28 @@ def test_events_held_by_a_killed_writer_are_written_by_the_next_once_each(db):
         q._refresh()
         q._command("sync", ([],))
         assert len(_submit_events(q)) == 28
+
+
+def test_the_writer_syncs_the_wal_while_commits_write_it_and_not_when_idle(db, monkeypatch):
+    """WalSync flushes the WAL file as it grows, so that a checkpoint does
+    not have the whole of it to sync while no submit commits; an idle WAL
+    is left alone."""
+    synced: List[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with writer_in_process(db) as iw, engine.Queue(db) as q:
+        assert iw.w.wal_sync is not None
+        for i in range(300):
+            q.submit("t", args=(i,))
+        wait_for(lambda: iw.w.wal_sync.syncs > 0, timeout=10, what="a sync of the WAL")
+        assert synced and set(synced) == {os.path.realpath(db) + "-wal"}
+        time.sleep(0.5)  # the last commits synced, upkeep's totals written
+        idle = iw.w.wal_sync.syncs
+        time.sleep(0.5)
+        assert iw.w.wal_sync.syncs == idle, "synced a WAL nobody wrote"
+        q.submit("t", args=("more",))
+        wait_for(lambda: iw.w.wal_sync.syncs > idle, timeout=10, what="a sync after a new commit")
