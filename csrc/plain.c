@@ -137,3 +137,19 @@ int hr_plain_await(void *mem, uint64_t pos, int64_t timeout_us, int64_t *out)
     out[2] = ids[1];
     return hr_req_set_state(mem, pos, HR_REQ_DONE);
 }
+
+int hr_plain_submit(void *mem, uint32_t mode, const char *name, uint32_t name_len, const char *body, uint32_t body_len,
+                    uint8_t prio, uint8_t ser, int64_t run_at, int64_t created, int32_t max_attempts, int64_t timeout_ms,
+                    int64_t backoff, uint32_t pid, int64_t timeout_us, int64_t *out)
+{
+    uint64_t sent[2];
+    out[0] = 0;
+    int rc = hr_plain_send(mem, mode, name, name_len, body, body_len, prio, ser, run_at, created, max_attempts,
+                           timeout_ms, backoff, pid, sent);
+    if (rc != HR_OK)
+        return rc;
+    out[1] = (int64_t)sent[0];
+    out[2] = (int64_t)sent[1];
+    __atomic_store_n(&out[0], 1, __ATOMIC_RELEASE); /* a caller interrupted as this returns reads it */
+    return hr_plain_await(mem, sent[0], timeout_us, out + 3);
+}

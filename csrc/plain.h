@@ -46,5 +46,13 @@ int hr_plain_send(void *mem, uint32_t mode, const char *name, uint32_t name_len,
  * (kind, id, other id) and the record is DONE.  HR_E_BUSY for any other
  * answer (an error): the record stays ANSWERED for the caller to read. */
 int hr_plain_await(void *mem, uint64_t pos, int64_t timeout_us, int64_t *out);
+/* hr_plain_send, then hr_plain_await for up to `timeout_us`, in one call
+ * (the one-by-one submit's usual path).  out[0] is 1 once the request is
+ * sent, and then out[1] is its position and out[2] its id, and the return
+ * is hr_plain_await's, with the answer in out[3..5]; while out[0] is 0, the
+ * return is hr_plain_send's (HR_E_FULL: the area is full, nothing sent). */
+int hr_plain_submit(void *mem, uint32_t mode, const char *name, uint32_t name_len, const char *body, uint32_t body_len,
+                    uint8_t prio, uint8_t ser, int64_t run_at, int64_t created, int32_t max_attempts, int64_t timeout_ms,
+                    int64_t backoff, uint32_t pid, int64_t timeout_us, int64_t *out);
 
 #endif

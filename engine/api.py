@@ -657,15 +657,23 @@ class Queue:
 
     def _submit_plain(self, item: protocol.Item, mode: int) -> Tuple[int, int]:
         """Submit one plain job (no dedup key, group, dependency or tag) with
-        one call to send and one to wait (csrc/plain.h); (kind, id) of the answer."""
+        one call that sends and waits (csrc/plain.h); (kind, id) of the answer."""
         _, name, body, ser, prio, _, run_at, max_attempts, _, created, timeout_ms, backoff = item[:12]
+        bname = name.encode()
         try:
-            pos, tid = self._with_room(lambda seg: seg.send_plain(mode, name.encode(), body, prio, ser, run_at,
-                                                                  created, max_attempts, timeout_ms, backoff))
+            sent = self.seg.submit_plain(mode, bname, body, prio, ser, run_at, created, max_attempts, timeout_ms,
+                                         backoff, WRITER_CHECK_INTERVAL)
+            if sent is None:  # the area is full: send once it has room
+                pos, tid = self._with_room(lambda seg: seg.send_plain(mode, bname, body, prio, ser, run_at, created,
+                                                                      max_attempts, timeout_ms, backoff))
+                answer = None
+            else:
+                pos, tid, answer = sent
         except OverflowError:  # a field past the C types (names are checked before): the old way, from marshal
             kinds, flat = self._send_chunk([(self.seg.reserve_ids(1),) + item[1:]], mode)
             return kinds[0], flat[0]
-        answer = self._await_answer(pos, plain=True)
+        if answer is None:  # not answered yet: wait as for any request (the writer may have died)
+            answer = self._await_answer(pos, plain=True)
         if answer is None:  # the segment was rebuilt under us: send again (the writer checks for a replay)
             kinds, flat = self._send_chunk([(tid,) + item[1:]], mode, replay=True)
             return kinds[0], flat[0]
@@ -1014,7 +1022,7 @@ class Queue:
             # sent on: a reconnect may have mapped the same segment again
             # (old mappings stay open; one of a rebuilt segment is dead memory).
             if not seg.closed:
-                _give_up(seg, pos)
+                seg.give_up(pos)
             raise
 
     def _check_writer(self) -> bool:
@@ -1576,14 +1584,6 @@ def _check_group(group: Any) -> str:
     return _text("a group", group)
 
 
-def _give_up(seg: Segment, pos: int) -> None:
-    """Abandon our record at `pos` (READY: the writer skips it, or drops
-    its answer), or mark an answer we will not read DONE."""
-    try:
-        if not seg.req_cas_state(pos, shm.REQ_READY, shm.REQ_ABANDONED):
-            seg.req_cas_state(pos, shm.REQ_ANSWERED, shm.REQ_DONE)
-    except errors.EngineError:
-        pass  # no longer a record of ours to give up
 
 
 def _check_name(name: Any) -> None:

@@ -704,7 +704,33 @@ class Segment:
         (kind, id, other id) for the usual answer, the answer's bytes for any
         other (an error), or None if `timeout` seconds passed first."""
         a = ffi.new("int64_t[3]")  # per call: producer threads share the segment
-        rc = lib.hr_plain_await(self._mem, pos, int(timeout * 1e6), a)
+        return self._plain_answer(lib.hr_plain_await(self._mem, pos, int(timeout * 1e6), a), pos, a)
+
+    def submit_plain(self, mode: int, name: bytes, body: bytes, prio: int, ser: int, run_at: int, created: int,
+                     max_attempts: int, timeout_ms: int, backoff: int, timeout: float
+                     ) -> Optional[Tuple[int, int, Union[None, bytes, Tuple[int, int, int]]]]:
+        """:meth:`send_plain`, then :meth:`await_plain` for up to `timeout`
+        seconds, in one call: (position, id, answer), or None while the area
+        is full (nothing was sent).  The answer is None if it did not come
+        (the time passed, or the record was dropped): :meth:`await_plain`
+        then waits, or says why."""
+        out = ffi.new("int64_t[6]")  # per call: producer threads share the segment
+        try:
+            rc = lib.hr_plain_submit(self._mem, mode, name, len(name), body, len(body), prio, ser, run_at, created,
+                                     max_attempts, timeout_ms, backoff, os.getpid(), int(timeout * 1e6), out)
+        except BaseException:  # interrupted as it returned: an answer nobody reads would hold up the area
+            if out[0]:
+                self.give_up(int(out[1]))
+            raise
+        if not out[0]:
+            if rc == _E_FULL:
+                return None
+            check(rc, f"send_plain of {len(body)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
+        pos = int(out[1])
+        return pos, int(out[2]), self._plain_answer(rc, pos, out + 3) if rc in (0, lib.HR_E_BUSY) else None
+
+    def _plain_answer(self, rc: int, pos: int, a: Any) -> Union[None, bytes, Tuple[int, int, int]]:
+        """hr_plain_await's outcome `rc`, with the answer it left in `a`."""
         if rc == 0:
             return int(a[0]), int(a[1]), int(a[2])
         if rc == lib.HR_E_BUSY:
@@ -714,6 +740,15 @@ class Segment:
         if rc == lib.HR_E_TIMEOUT:
             return None
         raise errors.InvalidState(f"request {pos} was abandoned or is gone (status {rc})")
+
+    def give_up(self, pos: int) -> None:
+        """Abandon our record at `pos` (READY: the writer skips it, or drops
+        its answer), or mark an answer we will not read DONE."""
+        try:
+            if not self.req_cas_state(pos, REQ_READY, REQ_ABANDONED):
+                self.req_cas_state(pos, REQ_ANSWERED, REQ_DONE)
+        except errors.EngineError:
+            pass  # no longer a record of ours to give up
 
     def _req_cap(self) -> int:
         return self.info()["req_cap"]
