@@ -13,7 +13,7 @@ import apsw
 import pytest
 
 import engine
-from engine import Backoff, errors, faults, paths, protocol, shm
+from engine import Backoff, errors, faults, paths, protocol, shm, store
 from engine_helpers import kill_writer, send_raw, wait_for, writer_in_process
 
 #: The columns a submit decides (not id, seq or created: those differ between runs).
@@ -311,13 +311,15 @@ def test_a_producer_with_a_fault_site_armed_sends_plain_submits_of_its_true_size
 
 @pytest.mark.parametrize("pages,bound", [(256, ("<", 8 << 20)), (10 ** 9, (">", 20 << 20))])
 def test_the_writer_checkpoints_once_the_wal_holds_checkpoint_pages(tmp_path, pages, bound):
-    """One-by-one submits write ~2 WAL pages a commit: with the timer alone
-    (here an hour) the WAL grows with every submit; with the page bound, a
-    PASSIVE checkpoint lets SQLite start the WAL over and the file stays small."""
+    """One-by-one submits write ~2 WAL pages (of 2 KiB) a commit: with the
+    timer alone (here an hour) the WAL grows with every submit; with the page
+    bound, a PASSIVE checkpoint lets SQLite start the WAL over and the file
+    stays small."""
     db = str(tmp_path / "w.db")
     with writer_in_process(db, checkpoint_interval=3600.0, checkpoint_pages=pages) as iw, engine.Queue(db) as q:
         assert iw.w.native is not None
-        for i in range(3000):
+        assert q.reader.conn.execute("PRAGMA page_size").fetchone()[0] == store.PAGE_SIZE
+        for i in range(6000):
             q.submit("t", args=(i,))
         size = os.path.getsize(db + "-wal")
     op, limit = bound

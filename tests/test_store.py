@@ -84,3 +84,27 @@ def test_readers_do_not_map_the_database_and_cannot_write(tmp_path):
             raise AssertionError("a reader wrote")
     finally:
         r.close()
+
+
+def test_a_new_database_gets_the_page_size_and_one_that_exists_keeps_its_own(tmp_path, monkeypatch):
+    from engine import store as store_mod
+
+    def page_size(db: str) -> int:
+        s = SQLiteStore(db)
+        try:
+            return s.conn.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            s.close()
+
+    new = str(tmp_path / "new.db")
+    assert page_size(new) == store_mod.PAGE_SIZE == 2048
+    monkeypatch.setattr(store_mod, "PAGE_SIZE", 4096)
+    old = str(tmp_path / "old.db")
+    assert page_size(old) == 4096  # made by an older headrace, at SQLite's default
+    monkeypatch.undo()
+    s = SQLiteStore(old)
+    assert s.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    with s.transaction():
+        s.insert_tasks([_task(1, 5)], [(1, b"{}")])
+    assert [r[0] for r in s.conn.execute("SELECT id FROM tasks")] == [1]
+    s.close()
