@@ -384,10 +384,18 @@ static int insert_event(hr_turn *t, int kind, uint64_t id, uint32_t n, int64_t a
     return step_done(t->event);
 }
 
-/* The event row of a request's `n` jobs from `it`. */
+/* The event rows of a request's `n` jobs from `it`, one per run of
+ * consecutive ids: a streamed request's parts take their ids one part at a
+ * time, so another producer's may come between. */
 static int store_event(hr_turn *t, const item *it, uint32_t n)
 {
-    return insert_event(t, n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED, it->id, n, it->created);
+    int kind = n == 1 ? EV_SUBMITTED : EV_BATCH_SUBMITTED, rc = SQLITE_OK;
+    for (uint32_t k = 0, run; k < n && rc == SQLITE_OK; k += run) {
+        for (run = 1; k + run < n && it[k + run].id == it[k].id + run; run++)
+            ;
+        rc = insert_event(t, kind, it[k].id, run, it[k].created);
+    }
+    return rc;
 }
 
 /* Hold the submit event of a one-job request, to write it with others: a

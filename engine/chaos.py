@@ -289,6 +289,7 @@ class Harness:
             self._check(q)
 
     def _check(self, q) -> None:
+        from . import protocol
         from .api import loads
         from .shm import COMPLETED
         r = self.report
@@ -322,6 +323,11 @@ class Harness:
                 dup.append(tok)
             stored[tok] = tid
         states = q.reader.last_states(list(stored.values()))
+        q._command("sync", ([],))  # a turn of the writer's: it writes the submit events it holds first
+        events: Dict[int, int] = collections.Counter()
+        for first, n in q.reader.conn.execute("SELECT id, n FROM events WHERE kind IN (?, ?)",
+                                              (protocol.EV_SUBMITTED, protocol.EV_BATCH_SUBMITTED)):
+            events.update(range(first, first + n))
         r.tried, r.acked, r.stored = len(tried), len(acked), len(stored)
         r.runs = sum(map(len, runs.values()))
 
@@ -335,6 +341,8 @@ class Harness:
         problem("acknowledged tasks that never ran", [t for t in acked if t not in runs])
         problem("tasks stored that were never submitted", [t for t in stored if t not in tried])
         problem("tasks ran that were never submitted", [t for t in runs if t not in tried])
+        problem("stored tasks with no submit event", [t for t, tid in stored.items() if not events[tid]])
+        problem("stored tasks with more than one submit event", [t for t, tid in stored.items() if events[tid] > 1])
         kills = self.kill_times
         unjustified = []
         for tok, times in runs.items():

@@ -69,9 +69,18 @@ _PLAIN_MODES = frozenset(protocol.ON_DUPLICATE.values())
 
 
 def _submit_events(requests: Sequence[Tuple[List[int], int]]) -> List[Tuple[int, int, int, int]]:
-    """The event log's rows of submit requests, each (ids inserted, time)."""
-    return [(protocol.EV_SUBMITTED, ids[0], 1, at) if len(ids) == 1
-            else (protocol.EV_BATCH_SUBMITTED, ids[0], len(ids), at) for ids, at in requests]
+    """The event log's rows of submit requests, each (ids inserted, time):
+    one per run of consecutive ids (a batch's need not be one run: the jobs
+    it did not insert, or another producer's ids between its parts)."""
+    rows = []
+    for ids, at in requests:
+        kind = protocol.EV_SUBMITTED if len(ids) == 1 else protocol.EV_BATCH_SUBMITTED
+        start = 0
+        for k in range(1, len(ids) + 1):
+            if k == len(ids) or ids[k] != ids[k - 1] + 1:
+                rows.append((kind, ids[start], k - start, at))
+                start = k
+    return rows
 
 
 def _live(rows: Sequence[TaskRow]) -> List[LiveRow]:

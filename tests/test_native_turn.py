@@ -447,3 +447,37 @@ def test_the_writer_syncs_the_wal_while_commits_write_it_and_not_when_idle(db, m
         assert iw.w.wal_sync.syncs == idle, "synced a WAL nobody wrote"
         q.submit("t", args=("more",))
         wait_for(lambda: iw.w.wal_sync.syncs > idle, timeout=10, what="a sync after a new commit")
+
+
+def test_each_task_of_a_batch_whose_ids_are_not_one_run_has_one_submit_event(db, monkeypatch):
+    """A streamed batch's parts take their ids one part at a time, so another
+    producer's ids may come between them, and a batch with duplicates skips
+    the ids of those: the log has one event per run of consecutive ids, and
+    each task is in exactly one event."""
+    real = shm.Segment.reserve_ids
+
+    def reserve_ids(self: shm.Segment, n: int) -> int:
+        real(self, 1)  # another producer's id comes first
+        return real(self, n)
+    with engine.Queue(db) as q:
+        monkeypatch.setattr(shm.Segment, "reserve_ids", reserve_ids)
+        streamed = q.submit_batch([engine.Job("t", args=(i,)) for i in range(1000)]).inserted
+        monkeypatch.undo()
+        assert len(streamed) == 1000 and streamed != list(range(streamed[0], streamed[0] + 1000))
+        q.submit("t", args=("first",), dedup_key="k1")
+        deduped = q.submit_batch([engine.Job("t", args=(k,), dedup_key=k) for k in ("a", "k1", "b", "c")]).inserted
+        assert len(deduped) == 3 and deduped[1] - deduped[0] == 2  # the skipped job's id lies between
+        tasks = {r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")}
+        covered: Dict[int, int] = {}
+
+        def count() -> Dict[int, int]:
+            covered.clear()
+            for e in q.events(follow=False):
+                if e.kind in ("submitted", "batch_submitted"):
+                    for tid in range(e.id, e.id + e.count):
+                        covered[tid] = covered.get(tid, 0) + 1
+            return covered
+        wait_for(lambda: len(count()) >= len(tasks), timeout=10, what="every submit event")
+        assert set(covered) == tasks and set(covered.values()) == {1}
+        batch_events = [e for e in q.events(follow=False) if e.kind == "batch_submitted"]
+        assert len(batch_events) > 2, "one per run of consecutive ids"
