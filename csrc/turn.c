@@ -104,7 +104,7 @@ typedef struct rec {
     uint32_t first, n; /* its items: items[first .. first + n) */
 } rec;
 
-/* The submit event of a one-job request, not yet written (see defer_event). */
+/* The submit event of a one-job request, not yet written (see hold_event). */
 typedef struct held_event {
     uint64_t id;
     int64_t at;

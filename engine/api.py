@@ -349,8 +349,9 @@ class Event(NamedTuple):
     """One state change from :meth:`Queue.events`.
 
     `kind` is "submitted", "batch_submitted" (ids `id` to `id + count - 1`:
-    a batch's ids come one event per run of consecutive ids), "started", "failed" (an attempt failed; the task runs again),
-    "retried" (put back from dead), "completed", "dead" or "cancelled".
+    a batch's ids come one event per run of consecutive ids), "started",
+    "failed" (an attempt failed; the task runs again), "retried" (put back
+    from dead), "completed", "dead" or "cancelled".
     `cursor` resumes the stream just after this event."""
 
     kind: str
@@ -1170,8 +1171,9 @@ class Queue:
         """State changes as the database records them, oldest first, from
         any process: submits (``batch_submitted`` per run of consecutive ids
         of a batch chunk: usually one per chunk) and outcomes.  A one-by-one
-        submit's event may come up to the setting ``event_delay`` late.  Changes within one flush interval collapse into the last
-        (a task that starts and completes between two flushes shows only
+        submit's event may come up to the setting ``event_delay`` late.
+        Changes within one flush interval collapse into the last (a task
+        that starts and completes between two flushes shows only
         ``completed``).  With `follow` it waits for more (until
         `idle_timeout` seconds pass without one); pass an event's `cursor`
         as `after` to resume."""

@@ -136,7 +136,7 @@ class WalSync:
 
     With synchronous=NORMAL, SQLite syncs the WAL only when it checkpoints,
     and that sync wrote everything appended since the one before: at
-    checkpoint_pages=8192, 33 MB of frames, 20-33 ms in which the writer
+    checkpoint_pages=8192 of 4 KiB, 33 MB of frames, 20-33 ms in which the writer
     committed nothing (a fifth of its time under one-by-one submits).  Synced
     as it grows, the WAL leaves the checkpoint 3-4 ms of work.  A sync
     earlier than SQLite's own changes nothing SQLite relies on."""
