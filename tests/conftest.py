@@ -52,22 +52,21 @@ def seg(segname: str) -> Iterator[Segment]:
 
 
 
-@pytest.fixture
-def db(tmp_path) -> Iterator[str]:
-    """A database path; its writer is stopped and its segment removed after the test."""
+def _stop_writer_and_unlink(path: str) -> None:
+    """Stop the writer of the database at `path` and remove its segment: a
+    segment a killed (or in-process) writer left would outlive the test's
+    directory, and each holds its capacity's memory in /dev/shm until reboot."""
     import signal
     import time
 
     from engine import paths
 
-    path = str(tmp_path / "q.db")
-    yield path
     try:
         with open(path + ".lock") as f:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    if pid and paths.writer_alive(path):
+    if pid and pid != os.getpid() and paths.writer_alive(path):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -76,4 +75,26 @@ def db(tmp_path) -> Iterator[str]:
         while paths.writer_alive(path) and time.monotonic() < deadline:
             time.sleep(0.02)
     if os.path.exists(path):
-        Segment.unlink(paths.segment_name(path))
+        try:
+            Segment.unlink(paths.segment_name(path))
+        except Exception:  # not a database of ours (a test's foreign file, say)
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _no_segment_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used a temporary directory: every database in it
+    has its writer stopped and its segment removed."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is not None:
+        for path in tmp.rglob("*.db"):
+            _stop_writer_and_unlink(str(path))
+
+
+@pytest.fixture
+def db(tmp_path) -> Iterator[str]:
+    """A database path; its writer is stopped and its segment removed after the test."""
+    path = str(tmp_path / "q.db")
+    yield path
+    _stop_writer_and_unlink(path)
