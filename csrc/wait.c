@@ -56,24 +56,7 @@ int hr_runnable_fit(const char *loadavg, long cores)
  * milliseconds old still tells. */
 #define LOAD_READING_US 2000
 
-static int read_load(void);
-
-/* hr_runnable_fit of this machine now: 1 or 0, or -1 where it cannot
- * tell (no /proc/loadavg: not Linux, or no /proc). */
-static int cores_to_spare(void)
-{
-    static int64_t read_at = 0;  /* never read: the monotonic clock is long past 0 */
-    static int reading = -1;
-    int64_t now = hr_mono_us();
-    /* Threads may race here: each then reads the file itself, no harm done. */
-    if (now - __atomic_load_n(&read_at, __ATOMIC_ACQUIRE) < LOAD_READING_US)
-        return __atomic_load_n(&reading, __ATOMIC_RELAXED);
-    int fit = read_load();
-    __atomic_store_n(&reading, fit, __ATOMIC_RELAXED);
-    __atomic_store_n(&read_at, now, __ATOMIC_RELEASE);
-    return fit;
-}
-
+/* hr_runnable_fit of /proc/loadavg now. */
 static int read_load(void)
 {
 #ifdef __linux__
@@ -90,6 +73,22 @@ static int read_load(void)
 #else
     return -1;
 #endif
+}
+
+/* hr_runnable_fit of this machine now: 1 or 0, or -1 where it cannot
+ * tell (no /proc/loadavg: not Linux, or no /proc). */
+static int cores_to_spare(void)
+{
+    static int64_t read_at = 0;  /* never read: the monotonic clock is long past 0 */
+    static int reading = -1;
+    int64_t now = hr_mono_us();
+    /* Threads may race here: each then reads the file itself, no harm done. */
+    if (now - __atomic_load_n(&read_at, __ATOMIC_ACQUIRE) < LOAD_READING_US)
+        return __atomic_load_n(&reading, __ATOMIC_RELAXED);
+    int fit = read_load();
+    __atomic_store_n(&reading, fit, __ATOMIC_RELAXED);
+    __atomic_store_n(&read_at, now, __ATOMIC_RELEASE);
+    return fit;
 }
 
 int hr_spin_slots(int ev)
