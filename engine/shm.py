@@ -693,11 +693,16 @@ class Segment:
         sent = ffi.new("uint64_t[2]")  # per call: producer threads share the segment
         rc = lib.hr_plain_send(self._mem, mode, name, len(name), body, len(body), prio, ser, run_at, created,
                                max_attempts, timeout_ms, backoff, os.getpid(), sent)
-        if rc == _E_FULL:
-            return None
         if rc < 0:
-            check(rc, f"send_plain of {len(body)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
+            self._unless_full(rc, body)
+            return None
         return int(sent[0]), int(sent[1])
+
+    def _unless_full(self, rc: int, body: bytes) -> None:
+        """Raise hr_plain_send's failure `rc`, unless the area is full (the
+        caller tries again once it has room)."""
+        if rc != _E_FULL:
+            check(rc, f"send_plain of {len(body)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
 
     def await_plain(self, pos: int, timeout: float) -> Union[None, bytes, Tuple[int, int, int]]:
         """The answer to a one-job request, as :meth:`req_await` gives it:
@@ -723,9 +728,8 @@ class Segment:
                 self.give_up(int(out[1]))
             raise
         if not out[0]:
-            if rc == _E_FULL:
-                return None
-            check(rc, f"send_plain of {len(body)} bytes", f"at most {self._req_cap() // 2 - REQ_HEADER} fit")
+            self._unless_full(rc, body)
+            return None
         pos = int(out[1])
         return pos, int(out[2]), self._plain_answer(rc, pos, out + 3) if rc in (0, lib.HR_E_BUSY) else None
 

@@ -737,3 +737,16 @@ def test_threads_submitting_one_by_one_on_one_queue_each_get_their_own_ids(db):
         stored = {tid: tuple(engine.api.loads(0, body)[0]) for tid, body in
                   q.reader.conn.execute("SELECT id, body FROM payloads")}
         assert stored == got, "each returned id holds the job its thread submitted"
+
+
+def test_a_plain_send_too_big_for_the_request_area_raises_naming_its_size(db):
+    """Both ways of sending a one-job request refuse one that can never fit
+    with a typed error naming its size, rather than waiting for room."""
+    with engine.Queue(db, request_bytes=1 << 16) as q:
+        body = b"[[1],{}]" + b" " * (1 << 16)
+        sends = (lambda: q.seg.send_plain(0, b"t", body, 0, 0, 0, 1, 1, 0, 0),
+                 lambda: q.seg.submit_plain(0, b"t", body, 0, 0, 0, 1, 1, 0, 0, 0.1))
+        for send in sends:
+            with pytest.raises(errors.EngineError, match=f"send_plain of {len(body)} bytes.*at most"):
+                send()
+        assert q.submit("t", args=(1,)) > 0  # nothing was left half sent
