@@ -394,7 +394,8 @@ class Writer:
 
     def turn(self, force_flush: bool = False) -> bool:
         """Commit what has arrived; returns whether there was anything."""
-        if self.native is not None and not force_flush and self._unhindered() and not faults._armed:
+        native = self.native is not None and not force_flush and self._unhindered() and not faults._armed
+        if native:
             done = self._native_turn()
             if done is not None:
                 return done
@@ -403,6 +404,14 @@ class Writer:
         recs = self._gather()
         if self.stream_head is not None:
             return self._stream_turn(self.stream_head)
+        if recs and native and self._plain(recs):
+            # The C turn stopped at a record still being sent in parts, which
+            # its producer has finished since: the C turn takes it whole.
+            self.scan = recs[0][0].pos
+            done = self._native_turn()
+            if done is not None:
+                return done
+            recs = self._gather()
         if recs and not force_flush and self._plain(recs):
             return self._plain_turn(recs)
         reports = [r for r in recs if r[1] == protocol.REPORT]
