@@ -57,6 +57,10 @@ class Settings:
     grace: float = 30.0
     #: Most jobs a worker claims at once.
     claim_batch: int = 32
+    #: While tasks arrive as a stream, a worker claims at most once per this
+    #: many seconds, so that it claims them in batches; a task that comes to
+    #: an idle worker is claimed at once.  0: claim each as it comes.
+    claim_linger: float = 0.001
     #: Longest the C turn holds a one-by-one submit's event before it writes
     #: it, with the others held (seconds; 0: each in its own submit's
     #: commit).  A commit that writes no event writes a third fewer pages.

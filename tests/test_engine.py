@@ -270,6 +270,48 @@ def test_killed_worker_tasks_run_again_and_worker_is_replaced(db, tmp_path):
         wait_for(lambda: q.stats()["counts"]["completed"] == 12, what="completions flushed")
 
 
+def test_a_worker_claims_a_stream_in_batches_and_a_task_after_a_pause_at_once(db, monkeypatch):
+    import threading
+    from engine import workers
+    linger = 1.0  # long, so that scheduling delays on a loaded machine stay far below it
+    ran = []
+    claims = []
+    real_claim = workers._claim
+
+    def counting_claim(*args, **kwargs):
+        jobs = real_claim(*args, **kwargs)
+        if jobs:
+            claims.append(len(jobs))
+        return jobs
+    monkeypatch.setattr(workers, "_claim", counting_claim)
+    with engine.Queue(db, claim_linger=linger) as q:
+        @q.task(name="t.note")
+        def note(i):
+            ran.append((i, time.monotonic()))
+        stopping = threading.Event()
+        worker = threading.Thread(target=workers.work, args=(q, stopping.is_set))
+        worker.start()
+        try:
+            t0 = time.monotonic()
+            q.submit("t.note", args=(0,))
+            wait_for(lambda: len(ran) == 1, what="the first task ran")
+            assert ran[0][1] - t0 < linger / 2, "a task that comes to an idle worker waits for no linger"
+            for i in range(1, 21):  # a stream, one by one
+                q.submit("t.note", args=(i,))
+                time.sleep(0.005)
+            wait_for(lambda: len(ran) == 21, what="the stream ran")
+            assert sum(claims) == 21 and len(claims) <= 3, claims  # one claim per task without the linger
+            time.sleep(linger * 1.5)
+            t1 = time.monotonic()
+            q.submit("t.note", args=(21,))
+            wait_for(lambda: len(ran) == 22, what="the task after the pause ran")
+            assert ran[-1][1] - t1 < linger / 2, "after a pause longer than the linger, a task is claimed at once"
+        finally:
+            stopping.set()
+            worker.join()
+    assert [i for i, _ in ran] == list(range(22))
+
+
 def test_unknown_task_fails_clearly_and_worker_lives(db, tmp_path):
     log = str(tmp_path / "log")
     with engine.Queue(db) as q:
