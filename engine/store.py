@@ -354,6 +354,10 @@ class Store:
         """The time of the oldest submit event (a big number if there is none)."""
         raise NotImplementedError
 
+    def oldest_outcome_at(self) -> Optional[int]:
+        """The time of the oldest outcome stored (None if there is none)."""
+        raise NotImplementedError
+
     def purge(self, ids: Sequence[int]) -> None:
         """Delete finished tasks and everything stored about them."""
         raise NotImplementedError
@@ -659,6 +663,12 @@ class SQLiteStore(_Reads, Store):
         for (at,) in self.conn.execute("SELECT at FROM events ORDER BY seq LIMIT 1"):
             return int(at)
         return 1 << 62
+
+    def oldest_outcome_at(self) -> Optional[int]:
+        # Outcomes are appended with the writer's clock: the first is the oldest.
+        for (at,) in self.conn.execute("SELECT at FROM outcomes ORDER BY rowid LIMIT 1"):
+            return int(at)
+        return None
 
     def finished_after(self, after_id: int, limit: int) -> List[Tuple[int, int, int]]:
         return list(self.conn.execute(

@@ -952,6 +952,8 @@ class Writer:
             rows = self.store.finished_after(0, cfg.purge_batch)
         elif now < self.purge_idle_until:  # by age, and nothing can be old enough yet
             rows = []
+        elif not self.purge_cursor and self._all_young(now, cutoff):
+            rows = []
         else:  # by age: walk the ids round, a batch per pass
             if not self.purge_cursor:
                 self.purge_round = (now, now)
@@ -988,6 +990,18 @@ class Writer:
             with self.store.transaction():
                 self.store.purge_events(cutoff, cfg.purge_batch)
         return len(doomed)
+
+    def _all_young(self, now: int, cutoff: int) -> bool:
+        """Before a round by age: whether no task can be old enough, every
+        outcome being from after the cutoff; if so, rest until the oldest
+        one (or, with none, one written from now on) is past the retention.
+        A round walks every task, and at a steady stream of submits it never
+        ended: a pass of 2,000 tasks took ~3 ms, every purge_interval."""
+        oldest = self.store.oldest_outcome_at()
+        if oldest is not None and oldest < cutoff:
+            return False
+        self.purge_idle_until = (now if oldest is None else oldest) + int(self.cfg.retention * 1e6)
+        return True
 
     def store_totals(self, names: Sequence[str]) -> List[int]:
         """Running totals: on disk plus those committed but not yet written."""

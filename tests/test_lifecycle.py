@@ -825,6 +825,34 @@ def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
             assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
 
 
+def test_purge_by_age_walks_no_task_while_every_outcome_is_younger_than_the_retention(db, monkeypatch):
+    """Before a round by age, the oldest outcome tells whether any task can
+    be old enough: while none can, purge passes walk no task, even with
+    tasks ending all the time (the round never ended at a steady stream)."""
+    from engine import writer
+
+    with writer_in_process(db, upkeep=False, retention=60, purge_batch=50) as iw, engine.Queue(db) as q:
+        w = iw.w
+        walks = []
+        real = w.store.finished_after
+        monkeypatch.setattr(w.store, "finished_after", lambda *a: walks.append(a) or real(*a))
+        assert w.purge() == 0 and walks == [], "no outcome yet: nothing to walk"
+        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(120)]).inserted
+        done = 0
+        while done < len(ids):
+            for job in q.claim(64, timeout=5):
+                assert job.complete()
+                done += 1
+        wait_for(lambda: all(w.seg.get(tid) is None for tid in ids), what="every outcome flushed")
+        iw.pause()
+        w.purge_idle_until = 0  # as a new writer starts
+        assert [w.purge() for _ in range(3)] == [0, 0, 0] and walks == [], "every outcome is young"
+        later = writer.now_us() + 61_000_000
+        monkeypatch.setattr(writer, "now_us", lambda: later)
+        assert sum(w.purge() for _ in range(4)) == 120 and walks, "past the retention, the round purges"
+        assert q.reader.conn.execute("SELECT count(*) FROM tasks").fetchall()[0][0] == 0
+
+
 def test_purge_by_age_rests_once_a_round_found_nothing_old_enough(db, monkeypatch):
     """A purge pass by age walks a batch of tasks; once a whole round found
     nothing old enough, passes look at nothing until the oldest ending it
@@ -844,6 +872,9 @@ def test_purge_by_age_rests_once_a_round_found_nothing_old_enough(db, monkeypatc
         walks = []
         real = w.store.finished_after
         monkeypatch.setattr(w.store, "finished_after", lambda *a: walks.append(a) or real(*a))
+        # An old outcome of a task that ended since (a week-long attempt, say): the round must walk.
+        monkeypatch.setattr(w.store, "oldest_outcome_at", lambda: 1)
+        w.purge_idle_until = 0
         assert [w.purge() for _ in range(3)] == [0, 0, 0]  # a round: 50 + 50 + 20 tasks, all young
         assert [a[0] for a in walks] == [0, ids[49], ids[99]]
         assert [w.purge() for _ in range(5)] == [0] * 5 and len(walks) == 3, "walked again too soon"
