@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import apsw
 import pytest
@@ -825,6 +825,20 @@ def test_retention_purges_finished_tasks_in_bulk_and_keeps_live_ones(db, log):
             assert ids <= {live, *[r[0] for r in q.reader.conn.execute("SELECT id FROM tasks")]}, table
 
 
+def _complete_and_flush(q: engine.Queue, iw: Any, n: int) -> List[int]:
+    """Submit and complete `n` tasks, wait until the in-process writer `iw`
+    flushed every outcome, then pause it; returns their ids."""
+    ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(n)]).inserted
+    done = 0
+    while done < len(ids):
+        for job in q.claim(64, timeout=5):
+            assert job.complete()
+            done += 1
+    wait_for(lambda: all(iw.w.seg.get(tid) is None for tid in ids), what="every outcome flushed")
+    iw.pause()
+    return ids
+
+
 def test_purge_by_age_walks_no_task_while_every_outcome_is_younger_than_the_retention(db, monkeypatch):
     """Before a round by age, the oldest outcome tells whether any task can
     be old enough: while none can, purge passes walk no task, even with
@@ -837,14 +851,7 @@ def test_purge_by_age_walks_no_task_while_every_outcome_is_younger_than_the_rete
         real = w.store.finished_after
         monkeypatch.setattr(w.store, "finished_after", lambda *a: walks.append(a) or real(*a))
         assert w.purge() == 0 and walks == [], "no outcome yet: nothing to walk"
-        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(120)]).inserted
-        done = 0
-        while done < len(ids):
-            for job in q.claim(64, timeout=5):
-                assert job.complete()
-                done += 1
-        wait_for(lambda: all(w.seg.get(tid) is None for tid in ids), what="every outcome flushed")
-        iw.pause()
+        ids = _complete_and_flush(q, iw, 120)
         w.purge_idle_until = 0  # as a new writer starts
         assert [w.purge() for _ in range(3)] == [0, 0, 0] and walks == [], "every outcome is young"
         later = writer.now_us() + 61_000_000
@@ -861,14 +868,7 @@ def test_purge_by_age_rests_once_a_round_found_nothing_old_enough(db, monkeypatc
 
     with writer_in_process(db, upkeep=False, retention=60, purge_batch=50) as iw, engine.Queue(db) as q:
         w = iw.w
-        ids = q.submit_batch([engine.Job("l.when", args=(i,)) for i in range(120)]).inserted
-        done = 0
-        while done < len(ids):
-            for job in q.claim(64, timeout=5):
-                assert job.complete()
-                done += 1
-        wait_for(lambda: all(w.seg.get(tid) is None for tid in ids), what="every outcome flushed")
-        iw.pause()
+        ids = _complete_and_flush(q, iw, 120)
         walks = []
         real = w.store.finished_after
         monkeypatch.setattr(w.store, "finished_after", lambda *a: walks.append(a) or real(*a))
