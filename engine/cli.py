@@ -115,6 +115,19 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gc(a: argparse.Namespace) -> int:
+    from . import paths
+    found = paths.stale_segments() if a.dry_run else paths.remove_stale_segments()
+    if a.json:
+        print(json.dumps([{"segment": p, "why": why} for p, why in found], indent=2))
+        return EXIT_OK
+    for path, why in found:
+        print(f"{'would remove' if a.dry_run else 'removed'} {path}: {why}")
+    print(f"{len(found)} stale segment{'s' if len(found) != 1 else ''}"
+          f"{' found' if a.dry_run else ' removed'}")
+    return EXIT_OK
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code."""
     p = argparse.ArgumentParser(prog="headrace", description="headrace task queue engine")
@@ -159,6 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     v = sub.add_parser("verify", help="check the segment, the database, and that they agree")
     v.add_argument("path")
     v.set_defaults(fn=cmd_verify)
+
+    g = sub.add_parser("gc", help="remove the shared-memory segments that killed writers left of deleted databases")
+    g.add_argument("--dry-run", action="store_true", help="only list them")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_gc)
 
     c = sub.add_parser("chaos", add_help=False,
                        help="kill -9 real processes at random for a while, then check nothing was lost "

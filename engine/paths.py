@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import errors
 
@@ -91,6 +92,58 @@ def segment_name(db: str) -> str:
     that every path to the same file names the same segment."""
     st = os.stat(db)
     return f"db-{st.st_dev:x}-{st.st_ino:x}"
+
+
+_TEMP_SEGMENT = re.compile(r"^db-[0-9a-f]+-[0-9a-f]+\.new(\d+)$")
+
+
+def stale_segments(directory: Optional[str] = None) -> List[Tuple[str, str]]:
+    """(file, why) of each segment of this user that no database will use
+    again: the database it names is gone or was replaced by another file,
+    or a writer that died left it half built; and no process has it
+    mapped.  A segment of a database that is still there is kept, with what
+    its killed writer had not yet written; so is one made before segments
+    named their database."""
+    from . import shm
+    directory = directory or shm.SHM_DIR
+    out: List[Tuple[str, str]] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for f in names:
+        if not f.startswith(shm.PREFIX + "db-"):
+            continue
+        name = f[len(shm.PREFIX):]
+        path = os.path.join(directory, f)
+        why = _why_stale(name, path)
+        if why and shm.unused(path):
+            out.append((path, why))
+    return out
+
+
+def _why_stale(name: str, path: str) -> Optional[str]:
+    from . import shm
+    temp = _TEMP_SEGMENT.match(name)
+    if temp:
+        return None if pid_alive(int(temp.group(1))) else f"half built by writer {temp.group(1)}, which is gone"
+    note = shm.read_note(path)
+    if not note:
+        return None
+    db = os.fsdecode(note)
+    try:
+        now = segment_name(db)
+    except FileNotFoundError:
+        return f"its database {db} is gone"
+    except OSError:
+        return None  # unreadable just now (a directory we may not enter): not known to be gone
+    return f"its database {db} was replaced by another file" if now != name else None
+
+
+def remove_stale_segments(directory: Optional[str] = None) -> List[Tuple[str, str]]:
+    """Delete :func:`stale_segments`; returns the (file, why) of each deleted."""
+    from . import shm
+    return [(path, why) for path, why in stale_segments(directory) if shm.unused(path, unlink=True)]
 
 
 def try_flock(fd: int, exclusive: bool) -> bool:

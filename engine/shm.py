@@ -13,6 +13,7 @@ per-item Python objects.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import mmap
@@ -90,6 +91,13 @@ ATTACH_WAIT_S = 2.0
 _KEY = struct.Struct("<QQ")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MIN_MAP = 64  # below this, nothing in the file could be a header
+#: Bytes past the core's part of a segment file that say whom it serves
+#: (see :func:`read_note`); the core never reads them.
+NOTE_SIZE = 4096
+_NOTE = struct.Struct("<8sI")
+_NOTE_MAGIC = b"HRNOTE1\0"
+#: The longest note.
+NOTE_MAX = NOTE_SIZE - _NOTE.size
 
 
 def now_us() -> int:
@@ -198,9 +206,12 @@ def segment_path(name: str, directory: Optional[str] = None) -> str:
 class Segment:
     """One mapped shared-memory segment.  Use :meth:`create` or :meth:`attach`."""
 
-    def __init__(self, path: str, mm: mmap.mmap, size: int) -> None:
+    def __init__(self, path: str, mm: mmap.mmap, size: int, fd: int = -1) -> None:
         self.path = path
         self._mm = mm
+        #: The file, open with a shared flock while this view is mapped: a
+        #: segment nobody holds is not in use (see paths.stale_segments).
+        self._fd = fd
         self._buf = ffi.from_buffer(mm)
         self._mem = ffi.cast("void *", self._buf)
         self.size = size
@@ -218,12 +229,18 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, capacity: int, *, req_bytes: int = DEFAULT_REQ_BYTES,
-               directory: Optional[str] = None, generation: Optional[int] = None) -> "Segment":
+               directory: Optional[str] = None, generation: Optional[int] = None,
+               note: bytes = b"") -> "Segment":
         """Create and initialise a new segment of `capacity` slots (mode 0600).
 
         `req_bytes` sizes the request area (a power of two in 4 KiB..1 GiB);
-        `generation` replaces the random generation number when given.
+        `generation` replaces the random generation number when given;
+        `note` (at most NOTE_MAX bytes) is kept past the mapped part, for
+        :func:`read_note`.
         """
+        if not isinstance(note, bytes) or len(note) > NOTE_MAX:
+            raise errors.InvalidArgument(f"note must be bytes of at most {NOTE_MAX}, "
+                                         f"got {type(note).__name__} of {len(note) if isinstance(note, bytes) else '?'}")
         if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 < capacity <= MAX_CAPACITY:
             raise errors.InvalidArgument(f"capacity must be an int in 1..{MAX_CAPACITY}, got {capacity!r}")
         if (not isinstance(req_bytes, int) or isinstance(req_bytes, bool) or not REQ_MIN <= req_bytes <= REQ_MAX
@@ -241,18 +258,19 @@ class Segment:
             raise errors.SegmentExists(f"segment {path} already exists") from None
         try:
             os.fchmod(fd, 0o600)  # the umask may have widened nothing, but be explicit
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, size + NOTE_SIZE)
             # Reserve the pages now: on a full tmpfs a mapped write would
             # raise SIGBUS later instead of an error here.
             if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)
+                os.posix_fallocate(fd, 0, size + NOTE_SIZE)
+            os.pwrite(fd, _NOTE.pack(_NOTE_MAGIC, len(note)) + note, size)
+            fcntl.flock(fd, fcntl.LOCK_SH)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             os.close(fd)
             _unlink_quiet(path)
             raise errors.SegmentError(f"cannot create segment {path} of {size} bytes: {e}") from e
-        os.close(fd)
-        seg = cls(path, mm, size)
+        seg = cls(path, mm, size, fd)
         if generation is None:
             generation = int.from_bytes(os.urandom(8), "little") >> 1 or 1
         rc = lib.hr_init(seg._mem, size, capacity, req_bytes, os.geteuid(), generation)
@@ -292,10 +310,16 @@ class Segment:
                 if size < _MIN_MAP:
                     raise errors.SegmentTruncated(f"segment {path} holds only {size} bytes; "
                                                   "delete it (headrace rebuilds it) and retry")
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                # Removed as stale while we waited for the lock, or replaced by a rebuilt one: look again.
+                if not _same_file(path, st):
+                    os.close(fd)
+                    continue
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
+            except BaseException:
                 os.close(fd)
-            seg = cls(path, mm, size)
+                raise
+            seg = cls(path, mm, size, fd)
             rc = lib.hr_attach(seg._mem, size, uid)
             if rc == lib.HR_E_NOT_READY and time.monotonic() < deadline:
                 seg.close()
@@ -338,6 +362,9 @@ class Segment:
         self._buf = None
         self._mm.close()
         self._mm = None  # type: ignore[assignment]
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "Segment":
         return self
@@ -1026,6 +1053,58 @@ def runnable_fit(loadavg: str, cores: int) -> Optional[bool]:
     tasks; None where the text does not say."""
     rc = lib.hr_runnable_fit(loadavg.encode(), cores)
     return None if rc < 0 else bool(rc)
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def unused(path: str, unlink: bool = False) -> bool:
+    """Whether no process has segment file `path` mapped (none holds its
+    shared flock); with `unlink`, remove it if so, before anyone can attach."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        # An attach that opened the file waits for our lock, then sees it gone and looks again.
+        return _unlink_quiet(path) if unlink else True
+    finally:
+        os.close(fd)
+
+
+def read_note(path: str) -> Optional[bytes]:
+    """The note that :meth:`Segment.create` left in segment file `path`;
+    None if it has none (made before notes, or not a segment) or is not
+    a regular file of this user."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size < NOTE_SIZE:
+            return None
+        data = os.pread(fd, NOTE_SIZE, st.st_size - NOTE_SIZE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) < _NOTE.size:
+        return None
+    magic, n = _NOTE.unpack_from(data)
+    if magic != _NOTE_MAGIC or n > len(data) - _NOTE.size:
+        return None
+    return data[_NOTE.size:_NOTE.size + n]
 
 
 def _unlink_quiet(path: str) -> bool:

@@ -212,7 +212,11 @@ class Writer:
             if f.startswith(stale):
                 Segment.unlink(f[len(shm.PREFIX):])
         tmp = f"{self.name}.new{os.getpid()}"
-        seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes)
+        # The segment names its database, so that one left by a killed writer
+        # is removed once the database is gone (paths.stale_segments).
+        note = os.fsencode(self.db)
+        seg = Segment.create(tmp, self.cfg.capacity, req_bytes=self.cfg.request_bytes,
+                             note=note if len(note) <= shm.NOTE_MAX else b"")
         try:
             return self._fill(seg, old_next_id)
         except BaseException:
@@ -1534,6 +1538,16 @@ def _store_failure(e: errors.StoreError) -> int:
     return paths.exit_code(e)
 
 
+def _remove_stale_segments() -> None:
+    """Remove the segments that killed writers left of databases now gone
+    (each holds memory until a reboot); say so in the writer's log."""
+    try:
+        for path, why in paths.remove_stale_segments():
+            print(f"headrace writer: removed segment {path}: {why}", file=sys.stderr)
+    except OSError as e:  # never a reason not to serve
+        print(f"headrace writer: could not look for stale segments: {e}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.writer")
     ap.add_argument("db")
@@ -1575,6 +1589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _started(ready, EXIT_OK)
+    _remove_stale_segments()
     prof_path = os.environ.get("HEADRACE_WRITER_PROFILE")  # a developer's aid: cProfile stats file
     prof = None
     if prof_path:

@@ -792,3 +792,55 @@ def test_a_plain_send_too_big_for_the_request_area_raises_naming_its_size(db):
             with pytest.raises(errors.EngineError, match=f"send_plain of {len(body)} bytes.*at most"):
                 send()
         assert q.submit("t", args=(1,)) > 0  # nothing was left half sent
+
+
+def test_segments_left_by_killed_writers_go_once_their_database_is_gone(tmp_path, capsys):
+    """A writer killed with kill -9 leaves its segment (tens of MB of memory
+    until a reboot).  Once the database it names is gone, the next writer
+    to start removes it, and so does `headrace gc`; a segment whose
+    database is still there, or that a process has mapped, stays."""
+    import glob
+    from engine import cli
+    dbs = {k: str(tmp_path / f"{k}.db") for k in ("gone", "kept", "busy", "next")}
+    # Made first: a database made after the others are deleted may get one
+    # of their inode numbers, and so their segment's name.
+    with engine.Queue(dbs["next"], idle_exit=0.1):
+        pass
+    wait_for(lambda: not paths.writer_alive(dbs["next"]), what="the writer of next.db exited")
+    segs = {}
+    for k in ("gone", "kept", "busy"):
+        with engine.Queue(dbs[k]) as q:
+            q.submit("t.record", args=(1,))
+            segs[k] = q.seg.path
+            kill_writer(dbs[k])
+            wait_for(lambda: not paths.writer_alive(dbs[k]), what="the writer gone")
+    for k, path in segs.items():
+        assert shm.read_note(path) == os.fsencode(dbs[k]), "a segment names its database"
+    for k in ("gone", "busy"):
+        for f in glob.glob(dbs[k] + "*"):
+            os.unlink(f)
+    busy = Segment.attach(os.path.basename(segs["busy"])[len(shm.PREFIX):])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    half = Segment.create(f"db-1-2.new{dead.pid}", 16)  # a rebuild its writer did not finish
+    half.close()
+    try:
+        assert cli.main(["gc", "--dry-run", "--json"]) == 0
+        listed = {r["segment"]: r["why"] for r in json.loads(capsys.readouterr().out)}
+        assert segs["gone"] in listed and "is gone" in listed[segs["gone"]], listed
+        assert half.path in listed and "half built" in listed[half.path], listed
+        assert segs["kept"] not in listed and segs["busy"] not in listed, "its database is there / it is mapped"
+        assert all(os.path.exists(p) for p in (segs["gone"], half.path)), "a dry run removes nothing"
+        with engine.Queue(dbs["next"]):  # a new writer, which looks for stale segments as it starts
+            wait_for(lambda: not os.path.exists(segs["gone"]) and not os.path.exists(half.path),
+                     what="the next writer removed the stale segments")
+        with open(paths.log_path(dbs["next"])) as f:
+            assert f"removed segment {segs['gone']}: its database {dbs['gone']} is gone" in f.read()
+        assert os.path.exists(segs["kept"]) and os.path.exists(segs["busy"])
+    finally:
+        busy.close()
+        shm._unlink_quiet(half.path)
+    assert cli.main(["gc"]) == 0 and "removed " + segs["busy"] in capsys.readouterr().out
+    assert not os.path.exists(segs["busy"]) and os.path.exists(segs["kept"])
+    with engine.Queue(dbs["kept"]) as q:  # a kept segment serves its database again
+        assert q.stats()["counts"]["pending"] == 1

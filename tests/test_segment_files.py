@@ -273,3 +273,18 @@ def test_counters_outside_the_table_are_refused_at_attach(segname):
     _patch(path, READY_N, struct.pack("<I", 0xFFFFFF00))
     with pytest.raises(errors.SegmentCorrupt):
         Segment.attach(segname)
+
+
+def test_a_mapped_segment_is_in_use_until_every_view_closes_and_names_what_it_was_given(segname):
+    from engine import shm
+    a = Segment.create(segname, 16, note=b"/some/where/q.db")
+    b = Segment.attach(segname)
+    assert shm.read_note(a.path) == b"/some/where/q.db"
+    a.close()
+    assert not shm.unused(b.path, unlink=True) and os.path.exists(b.path), "b still maps it"
+    b.close()
+    assert shm.unused(b.path) and os.path.exists(b.path)
+    assert shm.unused(b.path, unlink=True) and not os.path.exists(b.path)
+    with pytest.raises(errors.InvalidArgument, match="note"):
+        Segment.create(segname, 16, note=b"x" * (shm.NOTE_MAX + 1))
+    assert not os.path.exists(segment_path(segname))
