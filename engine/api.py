@@ -44,6 +44,8 @@ STREAM_FIRST = 64
 STREAM_MIN = 2 * STREAM_PART
 #: Running tasks whose progress :meth:`Queue.stats` reports.
 STATS_RUNNING = 20
+#: Most rows of each log (submit events, outcomes) one read of :meth:`Queue.events` takes.
+EVENTS_BATCH = 500
 STATS_AGREE_S = 2.0  # how long stats waits for the database and the segment to reach the same flush
 
 SERIALIZERS = {"json": 0, "pickle": 1}
@@ -1180,7 +1182,7 @@ class Queue:
         seq, rowid = after
         idle_since = time.monotonic()
         while True:
-            subs, outs = self.reader.events_after(seq, rowid, 500)
+            subs, outs = self.reader.events_after(seq, rowid, EVENTS_BATCH)
             batch: List[Event] = []
             for s_seq, kind, tid, n, at in subs:
                 seq = s_seq

@@ -21,6 +21,7 @@ The schema keeps a task's life to appended rows:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -514,11 +515,23 @@ class _Reads:
     def events_after(self, seq: int, rowid: int, limit: int
                      ) -> Tuple[List[Tuple[int, int, int, int, int]], List[Tuple[int, int, int, int, int, Any]]]:
         """Submit events after `seq` (seq, kind, id, n, at) and outcome rows
-        after `rowid` (rowid, id, attempt, state, at, info), oldest first."""
-        subs = list(self.conn.execute("SELECT seq, kind, id, n, at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                      (seq, limit)))
-        outs = list(self.conn.execute("SELECT rowid, id, attempt, state, at, info FROM outcomes WHERE rowid > ?"
-                                      " ORDER BY rowid LIMIT ?", (rowid, limit)))
+        after `rowid` (rowid, id, attempt, state, at, info), oldest first,
+        from one snapshot, and up to the same time: where one log has more
+        than `limit` left, the other stops at its last row's time (so that
+        merged by time, no outcome comes before its task's submit event)."""
+        with self.conn:  # one read transaction: both logs from the same commit
+            subs = list(self.conn.execute("SELECT seq, kind, id, n, at FROM events WHERE seq > ? ORDER BY seq"
+                                          " LIMIT ?", (seq, limit)))
+            outs = list(self.conn.execute("SELECT rowid, id, attempt, state, at, info FROM outcomes WHERE rowid > ?"
+                                          " ORDER BY rowid LIMIT ?", (rowid, limit)))
+        more_subs, more_outs = len(subs) == limit, len(outs) == limit
+        # The log that ends later in time is cut to the other's end; the other
+        # is kept whole, so that every call moves on.
+        if subs and outs and (more_subs or more_outs):
+            if more_subs and (not more_outs or subs[-1][4] <= outs[-1][4]):
+                outs = list(itertools.takewhile(lambda o: o[4] <= subs[-1][4], outs))
+            else:
+                subs = list(itertools.takewhile(lambda s: s[4] <= outs[-1][4], subs))
         return subs, outs
 
     def is_waiting(self, tid: int) -> bool:

@@ -957,6 +957,30 @@ def test_another_process_follows_the_event_stream(db, log):
         assert list(q.events(after=evs[-1].cursor, follow=False)) == []
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_an_outcome_never_comes_before_its_task_s_submit_event_when_a_read_stops_at_its_limit(db, monkeypatch,
+                                                                                             limit):
+    """Each read of Queue.events takes up to EVENTS_BATCH rows of each log
+    (submit events, outcomes).  A task submitted after others but run first
+    (a higher priority) ends while the submit log still holds events before
+    its own: the outcome log must then stop where the submit log does."""
+    from engine import api
+    monkeypatch.setattr(api, "EVENTS_BATCH", limit)
+    with writer_in_process(db, upkeep=False) as iw, engine.Queue(db) as q:
+        low = [q.submit_batch([engine.Job("l.when", args=(i,))]).inserted[0] for i in range(3)]
+        high = q.submit_batch([engine.Job("l.when", args=(9,), priority=9)]).inserted[0]
+        jobs = q.claim(1, timeout=5)
+        assert [j.id for j in jobs] == [high]
+        assert jobs[0].complete()
+        wait_for(lambda: q.reader.conn.execute("SELECT count(*) FROM outcomes").fetchall()[0][0] == 1,
+                 what="the outcome written")
+        iw.pause()
+        evs = list(q.events(follow=False))
+    kinds = [(e.kind, e.id) for e in evs]
+    assert kinds.index(("completed", high)) > kinds.index(("submitted", high)), kinds
+    assert {("submitted", t) for t in low + [high]} | {("completed", high)} == set(kinds), kinds
+
+
 def test_stats_count_each_finished_task_once_while_workers_drain(db, log):
     """The database and the segment each hold part of the finished count; a
     flush moves tasks from one to the other.  stats never counts one twice
