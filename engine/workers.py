@@ -219,10 +219,10 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
     unreadable: List[Tuple[ClaimedJob, Exception]] = []
     pickled = SERIALIZERS["pickle"]
     refuse_pickle = q._untrusted(pickled)
-    # A limit left unset counts from the attempts used before the task was
-    # last put back from dead: fewer than its attempt number, so none for a first attempt.
-    unset = [t.id for t in tickets if t.attempt > 1 and t.id in rows and not rows[t.id][4]]
-    bases = q.reader.attempt_bases(unset) if unset else {}
+    # A limit counts from the attempts used before the task was last put
+    # back from dead: fewer than its attempt number, so none for a first attempt.
+    again = [t.id for t in tickets if t.attempt > 1 and t.id in rows]
+    bases = q.reader.attempt_bases(again) if again else {}
     for k, t in enumerate(tickets):
         row = rows.get(t.id)
         if row is None:  # cannot happen: a task reaches the segment only after its commit
@@ -230,7 +230,9 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
             q.seg.finish(t, shm.PENDING)
             continue
         name, ser, created, body, max_attempts, timeout_ms = row
-        if not max_attempts:
+        if max_attempts:
+            max_attempts += bases.get(t.id, 0)
+        else:
             policy = policies.get(name)
             if policy is None:
                 task = q.tasks.get(name)

@@ -516,6 +516,22 @@ def test_a_task_with_unset_limits_put_back_from_dead_gets_its_fresh_attempts(db,
         assert q.get(tid).max_attempts == 4
 
 
+def test_a_claimed_job_put_back_from_dead_shows_the_limit_its_attempts_count_to(db):
+    """A task with max_attempts=2 used both, was put back, and runs attempt
+    3 of 4: job.max_attempts says 4 (as the segment does), not 2."""
+    with engine.Queue(db) as q:
+        tid = q.submit("l.limited", args=(1,), max_attempts=2)
+        for attempt in (1, 2):
+            [job] = q.claim(1, timeout=5)
+            assert (job.attempt, job.max_attempts) == (attempt, 2)
+            assert job.fail(RuntimeError("no"), retry=True)
+        wait_for(lambda: q.get(tid).state == "dead", what="dead")
+        assert q.retry_dead(tid) == [tid]
+        [job] = q.claim(1, timeout=5)
+        assert (job.attempt, job.max_attempts, q.seg.get(tid).max_attempts) == (3, 4, 4)
+        assert job.complete()
+
+
 def test_one_claim_adopts_each_name_s_limits_in_one_call_per_policy(db):
     """Tasks submitted by name before anyone defined them take the claiming
     worker's limits, per name, whatever the mix in one claim."""
