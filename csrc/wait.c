@@ -1,6 +1,8 @@
+#define _GNU_SOURCE  /* sched_getaffinity, CPU_COUNT */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -8,6 +10,7 @@
 #include "headrace.h"
 #ifdef __linux__
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #endif
 
@@ -29,6 +32,84 @@ static int spin_slots = -1;
 void hr_set_wait_spin(uint32_t spin_us) { wait_spin_us = spin_us; }
 
 static long ncpu = -1;
+
+long hr_quota_cpus(const char *cpu_max)
+{
+    /* cgroup v2 cpu.max: "max 100000" (no limit) or "QUOTA PERIOD" */
+    if (strncmp(cpu_max, "max", 3) == 0 && (cpu_max[3] == ' ' || cpu_max[3] == '\n' || cpu_max[3] == 0))
+        return 0;
+    char *end;
+    long quota = strtol(cpu_max, &end, 10);
+    if (end == cpu_max || *end != ' ' || quota <= 0)
+        return -1;
+    const char *p = end + 1;
+    long period = strtol(p, &end, 10);
+    if (end == p || period <= 0)
+        return -1;
+    return (quota + period - 1) / period;
+}
+
+#ifdef __linux__
+/* The text of small file `path` (NUL-terminated), or 0 bytes read. */
+static ssize_t read_small(const char *path, char *buf, size_t len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, len - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    return n;
+}
+
+/* The tightest cgroup v2 CPU quota on this process's cgroup and its
+ * ancestors, in whole CPUs (rounded up); 0 where none is set. */
+static long cgroup_cpus(void)
+{
+    char cg[512], path[640], text[64];
+    if (read_small("/proc/self/cgroup", cg, sizeof cg) <= 0)
+        return 0;
+    char *line = strncmp(cg, "0::", 3) == 0 ? cg : strstr(cg, "\n0::");
+    if (!line)
+        return 0;  /* cgroup v1 only: its quota files are not read here */
+    if (*line == '\n')
+        line++;
+    char *dir = line + 3, *nl = strchr(dir, '\n');
+    if (nl)
+        *nl = 0;
+    long best = 0;
+    for (;;) {
+        snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.max", strcmp(dir, "/") == 0 ? "" : dir);
+        if (read_small(path, text, sizeof text) > 0) {
+            long q = hr_quota_cpus(text);
+            if (q > 0 && (best == 0 || q < best))
+                best = q;
+        }
+        char *slash = strrchr(dir, '/');
+        if (!slash || slash == dir)
+            break;
+        *slash = 0;
+    }
+    return best;
+}
+#endif
+
+long hr_usable_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        long mine = CPU_COUNT(&set);
+        if (mine > 0 && (n <= 0 || mine < n))
+            n = mine;
+    }
+    long quota = cgroup_cpus();
+    if (quota > 0 && (n <= 0 || quota < n))
+        n = quota;
+#endif
+    return n;
+}
 
 int hr_runnable_fit(const char *loadavg, long cores)
 {
@@ -94,7 +175,10 @@ static int cores_to_spare(void)
 int hr_spin_slots(int ev)
 {
     if (spin_slots < 0) {
-        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        /* The CPUs this process may use: a container's quota or an affinity
+         * mask leaves fewer than the machine has, and a spin there burns
+         * the quota the process being waited for needs. */
+        ncpu = hr_usable_cpus();
         long n = ncpu - 1;
         spin_slots = n < 0 ? 0 : n > HR_SPIN_TOKENS ? HR_SPIN_TOKENS : (int)n;
     }

@@ -26,6 +26,12 @@ int hr_spin_slots(int ev);
  * tasks: 1 or 0, or -1 where the text does not say (malformed, or no
  * runnable task at all, which cannot be: the reader runs). */
 int hr_runnable_fit(const char *loadavg, long cores);
+/* CPUs this process may use: the online ones, fewer where its affinity
+ * mask or a cgroup v2 CPU quota (rounded up) allows fewer. */
+long hr_usable_cpus(void);
+/* Whole CPUs (rounded up) that cgroup v2 cpu.max text `cpu_max` allows:
+ * 0 for no limit ("max ..."), -1 where the text does not say. */
+long hr_quota_cpus(const char *cpu_max);
 /* Microseconds on the monotonic clock, for waits' deadlines. */
 int64_t hr_mono_us(void);
 

@@ -1048,6 +1048,19 @@ def spin_slots(ev: int) -> int:
     return int(lib.hr_spin_slots(ev))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use (its affinity mask and cgroup CPU quota
+    counted), as the spin rule counts them."""
+    return int(lib.hr_usable_cpus())
+
+
+def quota_cpus(cpu_max: str) -> Optional[int]:
+    """Whole CPUs that cgroup v2 ``cpu.max`` text allows: 0 for no limit,
+    None where the text does not say."""
+    n = int(lib.hr_quota_cpus(cpu_max.encode()))
+    return None if n < 0 else n
+
+
 def runnable_fit(loadavg: str, cores: int) -> Optional[bool]:
     """Whether /proc/loadavg text `loadavg` counts at most `cores` runnable
     tasks; None where the text does not say."""

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from engine import shm
-from engine.shm import EV_COMMIT, EV_PENDING, EV_WRITER, Segment, fill_task, runnable_fit, spin_slots
+from engine.shm import (EV_COMMIT, EV_PENDING, EV_WRITER, Segment, fill_task, quota_cpus, runnable_fit, spin_slots,
+                        usable_cpus)
 
 from helpers import run_child, spawn
 
@@ -192,10 +193,35 @@ def test_runnable_fit_reads_the_running_count_of_proc_loadavg():
         assert runnable_fit(bad, 2) is None, bad
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing may spin")
+def test_quota_cpus_reads_cgroup_cpu_max():
+    assert quota_cpus("max 100000\n") == 0
+    assert quota_cpus("200000 100000\n") == 2
+    assert quota_cpus("150000 100000") == 2  # rounded up
+    assert quota_cpus("50000 100000") == 1
+    for bad in ("", "x 1", "100000", "-5 100000", "100 0", "maximum 100000"):
+        assert quota_cpus(bad) is None, bad
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs an affinity mask of 2 CPUs or more to narrow")
+def test_a_process_pinned_to_one_cpu_counts_one_and_nothing_of_it_spins():
+    """A container's quota or an affinity mask leaves a process fewer CPUs
+    than the machine has: the spin rule counts those it may use."""
+    assert usable_cpus() <= len(os.sched_getaffinity(0))
+    out = run_child("""
+        import os
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from engine import shm
+        print(shm.usable_cpus(), *(shm.spin_slots(ev) for ev in (shm.EV_WRITER, shm.EV_COMMIT, shm.EV_PENDING)))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0", "0", "0"]
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="one usable CPU: nothing may spin")
 def test_the_writer_and_a_producer_spin_only_while_the_runnable_processes_fit_the_cores():
     share = spin_slots(EV_PENDING) + 1  # workers: only with a core to spare besides the writer's
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
 
     def idle() -> bool:
         with open("/proc/loadavg") as f:
