@@ -10,6 +10,10 @@
     python benches/probe.py drain 40000                     # 2 workers drain a preload: tasks/s,
                                                             # workers' and writer's CPU per task
     python benches/probe.py e2e 8000                        # 1 producer one by one, 2 workers: tasks/s, p50, p99
+    python benches/probe.py claim 32000                     # one worker's parts, in process, per task:
+                                                            # heap pops and tickets, the payloads' SQL
+                                                            # read, their decode, finishing (us), and
+                                                            # the whole claim and the run of a job
     python benches/probe.py ab OLD NEW --runs 5 -- drain 40000
 
 `ab` runs the probe alternately against two checkouts (each with its C
@@ -219,6 +223,56 @@ def probe_e2e(d: str, n: int) -> Dict[str, float]:
     return res
 
 
+def probe_claim(d: str, n: int) -> Dict[str, float]:
+    """A worker's parts, timed in this process against a preloaded queue
+    (the writer runs as usual): first the pieces of a claim of 32 one by
+    one, then the worker's own claim and run of each job."""
+    import engine
+    from engine import shm, workers
+    from engine.api import loads
+    q = _queue(d)
+    q.task(name=TASK)(lambda p: None)
+
+    def preload() -> None:
+        for start in range(0, n, 1000):
+            q.submit_batch([engine.Job(TASK, args=(_payload(i),)) for i in range(start, min(n, start + 1000))])
+    parts = dict.fromkeys(("pop_us", "tickets_us", "sql_us", "decode_us", "finish_us", "claim_us", "run_us"), 0.0)
+    preload()
+    seg, buf, done = q.seg, shm.Segment.tickets(32), 0
+    while done < n:
+        t0 = time.perf_counter()
+        _, got = seg.pop_batch(32, shm.now_us() + 60_000_000, buf, start=False)
+        t1 = time.perf_counter()
+        tickets = shm.unpack_tickets(buf, got)
+        t2 = time.perf_counter()
+        rows = q.reader.jobs([t.id for t in tickets])
+        t3 = time.perf_counter()
+        for t in tickets:
+            r = rows[t.id]
+            loads(r[1], r[3])
+        t4 = time.perf_counter()
+        for t in tickets:
+            seg.finish(t, shm.COMPLETED)
+        t5 = time.perf_counter()
+        for key, a, b in (("pop_us", t0, t1), ("tickets_us", t1, t2), ("sql_us", t2, t3), ("decode_us", t3, t4),
+                          ("finish_us", t4, t5)):
+            parts[key] += b - a
+        done += got
+    preload()
+    done = 0
+    while done < n:
+        t0 = time.perf_counter()
+        jobs = workers._claim(q, 32, 5.0, False)
+        t1 = time.perf_counter()
+        for job in jobs:
+            workers.execute(q, job)
+        parts["claim_us"] += t1 - t0
+        parts["run_us"] += time.perf_counter() - t1
+        done += len(jobs)
+    q.close()
+    return {k: v / n * 1e6 for k, v in parts.items()}
+
+
 def run_probe(args: argparse.Namespace) -> Dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="probe-") as d:
         if args.probe == "single":
@@ -227,6 +281,8 @@ def run_probe(args: argparse.Namespace) -> Dict[str, float]:
             return probe_batch(d, args.n)
         if args.probe == "drain":
             return probe_drain(d, args.n)
+        if args.probe == "claim":
+            return probe_claim(d, args.n)
         return probe_e2e(d, args.n)
 
 
@@ -262,7 +318,7 @@ def main(argv: List[str]) -> int:
         a = ap.parse_args(argv[1:cut])
         return ab(a.old, a.new, a.runs, argv[cut + 1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("probe", choices=("single", "batch", "drain", "e2e"))
+    ap.add_argument("probe", choices=("single", "batch", "drain", "e2e", "claim"))
     ap.add_argument("n", type=int, nargs="?", default=20000)
     ap.add_argument("--producers", type=int, default=1, help="single: producer processes")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
