@@ -834,8 +834,13 @@ def test_segments_left_by_killed_writers_go_once_their_database_is_gone(tmp_path
         with engine.Queue(dbs["next"]):  # a new writer, which looks for stale segments as it starts
             wait_for(lambda: not os.path.exists(segs["gone"]) and not os.path.exists(half.path),
                      what="the next writer removed the stale segments")
-        with open(paths.log_path(dbs["next"])) as f:
-            assert f"removed segment {segs['gone']}: its database {dbs['gone']} is gone" in f.read()
+
+            def logged() -> str:
+                with open(paths.log_path(dbs["next"])) as f:
+                    return f.read()
+            # It says so once it removed them all.
+            wait_for(lambda: f"removed segment {segs['gone']}: its database {dbs['gone']} is gone" in logged(),
+                     what="the removal in the writer's log")
         assert os.path.exists(segs["kept"]) and os.path.exists(segs["busy"])
     finally:
         busy.close()
