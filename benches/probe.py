@@ -9,7 +9,9 @@
                                                             # producer's and the writer's CPU per task
     python benches/probe.py drain 40000                     # 2 workers drain a preload: tasks/s,
                                                             # workers' and writer's CPU per task
-    python benches/probe.py e2e 8000                        # 1 producer one by one, 2 workers: tasks/s, p50, p99
+    python benches/probe.py e2e 8000                        # 1 producer one by one, 2 workers: tasks/s, p50,
+                                                            # p99, CPU per task, and each submit's own
+                                                            # p50, p99 and mean (us)
     python benches/probe.py claim 32000                     # one worker's parts, in process, per task:
                                                             # heap pops and tickets, the payloads' SQL
                                                             # read, their decode, finishing (us), and
@@ -212,15 +214,22 @@ def probe_drain(d: str, n: int) -> Dict[str, float]:
 
 def probe_e2e(d: str, n: int) -> Dict[str, float]:
     q = _queue(d)
+    took: List[float] = []
 
     def produce() -> float:
         t0 = time.time()
+        clock = time.perf_counter
         for i in range(n):
+            a = clock()
             q.submit(TASK, args=(_payload(i),))
+            took.append(clock() - a)
         return t0
     res = _with_workers(d, n, produce)
     q.close()
-    return res
+    # Each submit's own wait: the mean against the median shows what the slow few cost.
+    took.sort()
+    return {**res, "submit_p50_us": took[n // 2] * 1e6, "submit_p99_us": took[int(n * 0.99)] * 1e6,
+            "submit_mean_us": sum(took) / n * 1e6}
 
 
 def probe_claim(d: str, n: int) -> Dict[str, float]:

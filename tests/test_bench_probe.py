@@ -25,7 +25,8 @@ def test_each_probe_measures_its_path():
                        (("single", "400", "--producers", "2"), {"tasks_s", "wal_max_mb", "writer_cpu_us"}),
                        (("batch", "2000"), {"tasks_s", "producer_cpu_us", "writer_cpu_us"}),
                        (("drain", "2000"), {"tasks_s", "workers_cpu_us", "writer_cpu_us"}),
-                       (("e2e", "300"), {"tasks_s", "p50_ms", "p99_ms", "workers_cpu_us", "writer_cpu_us"}),
+                       (("e2e", "300"), {"tasks_s", "p50_ms", "p99_ms", "workers_cpu_us", "writer_cpu_us", "submit_p50_us",
+                                          "submit_p99_us", "submit_mean_us"}),
                        (("claim", "640"), {"pop_us", "tickets_us", "sql_us", "decode_us", "finish_us", "claim_us",
                                            "run_us"})):
         r = _run(*args, "--json")
