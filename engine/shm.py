@@ -366,6 +366,18 @@ class Segment:
             os.close(self._fd)
             self._fd = -1
 
+    def __del__(self) -> None:
+        # A view dropped without close() (a reconnect leaves the old one to
+        # threads still inside calls on it) gives its file and flock back
+        # once collected; the mapping goes with the mmap object.
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def __enter__(self) -> "Segment":
         return self
 

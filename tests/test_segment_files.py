@@ -1,6 +1,7 @@
 """Foreign, corrupt, truncated, other-version and other-owner segments."""
 from __future__ import annotations
 
+import gc
 import os
 import struct
 
@@ -284,6 +285,11 @@ def test_a_mapped_segment_is_in_use_until_every_view_closes_and_names_what_it_wa
     assert not shm.unused(b.path, unlink=True) and os.path.exists(b.path), "b still maps it"
     b.close()
     assert shm.unused(b.path) and os.path.exists(b.path)
+    c = Segment.attach(segname)
+    path = c.path
+    del c  # dropped without close(), as a reconnect leaves the old view
+    gc.collect()
+    assert shm.unused(path), "a collected view holds nothing"
     assert shm.unused(b.path, unlink=True) and not os.path.exists(b.path)
     with pytest.raises(errors.InvalidArgument, match="note"):
         Segment.create(segname, 16, note=b"x" * (shm.NOTE_MAX + 1))
