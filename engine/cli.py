@@ -117,7 +117,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def cmd_gc(a: argparse.Namespace) -> int:
     from . import paths
-    found = paths.stale_segments() if a.dry_run else paths.remove_stale_segments()
+    found = paths.stale_segments(remove=not a.dry_run)
     if a.json:
         print(json.dumps([{"segment": p, "why": why} for p, why in found], indent=2))
         return EXIT_OK

@@ -97,14 +97,14 @@ def segment_name(db: str) -> str:
 _TEMP_SEGMENT = re.compile(r"^db-[0-9a-f]+-[0-9a-f]+\.new(\d+)$")
 
 
-def stale_segments(directory: Optional[str] = None) -> List[Tuple[str, str]]:
+def stale_segments(directory: Optional[str] = None, remove: bool = False) -> List[Tuple[str, str]]:
     """(file, why) of each segment of this user that no database will use
     again: the database it names is gone or was replaced by another file,
     or a writer that died left it half built; and no process has it
-    mapped.  A segment of a database that is still there is kept, with what
-    its killed writer had not yet written; so is one made before segments
-    named their database."""
-    from . import shm
+    mapped.  With `remove`, each is deleted as it is found.  A segment of a
+    database that is still there is kept, with what its killed writer had
+    not yet written; so is one made before segments named their database."""
+    from . import shm  # not at the top: shm imports faults, which imports this module
     directory = directory or shm.SHM_DIR
     out: List[Tuple[str, str]] = []
     try:
@@ -117,7 +117,7 @@ def stale_segments(directory: Optional[str] = None) -> List[Tuple[str, str]]:
         name = f[len(shm.PREFIX):]
         path = os.path.join(directory, f)
         why = _why_stale(name, path)
-        if why and shm.unused(path):
+        if why and shm.unused(path, unlink=remove):
             out.append((path, why))
     return out
 
@@ -138,12 +138,6 @@ def _why_stale(name: str, path: str) -> Optional[str]:
     except OSError:
         return None  # unreadable just now (a directory we may not enter): not known to be gone
     return f"its database {db} was replaced by another file" if now != name else None
-
-
-def remove_stale_segments(directory: Optional[str] = None) -> List[Tuple[str, str]]:
-    """Delete :func:`stale_segments`; returns the (file, why) of each deleted."""
-    from . import shm
-    return [(path, why) for path, why in stale_segments(directory) if shm.unused(path, unlink=True)]
 
 
 def try_flock(fd: int, exclusive: bool) -> bool:

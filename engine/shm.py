@@ -362,14 +362,10 @@ class Segment:
         self._buf = None
         self._mm.close()
         self._mm = None  # type: ignore[assignment]
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._release_file()
 
-    def __del__(self) -> None:
-        # A view dropped without close() (a reconnect leaves the old one to
-        # threads still inside calls on it) gives its file and flock back
-        # once collected; the mapping goes with the mmap object.
+    def _release_file(self) -> None:
+        """Close the file, which gives its shared flock back."""
         fd = getattr(self, "_fd", -1)
         if fd >= 0:
             self._fd = -1
@@ -377,6 +373,11 @@ class Segment:
                 os.close(fd)
             except OSError:
                 pass
+
+    # A view dropped without close() (a reconnect leaves the old one to
+    # threads still inside calls on it) gives its file back once collected;
+    # the mapping goes with the mmap object.
+    __del__ = _release_file
 
     def __enter__(self) -> "Segment":
         return self

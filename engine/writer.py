@@ -1542,7 +1542,7 @@ def _remove_stale_segments() -> None:
     """Remove the segments that killed writers left of databases now gone
     (each holds memory until a reboot); say so in the writer's log."""
     try:
-        for path, why in paths.remove_stale_segments():
+        for path, why in paths.stale_segments(remove=True):
             print(f"headrace writer: removed segment {path}: {why}", file=sys.stderr)
     except OSError as e:  # never a reason not to serve
         print(f"headrace writer: could not look for stale segments: {e}", file=sys.stderr)
