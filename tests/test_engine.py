@@ -538,13 +538,17 @@ def test_writer_owns_checkpoints(db, tmp_path):
         q.submit_batch([engine.Job("t", args=("x" * 500,)) for _ in range(5000)])
         wait_for(lambda: os.path.getsize(db) > 5000 * 500, what="a checkpoint into the main file")
         assert os.path.getsize(db + "-wal") > 0  # PASSIVE leaves the WAL file's size alone
-    # TRUNCATE once the WAL outgrows its bound.
+    # TRUNCATE once the WAL outgrows its bound.  Only a TRUNCATE shrinks the
+    # file (no journal_size_limit is set): the ~3 MB of this batch's frames
+    # must come down to the bound.  Not to 0: a commit right after the
+    # TRUNCATE may leave one frame (2,104 bytes at 2 KiB pages), under the
+    # bound, so no second TRUNCATE comes (seen 4 times waiting for 0).
     db2 = str(tmp_path / "t.db")
     with engine.Queue(db2, checkpoint_interval=0.05, wal_truncate_bytes=4096) as q:
         q.submit_batch([engine.Job("t", args=("x" * 500,)) for _ in range(5000)])
         try:
-            wait_for(lambda: os.path.getsize(db2 + "-wal") == 0, what="a TRUNCATE checkpoint")
-        except AssertionError as e:  # seen 3 times in one half hour, not since: say what held it up
+            wait_for(lambda: os.path.getsize(db2 + "-wal") <= 4096, what="a TRUNCATE checkpoint")
+        except AssertionError as e:  # say what held it up
             probe = apsw.Connection(db2, flags=apsw.SQLITE_OPEN_READONLY)
             try:
                 busy = probe.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
