@@ -94,7 +94,9 @@ def segment_name(db: str) -> str:
     return f"db-{st.st_dev:x}-{st.st_ino:x}"
 
 
-_TEMP_SEGMENT = re.compile(r"^db-[0-9a-f]+-[0-9a-f]+\.new(\d+)$")
+#: A writer builds segment NAME as NAME + TEMP_MARK + its pid, then renames it into place.
+TEMP_MARK = ".new"
+_TEMP_SEGMENT = re.compile(r"^db-[0-9a-f]+-[0-9a-f]+" + re.escape(TEMP_MARK) + r"(\d+)$")
 
 
 def stale_segments(directory: Optional[str] = None, remove: bool = False) -> List[Tuple[str, str]]:

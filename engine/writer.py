@@ -207,11 +207,11 @@ class Writer:
         """A new segment holding every live task, swapped in atomically."""
         # Only a writer rebuilds, and we hold the lock: any half-built
         # segment left here is from a writer that died rebuilding.
-        stale = shm.PREFIX + self.name + ".new"
+        stale = shm.PREFIX + self.name + paths.TEMP_MARK
         for f in os.listdir(shm.SHM_DIR):
             if f.startswith(stale):
                 Segment.unlink(f[len(shm.PREFIX):])
-        tmp = f"{self.name}.new{os.getpid()}"
+        tmp = f"{self.name}{paths.TEMP_MARK}{os.getpid()}"
         # The segment names its database, so that one left by a killed writer
         # is removed once the database is gone (paths.stale_segments).
         note = os.fsencode(self.db)
