@@ -226,7 +226,8 @@ int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes)
         int64_t left = deadline - hr_mono_us();
         if (left <= 0)
             return HR_E_TIMEOUT;
-        hr_wait(mem, HR_EV_COMMIT, seen, left);
+        if (hr_wait(mem, HR_EV_COMMIT, seen, left) == HR_E_INTERRUPTED)
+            return HR_E_INTERRUPTED;
     }
 }
 

@@ -25,6 +25,8 @@ int hr_req_set_nbytes(void *mem, uint64_t pos, uint32_t nbytes);
 int hr_req_stream(void *mem, uint64_t pos, uint32_t nbytes);
 int hr_req_answer(void *mem, uint64_t pos, const char *data, uint32_t nbytes);
 int hr_req_send(void *mem, const char *data, uint32_t nbytes, uint32_t room, uint32_t pid, uint64_t *pos);
+/* Wait for the answer to our record at `pos`: HR_OK (its size in *nbytes),
+ * HR_E_TIMEOUT, HR_E_INTERRUPTED (a signal; wait again), or HR_E_STATE. */
 int hr_req_await(void *mem, uint64_t pos, int64_t timeout_us, uint32_t *nbytes);
 int hr_req_get(void *mem, uint64_t pos, hr_req *out);
 int hr_req_next(void *mem, uint64_t pos, hr_req *out);

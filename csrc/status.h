@@ -24,6 +24,7 @@ enum hr_status {
     HR_E_TIMEOUT = -13,      /* a wait timed out */
     HR_E_STATE = -14,        /* the task is not in a state that allows this */
     HR_E_BUSY = -15,         /* the slot has an unflushed change; flush first */
+    HR_E_INTERRUPTED = -16,  /* a wait was cut short by a signal: the caller looks again */
 };
 
 #endif

@@ -733,7 +733,10 @@ int hr_turn_loop(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, u
             one.stopped = HR_TURN_END;
             break;
         }
-        hr_wait(mem, HR_EV_WRITER, seen, deadline > now ? deadline - now : 0);
+        if (hr_wait(mem, HR_EV_WRITER, seen, deadline > now ? deadline - now : 0) == HR_E_INTERRUPTED) {
+            one.stopped = HR_TURN_END; /* a signal: the Python loop looks at its flags */
+            break;
+        }
     }
     out->scan = scan;
     out->items = items;

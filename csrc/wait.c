@@ -300,13 +300,21 @@ int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us)
         int64_t left = deadline - t;
 #ifdef __linux__
         struct timespec ts = {.tv_sec = left / 1000000, .tv_nsec = (left % 1000000) * 1000};
-        /* Shared (not PRIVATE) futex: the waker is another process. */
-        syscall(SYS_futex, &e->value, FUTEX_WAIT, seen, &ts, NULL, 0);
+        /* Shared (not PRIVATE) futex: the waker is another process.  A
+         * signal ends the wait, so that a Python handler (Ctrl-C) runs now,
+         * not when the event or the timeout comes. */
+        if (syscall(SYS_futex, &e->value, FUTEX_WAIT, seen, &ts, NULL, 0) < 0 && errno == EINTR) {
+            rc = HR_E_INTERRUPTED;
+            break;
+        }
 #else
         if (nap > left)
             nap = left;
         struct timespec ts = {.tv_sec = nap / 1000000, .tv_nsec = (nap % 1000000) * 1000};
-        nanosleep(&ts, NULL);
+        if (nanosleep(&ts, NULL) < 0 && errno == EINTR) {
+            rc = HR_E_INTERRUPTED;
+            break;
+        }
         if (nap < 20000)
             nap *= 2;
 #endif

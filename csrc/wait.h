@@ -18,6 +18,8 @@ void hr_notify(void *mem, int ev);
  * workers woken for each one-by-one task took turns preempting the producer
  * and the writer). */
 void hr_notify_n(void *mem, int ev, uint32_t n);
+/* HR_OK once the word differs from `seen`, HR_E_TIMEOUT after `timeout_us`
+ * (< 0: none), HR_E_INTERRUPTED if a signal came first. */
 int hr_wait(void *mem, int ev, uint32_t seen, int64_t timeout_us);
 void hr_set_wait_spin(uint32_t spin_us);
 /* How many waiters on `ev` may spin at once, as this process sees it now. */

@@ -156,6 +156,10 @@ class Retry(EngineError):
         self.delay = delay
 
 
+class WaitInterrupted(EngineError, InterruptedError):
+    """A wait in the core was cut short by a signal (the engine looks again)."""
+
+
 class UnknownTask(EngineError, LookupError):
     """No task function is registered under this name."""
 
@@ -184,6 +188,7 @@ _STATUS: Dict[int, Tuple[Type[EngineError], str]] = {
     lib.HR_E_TIMEOUT: (WaitTimeout, "timed out"),
     lib.HR_E_STATE: (InvalidState, "the task is not in a state that allows this"),
     lib.HR_E_BUSY: (SlotBusy, "the slot has an unflushed change"),
+    lib.HR_E_INTERRUPTED: (WaitInterrupted, "a wait was cut short by a signal"),
 }
 
 

@@ -187,6 +187,8 @@ _E_FULL: int = lib.HR_E_FULL
 _E_NOT_FOUND: int = lib.HR_E_NOT_FOUND
 _E_STATE: int = lib.HR_E_STATE
 _E_STALE: int = lib.HR_E_STALE
+#: An answer's wait that ended without one, to be waited again: timed out, or cut short by a signal.
+_E_AGAIN = (lib.HR_E_TIMEOUT, lib.HR_E_INTERRUPTED)
 
 
 def _slot_info(slot: int, r: Any) -> SlotInfo:
@@ -718,7 +720,7 @@ class Segment:
         InvalidState if the record was abandoned."""
         n = ffi.new("uint32_t *")
         rc = lib.hr_req_await(self._mem, pos, int(timeout * 1e6), n)
-        if rc == lib.HR_E_TIMEOUT:
+        if rc in _E_AGAIN:
             return None
         if rc < 0:
             raise errors.InvalidState(f"request {pos} was abandoned or is gone (status {rc})")
@@ -781,7 +783,7 @@ class Segment:
             data = self.req_read(pos, self.req_get(pos).nbytes)
             self.req_set_state(pos, REQ_DONE)
             return data
-        if rc == lib.HR_E_TIMEOUT:
+        if rc in _E_AGAIN:
             return None
         raise errors.InvalidState(f"request {pos} was abandoned or is gone (status {rc})")
 
@@ -906,12 +908,15 @@ class Segment:
         lib.hr_notify(self._mem, ev)
 
     def wait(self, ev: int, seen: int, timeout: Optional[float] = None) -> bool:
-        """Block until event `ev` differs from `seen`; False on timeout."""
+        """Block until event `ev` differs from `seen`; False on timeout.
+        True also when a signal cut the wait short (its Python handler runs
+        as this returns): the caller looks again, as after any wake-up."""
         us = -1 if timeout is None else max(0, int(timeout * 1e6))
         rc = lib.hr_wait(self._mem, ev, seen, us)
         if rc == lib.HR_E_TIMEOUT:
             return False
-        check(rc, "wait")
+        if rc != lib.HR_E_INTERRUPTED:
+            check(rc, "wait")
         return True
 
     # ---- inspection ------------------------------------------------------------

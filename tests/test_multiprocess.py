@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import psutil
@@ -255,6 +256,55 @@ def test_wait_times_out_without_an_event(seg):
     assert seg.wait(EV_PENDING, seg.event(EV_PENDING), 0.1) is False
     assert 0.09 < time.monotonic() - t < 2.0
     assert seg.wait(EV_PENDING, seg.event(EV_PENDING) + 1, 5.0) is True  # already differs
+
+
+INTERRUPTED = """
+import signal, sys, time
+from engine.shm import Segment, EV_PENDING
+
+class Boom(Exception):
+    pass
+
+def boom(signum, frame):
+    raise Boom()
+
+signal.signal(signal.SIGUSR1, boom)
+seg = Segment.attach(sys.argv[1])
+pos = seg.req_send(b"nobody answers this", 64) if sys.argv[2] == "answer" else None
+print("waiting", flush=True)
+t = time.monotonic()
+try:
+    if pos is None:
+        got = seg.wait(EV_PENDING, seg.event(EV_PENDING), 30.0)
+    else:
+        got = seg.req_await(pos, 30.0)
+    for _ in range(1000):  # the handler runs at the interpreter's next check, if not at once
+        pass
+    print("returned", got, time.monotonic() - t)
+except Boom:
+    print("interrupted", time.monotonic() - t)
+"""
+
+
+@pytest.mark.parametrize("what", ["event", "answer"])
+def test_a_signal_cuts_a_wait_short_so_that_its_python_handler_runs_at_once(segname, what):
+    """A wait slept through signals: Ctrl-C reached a process waiting for a
+    commit or a task only when its wait ended (up to a timeout's length)."""
+    seg = Segment.create(segname, 16)
+    child = spawn(INTERRUPTED, segname, what)
+    try:
+        assert child.stdout.readline().strip() == "waiting"
+        time.sleep(0.3)  # inside the wait by now
+        child.send_signal(signal.SIGUSR1)
+        out, err = child.communicate(timeout=60)
+        words = out.split()
+        assert words[0] == "interrupted", (out, err)
+        assert float(words[1]) < 5.0, out  # not the 30 s of the wait
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        seg.close()
 
 
 def test_notify_counts_even_without_waiters(seg):
