@@ -1,7 +1,8 @@
 """cffi build script for the native core (API mode).
 
 It lives outside the package so that the package never imports a module
-that has not been built.  One cdef file per C area is read in sorted order.
+that has not been built.  One cdef file per C area is read: the shared types' first, then the rest
+in sorted order.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "ops.c", "plain.c", "reqring.c", "segment.c", "slots.c", "turn.c", "wait.c"]
+SOURCES = ["fault.c", "group.c", "heap.c", "hset.c", "jobcache.c", "ops.c", "plain.c", "reqring.c", "segment.c", "slots.c", "turn.c", "wait.c"]
 
 
 def _sqlite_headers() -> Optional[str]:
@@ -27,7 +28,10 @@ def _sqlite_headers() -> Optional[str]:
 
 SQLITE = _sqlite_headers()
 ffibuilder = FFI()
-for cdef in sorted((HERE / "cdef").glob("*.cdef")):
+#: The types every other area uses come first.
+FIRST = ["status.cdef", "layout.cdef"]
+for cdef in sorted((HERE / "cdef").glob("*.cdef"), key=lambda p: (p.name not in FIRST, FIRST.index(p.name)
+                                                                 if p.name in FIRST else 0, p.name)):
     ffibuilder.cdef(cdef.read_text())
 
 ffibuilder.set_source(

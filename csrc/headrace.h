@@ -15,6 +15,7 @@
 #include "ops.h"
 #include "reqring.h"
 #include "plain.h"
+#include "jobcache.h"
 #include "turn.h"
 
 #endif

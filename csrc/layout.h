@@ -13,7 +13,7 @@
 #include <pthread.h>
 
 #define HR_MAGIC 0x4543415244414548ULL /* "HEADRACE", little-endian */
-#define HR_LAYOUT_VERSION 4u
+#define HR_LAYOUT_VERSION 5u
 #define HR_MAX_CAPACITY (1u << 26)     /* 67M slots; keeps every size in range */
 #define HR_NONE 0xFFFFFFFFu            /* "no slot" / "no position" */
 #define HR_REQ_MIN (1u << 12)          /* request area bounds, a power of two */
@@ -91,7 +91,7 @@ typedef struct hr_slot {
     int64_t deadline;     /* us since the epoch: the running attempt's deadline, 0 = none */
     uint64_t dedup_lo;    /* 128-bit hash of (queue, dedup key) */
     uint64_t dedup_hi;
-    uint64_t aux;         /* engine-defined */
+    uint64_t aux;         /* the job cache's record of this task: its position + 1, 0 = none */
     uint32_t attempt;     /* claims so far; the fencing token */
     uint32_t max_attempts;/* claims allowed before the task is dead; 0 = no limit */
     uint32_t group;       /* group index, 0 = none */
@@ -175,6 +175,8 @@ typedef struct hr_header {
     uint64_t off_pos;      /* u32 per slot: heap position, or free-list next */
     uint64_t off_req;      /* the request area, last in the mapping */
     uint64_t req_cap;      /* its bytes, a power of two */
+    uint64_t off_jc;       /* the job cache (jobcache.h), after the request area */
+    uint64_t jc_cap;       /* its bytes */
     uint64_t checksum;
 
     /* The one process-shared robust mutex. */
@@ -211,6 +213,8 @@ typedef struct hr_header {
      * spinner gives up, 0 when free.  They sit in what was padding, so a
      * segment made before them reads as all free. */
     int64_t spin_tokens[HR_SPIN_TOKENS];
+    /* The job cache's next position: written by the writer alone. */
+    uint64_t jc_head;
 
     hr_event events[HR_NEVENTS] __attribute__((aligned(64)));
 } hr_header;

@@ -12,7 +12,7 @@ void hr_set_lock_spin(uint32_t spins) { lock_spin = spins; }
 static inline uint64_t align64(uint64_t x) { return (x + 63) & ~(uint64_t)63; }
 
 typedef struct layout {
-    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, groups, glinks, req, total;
+    uint64_t slots, ready, delay, lease, dedup, ids, ring, pos, groups, glinks, req, jc, total;
     uint32_t buckets;
 } layout;
 
@@ -39,7 +39,10 @@ static int compute_layout(uint32_t cap, uint64_t req_bytes, layout *L)
      * needs no field for them. */
     L->groups = off; off = align64(off + (uint64_t)HR_MAX_GROUPS * sizeof(hr_group));
     L->glinks = off; off = align64(off + (uint64_t)cap * sizeof(hr_glink));
-    L->req = off;    off += req_bytes; /* last, so that init can skip zeroing it */
+    /* The request area and the job cache last, so that init can skip
+     * zeroing them (each is only ever read where it was written). */
+    L->req = off;    off = align64(off + req_bytes);
+    L->jc = off;     off += (uint64_t)cap * HR_JC_PER_SLOT;
     L->total = (off + 4095) & ~(uint64_t)4095;
     return HR_OK;
 }
@@ -112,6 +115,8 @@ int hr_init(void *mem, uint64_t size, uint32_t capacity, uint64_t req_bytes, uin
     h->off_pos = L.pos;
     h->off_req = L.req;
     h->req_cap = req_bytes;
+    h->off_jc = L.jc;
+    h->jc_cap = (uint64_t)capacity * HR_JC_PER_SLOT;
 
     pthread_mutexattr_t a;
     if (pthread_mutexattr_init(&a) != 0)
@@ -177,7 +182,8 @@ int hr_attach(void *mem, uint64_t size, uint32_t uid)
         L.buckets != h->buckets || L.slots != h->off_slots || L.ready != h->off_ready ||
         L.delay != h->off_delay || L.lease != h->off_lease || L.dedup != h->off_dedup ||
         L.ids != h->off_ids || L.ring != h->off_ring || L.pos != h->off_pos ||
-        L.req != h->off_req || h->off_req + h->req_cap > h->total_size)
+        L.req != h->off_req || h->off_req + h->req_cap > h->total_size || L.jc != h->off_jc ||
+        h->jc_cap != (uint64_t)h->capacity * HR_JC_PER_SLOT || h->off_jc + h->jc_cap > h->total_size)
         return HR_E_CORRUPT;
     if (size < h->total_size)
         return HR_E_TRUNCATED;

@@ -546,13 +546,16 @@ int hr_turn_events(void *mem, hr_turn *t, int force, hr_turn_out *out)
     return HR_OK;
 }
 
-static void pack(const hr_turn *t, uint32_t n, int64_t now)
+static void pack(void *mem, const hr_turn *t, uint32_t n, int64_t now)
 {
     for (uint32_t k = 0; k < n; k++) {
         const item *it = &t->items[k];
         uint64_t bo = (uint64_t)it->backoff;
         t->tasks[k] = (hr_task){
             .id = it->id,
+            /* Its worker reads the job from here, not from SQLite. */
+            .aux = hr_jc_put(mem, it->id, it->name, it->name_len, it->body, it->body_len, it->ser, it->created,
+                             it->max_attempts, (uint32_t)it->timeout_ms),
             .seq = it->seq,
             .run_at = it->run_at,
             .max_attempts = (uint32_t)it->max_attempts,
@@ -647,7 +650,7 @@ int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, ui
         return HR_OK;
     }
     HR_FAULT(HR_FS_TURN_COMMITTED);
-    pack(t, nitems, now);
+    pack(mem, t, nitems, now);
     rc = hr_insert_batch(mem, t->tasks, nitems, t->status);
     if (rc < 0)
         return rc; /* committed, not shown: the writer's repair finds them on disk */
@@ -814,7 +817,7 @@ int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn
     if (!n)
         return HR_E_STATE;
     t->sn = 0;
-    pack(t, n, now);
+    pack(mem, t, n, now);
     int rc = hr_insert_batch(mem, t->tasks, n, t->status);
     if (rc < 0)
         return rc; /* committed, not shown: the writer's repair finds them on disk */

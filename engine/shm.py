@@ -187,6 +187,14 @@ _E_FULL: int = lib.HR_E_FULL
 _E_NOT_FOUND: int = lib.HR_E_NOT_FOUND
 _E_STATE: int = lib.HR_E_STATE
 _E_STALE: int = lib.HR_E_STALE
+#: The job cache's record header (hr_jc_rec): id, pos, created, len, body_len, max_attempts, timeout_ms, name_len, ser.
+_JC_REC = struct.Struct("<QQqIIiIHB5x")
+#: Bytes of a claim's copy of the job cache per ticket (a bigger record is read from the database).
+JC_ROOM = 512
+#: Task names a segment view keeps decoded.
+JC_NAMES = 1024
+#: ffi.new without the zero fill, for buffers that C writes before Python reads them.
+_raw_new = ffi.new_allocator(should_clear_after_alloc=False)
 #: An answer's wait that ended without one, to be waited again: timed out, or cut short by a signal.
 _E_AGAIN = (lib.HR_E_TIMEOUT, lib.HR_E_INTERRUPTED)
 
@@ -222,6 +230,7 @@ class Segment:
         self._i32 = ffi.new("int32_t[1]")
         self._msg = ffi.new("char[]", 512)
         self._info = ffi.new("hr_info *")
+        self._jc_names: Dict[bytes, str] = {}  # the job cache's task names, decoded
         # The buffers above are shared by every call on this object, and cffi
         # releases the GIL during a C call: methods that use them must not run
         # in two threads at once.  heartbeat (a lease thread), the id counter
@@ -461,6 +470,33 @@ class Segment:
         out = self.tickets(max) if out is None else out
         now = now_us() if now is None else now
         return out, check(lib.hr_claim(self._mem, max, now, lease_until, 1 if start else 0, out), "pop_batch")
+
+    def cached_jobs(self, tickets: Any, n: int) -> Dict[int, Tuple[str, int, int, bytes, int, int]]:
+        """id -> (name, ser, created, body, max_attempts as stored, timeout_ms)
+        of the claimed tickets[0:n] whose jobs the job cache still holds
+        (csrc/jobcache.h), as Reader.jobs gives them; the rest are read
+        from the database."""
+        room = n * JC_ROOM
+        out, at = _raw_new("char[]", room), _raw_new("int64_t[]", n)
+        rows: Dict[int, Tuple[str, int, int, bytes, int, int]] = {}
+        if not lib.hr_jc_read(self._mem, tickets, n, out, room, at):
+            return rows
+        data = ffi.buffer(out)[:]
+        unpack, head, names = _JC_REC.unpack_from, _JC_REC.size, self._jc_names
+        for off in ffi.unpack(at, n):
+            if off < 0:
+                continue
+            tid, _, created, _, body_len, max_attempts, timeout_ms, name_len, ser = unpack(data, off)
+            start = off + head
+            key = data[start:start + name_len]
+            name = names.get(key)
+            if name is None:
+                name = key.decode()
+                if len(names) < JC_NAMES:
+                    names[key] = name
+            start += name_len
+            rows[tid] = (name, ser, created, data[start:start + body_len], max_attempts, timeout_ms)
+        return rows
 
     def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:
         """Report one attempt's outcome; False if the attempt was fenced."""

@@ -210,7 +210,10 @@ def _tickets(q: "Queue", n: int) -> Any:
 
 def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> List[ClaimedJob]:
     """The claimed jobs of `tickets` (buf[0:n]: the same, as the claim wrote them)."""
-    rows = q.reader.jobs([t.id for t in tickets])
+    # Most jobs come from the segment's job cache; SQLite has every one.
+    rows = q.seg.cached_jobs(buf, len(tickets)) if buf is not None else {}
+    if len(rows) < len(tickets):
+        rows.update(q.reader.jobs([t.id for t in tickets if t.id not in rows]))
     policies: Dict[str, Any] = {}
     jobs: List[ClaimedJob] = []
     # Submitted by name before any worker defined the task: this worker's

@@ -32,3 +32,12 @@ def spawn(code: str, *args: object, env: Optional[Dict[str, str]] = None) -> sub
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(env),
                             cwd=CHILD_CWD)
+
+
+def model_settings(ci_examples: int, examples: int, steps: int) -> object:
+    """Hypothesis settings for a stateful model test: CI can afford a deeper
+    search than an edit-test loop; HEADRACE_MODEL_EXAMPLES overrides both."""
+    from hypothesis import HealthCheck, settings
+    default = ci_examples if os.environ.get("CI") else examples
+    return settings(max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", str(default))),
+                    stateful_step_count=steps, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Tuple
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from sortedcontainers import SortedList
 
@@ -22,6 +21,8 @@ from engine import errors
 from engine.shm import (BO_CONSTANT, BO_EXPONENTIAL, BO_LINEAR, BO_NONE, CANCELLED, COMPLETED, DEAD, DELAYED,
                         PENDING, RUNNING, STATE_NAMES, TERMINAL, TIMED_OUT, WAITING, Segment, Ticket, fill_task,
                         ffi, pack_backoff)
+
+from helpers import model_settings
 
 CAP = 12
 KEYS = [(k * 7919 + 1, k * 104729 + 3) for k in range(6)]  # a small pool, so collisions happen
@@ -465,10 +466,4 @@ class SegmentModel(RuleBasedStateMachine):
 
 
 TestSegmentModel = SegmentModel.TestCase
-TestSegmentModel.settings = settings(
-    # CI can afford a deeper search than an edit-test loop.
-    max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", "500" if os.environ.get("CI") else "150")),
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestSegmentModel.settings = model_settings(500, 150, 60)

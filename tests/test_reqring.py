@@ -21,7 +21,6 @@ from typing import Deque, List, Optional
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine import errors
@@ -29,7 +28,7 @@ from engine._core import lib
 from engine.shm import (DEFAULT_REQ_BYTES, EV_COMMIT, EV_WRITER, REQ_ABANDONED, REQ_ANSWERED, REQ_DONE,
                         REQ_HEADER, REQ_PAD, REQ_READY, REQ_RESERVED, ReqHeader, Segment, segment_path)
 
-from helpers import run_child, spawn
+from helpers import model_settings, run_child, spawn
 
 REQ = 4096
 _names = itertools.count()
@@ -233,12 +232,7 @@ class ReqRingModel(RuleBasedStateMachine):
 
 
 TestReqRingModel = ReqRingModel.TestCase
-TestReqRingModel.settings = settings(
-    max_examples=int(os.environ.get("HEADRACE_MODEL_EXAMPLES", "500" if os.environ.get("CI") else "150")),
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TestReqRingModel.settings = model_settings(500, 150, 60)
 
 
 # ---- sizes and arguments -----------------------------------------------------------
@@ -523,8 +517,8 @@ def test_producer_killed_in_reserve(segname, with_pad):
 
 # ---- a tampered header is refused at attach ----------------------------------------------
 
-OFF_REQ, REQ_CAP, CHECKSUM = 112, 120, 128
-REQ_TAIL, REQ_HEAD = 272, 576  # offsetof(hr_header, ...) in layout 3
+OFF_REQ, REQ_CAP, CHECKSUM = 112, 120, 144  # then off_jc (128) and jc_cap (136)
+REQ_TAIL, REQ_HEAD = 272, 576  # offsetof(hr_header, ...) in layout 5
 
 
 def _fnv1a(data: bytes) -> int:

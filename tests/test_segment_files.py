@@ -155,7 +155,7 @@ def test_bad_names_and_capacities(segname):
             Segment.create(segname, cap)
 
 
-CHECKSUM = 128  # after off_req (112) and req_cap (120)
+CHECKSUM = 144  # after off_req (112), req_cap (120), off_jc (128) and jc_cap (136)
 
 
 def _fnv1a(data: bytes) -> int:
