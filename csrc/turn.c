@@ -37,6 +37,12 @@ uint32_t hr_turn_wal_frames(const hr_turn *t)
     return 0;
 }
 
+int hr_turn_cache(void *mem, hr_turn *t, const char *job_sql, hr_task *tasks, uint32_t n)
+{
+    (void)mem, (void)t, (void)job_sql, (void)tasks, (void)n;
+    return HR_E_NOT_READY;
+}
+
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out)
 {
@@ -116,6 +122,7 @@ typedef struct held_event {
 struct hr_turn {
     sqlite3 *db;
     sqlite3_stmt *begin, *commit, *rollback, *task, *payload, *event, *horizon;
+    sqlite3_stmt *job; /* hr_turn_cache's read, prepared on first use */
     hr_def *defs;
     uint32_t ndefs;
     item *items;
@@ -147,7 +154,8 @@ __attribute__((visibility("default"))) int sqlite3_headrace_init(sqlite3 *db, ch
 
 static void finalize(hr_turn *t)
 {
-    sqlite3_stmt **all[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event, &t->horizon};
+    sqlite3_stmt **all[] = {&t->begin, &t->commit, &t->rollback, &t->task, &t->payload, &t->event, &t->horizon,
+                            &t->job};
     for (size_t k = 0; k < sizeof all / sizeof *all; k++) {
         if (*all[k])
             sqlite3_finalize(*all[k]);
@@ -829,6 +837,47 @@ int hr_turn_part_place(void *mem, hr_turn *t, uint64_t pos, int64_t now, hr_turn
     out->tasks = t->tasks;
     out->status = t->status;
     return HR_OK;
+}
+
+
+int hr_turn_cache(void *mem, hr_turn *t, const char *job_sql, hr_task *tasks, uint32_t n)
+{
+    if (!t->job && sqlite3_prepare_v2(t->db, job_sql, -1, &t->job, NULL) != SQLITE_OK) {
+        t->job = NULL;
+        return HR_E_INVALID;
+    }
+    int cached = 0;
+    /* A refill's tasks are mostly runs of consecutive ids: one range scan
+     * per run, not a seek per task. */
+    for (uint32_t k = 0; k < n;) {
+        uint32_t end = k + 1;
+        while (end < n && tasks[end].id == tasks[end - 1].id + 1)
+            end++;
+        sqlite3_stmt *s = t->job;
+        sqlite3_bind_int64(s, 1, (sqlite3_int64)tasks[k].id);
+        sqlite3_bind_int64(s, 2, (sqlite3_int64)tasks[end - 1].id);
+        while (k < end && sqlite3_step(s) == SQLITE_ROW) {
+            uint64_t id = (uint64_t)sqlite3_column_int64(s, 0);
+            while (k < end && tasks[k].id < id)
+                k++;
+            if (k == end || tasks[k].id != id)
+                continue;
+            const char *name = (const char *)sqlite3_column_text(s, 1);
+            int name_len = sqlite3_column_bytes(s, 1);
+            const char *body = (const char *)sqlite3_column_blob(s, 4);
+            int body_len = sqlite3_column_bytes(s, 4);
+            if (name && (body || !body_len)) {
+                tasks[k].aux = hr_jc_put(mem, id, name, (uint32_t)name_len, body, (uint32_t)body_len,
+                                         (uint8_t)sqlite3_column_int(s, 2), sqlite3_column_int64(s, 3),
+                                         sqlite3_column_int(s, 5), (uint32_t)sqlite3_column_int64(s, 6));
+                cached += tasks[k].aux != 0;
+            }
+            k++;
+        }
+        sqlite3_reset(s);
+        k = end;
+    }
+    return cached;
 }
 
 #endif /* HR_HAVE_SQLITE */

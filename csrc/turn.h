@@ -73,6 +73,14 @@ void hr_turn_close(hr_turn *t);
 /* Frames in the WAL after the connection's last commit (a WAL hook: the
  * writer checkpoints by size as well as by time). */
 uint32_t hr_turn_wal_frames(const hr_turn *t);
+/* Copy the jobs of tasks[0..n), about to be placed by the Python turn (a
+ * refill from the spill store, say), from the database into the job cache
+ * (jobcache.h), pointing each task's aux at its copy: reads on the writer's
+ * connection, a range scan per run of consecutive ids.
+ * `job_sql` selects (id, name, ser, created, body, max_attempts,
+ * timeout_ms) of the tasks with ids in ?1..?2, by id.  Returns the jobs
+ * cached. */
+int hr_turn_cache(void *mem, hr_turn *t, const char *job_sql, hr_task *tasks, uint32_t n);
 int hr_turn_run(void *mem, hr_turn *t, uint64_t scan, uint64_t replay_before, uint32_t chunk, int flush_due,
                 int64_t now, hr_turn_out *out);
 /* Turns (hr_turn_run) one after another, waiting for publishes in between,

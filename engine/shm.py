@@ -187,8 +187,9 @@ _E_FULL: int = lib.HR_E_FULL
 _E_NOT_FOUND: int = lib.HR_E_NOT_FOUND
 _E_STATE: int = lib.HR_E_STATE
 _E_STALE: int = lib.HR_E_STALE
-#: The job cache's record header (hr_jc_rec): id, pos, created, len, body_len, max_attempts, timeout_ms, name_len, ser.
-_JC_REC = struct.Struct("<QQqIIiIHB5x")
+#: The job cache's record header (hr_jc_rec) but for the id, position and length that C checked:
+#: created, body_len, max_attempts, timeout_ms, name_len, ser.
+_JC_REC = struct.Struct("<16xq4xIiIHB5x")
 #: Bytes of a claim's copy of the job cache per ticket (a bigger record is read from the database).
 JC_ROOM = 512
 #: Task names a segment view keeps decoded.
@@ -471,22 +472,22 @@ class Segment:
         now = now_us() if now is None else now
         return out, check(lib.hr_claim(self._mem, max, now, lease_until, 1 if start else 0, out), "pop_batch")
 
-    def cached_jobs(self, tickets: Any, n: int) -> Dict[int, Tuple[str, int, int, bytes, int, int]]:
-        """id -> (name, ser, created, body, max_attempts as stored, timeout_ms)
-        of the claimed tickets[0:n] whose jobs the job cache still holds
-        (csrc/jobcache.h), as Reader.jobs gives them; the rest are read
-        from the database."""
+    def cached_jobs(self, tickets: Any, n: int) -> List[Optional[Tuple[str, int, int, bytes, int, int]]]:
+        """For each claimed ticket of tickets[0:n], in order: its job as
+        (name, ser, created, body, max_attempts as stored, timeout_ms), as
+        Reader.jobs gives it, if the job cache still holds it
+        (csrc/jobcache.h), else None (read it from the database)."""
         room = n * JC_ROOM
         out, at = _raw_new("char[]", room), _raw_new("int64_t[]", n)
-        rows: Dict[int, Tuple[str, int, int, bytes, int, int]] = {}
+        rows: List[Optional[Tuple[str, int, int, bytes, int, int]]] = [None] * n
         if not lib.hr_jc_read(self._mem, tickets, n, out, room, at):
             return rows
         data = ffi.buffer(out)[:]
         unpack, head, names = _JC_REC.unpack_from, _JC_REC.size, self._jc_names
-        for off in ffi.unpack(at, n):
+        for k, off in enumerate(ffi.unpack(at, n)):
             if off < 0:
                 continue
-            tid, _, created, _, body_len, max_attempts, timeout_ms, name_len, ser = unpack(data, off)
+            created, body_len, max_attempts, timeout_ms, name_len, ser = unpack(data, off)
             start = off + head
             key = data[start:start + name_len]
             name = names.get(key)
@@ -495,7 +496,7 @@ class Segment:
                 if len(names) < JC_NAMES:
                     names[key] = name
             start += name_len
-            rows[tid] = (name, ser, created, data[start:start + body_len], max_attempts, timeout_ms)
+            rows[k] = (name, ser, created, data[start:start + body_len], max_attempts, timeout_ms)
         return rows
 
     def finish(self, ticket: Ticket, state: int = COMPLETED, *, run_at: int = 0, aux: int = 0) -> bool:

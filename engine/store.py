@@ -929,6 +929,11 @@ class NativeTurn:
         check(lib.hr_turn_events(mem, self._t, int(force), self.out), "the C turn's held events")
         return self.out
 
+    def cache(self, mem: Any, tasks: Any, n: int) -> int:
+        """Copy the jobs of tasks[0:n] (``hr_task[]``, about to be placed)
+        from the database into the segment's job cache; returns how many."""
+        return check(lib.hr_turn_cache(mem, self._t, _JOB_SQL, tasks, n), "the C turn's job cache")
+
     def wal_frames(self) -> int:
         """Frames in the WAL after the connection's last commit."""
         return int(lib.hr_turn_wal_frames(self._t))
@@ -966,6 +971,10 @@ class _Txn:
 #: The columns a claim needs of each task (see Reader.jobs), to be completed by a WHERE clause.
 _JOBS = ("SELECT t.id, t.name, t.ser, t.created, p.body, t.max_attempts, t.timeout_ms FROM tasks t"
          " JOIN payloads p ON p.id = t.id WHERE ")
+
+
+#: The jobs of a run of ids, for the C turn's job cache (csrc/turn.h: hr_turn_cache).
+_JOB_SQL = (_JOBS + "t.id BETWEEN ?1 AND ?2 ORDER BY t.id").encode()
 
 
 class Reader(_Reads):

@@ -211,9 +211,11 @@ def _tickets(q: "Queue", n: int) -> Any:
 def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> List[ClaimedJob]:
     """The claimed jobs of `tickets` (buf[0:n]: the same, as the claim wrote them)."""
     # Most jobs come from the segment's job cache; SQLite has every one.
-    rows = q.seg.cached_jobs(buf, len(tickets)) if buf is not None else {}
-    if len(rows) < len(tickets):
-        rows.update(q.reader.jobs([t.id for t in tickets if t.id not in rows]))
+    rows = q.seg.cached_jobs(buf, len(tickets)) if buf is not None else [None] * len(tickets)
+    missing = [t.id for t, row in zip(tickets, rows) if row is None]
+    if missing:
+        stored = q.reader.jobs(missing)
+        rows = [stored.get(t.id) if row is None else row for t, row in zip(tickets, rows)]
     policies: Dict[str, Any] = {}
     jobs: List[ClaimedJob] = []
     # Submitted by name before any worker defined the task: this worker's
@@ -224,10 +226,10 @@ def _jobs(q: "Queue", tickets: List[Ticket], start: bool, buf: Any = None) -> Li
     refuse_pickle = q._untrusted(pickled)
     # A limit counts from the attempts used before the task was last put
     # back from dead: fewer than its attempt number, so none for a first attempt.
-    again = [t.id for t in tickets if t.attempt > 1 and t.id in rows]
+    again = [t.id for t, row in zip(tickets, rows) if t.attempt > 1 and row is not None]
     bases = q.reader.attempt_bases(again) if again else {}
     for k, t in enumerate(tickets):
-        row = rows.get(t.id)
+        row = rows[k]
         if row is None:  # cannot happen: a task reaches the segment only after its commit
             print(f"headrace worker: task {t.id} is not in the database; sending it back", file=sys.stderr)
             q.seg.finish(t, shm.PENDING)

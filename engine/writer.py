@@ -28,7 +28,7 @@ import apsw
 
 from . import config, cron, errors, faults, paths, protocol, shm
 from .shm import Segment, now_us
-from .store import LiveRow, SQLiteStore, SpillRow, TaskRow, store_error
+from .store import LiveRow, NativeTurn, SQLiteStore, SpillRow, TaskRow, store_error
 from .upkeep import Upkeep, WalSync
 
 #: Ids handed out by a rebuilt segment start this far above any seen before,
@@ -109,6 +109,10 @@ class Writer:
         os.write(self.lock_fd, f"{os.getpid()}\n".encode())
         self.clients_fd = paths.open_private(paths.clients_path(db), strict=True)
         self.store = SQLiteStore(db, sync)
+        #: The C turn for plain submits (None: every turn in Python).  Made
+        #: once the segment is open: its statements would keep a store that
+        #: failed before then from closing (and a rebuild's jobs go uncached).
+        self.native: Optional[NativeTurn] = None
         self.name = paths.segment_name(db)
         #: Group name -> (index in the segment, concurrency limit).
         self.groups: Dict[str, Tuple[int, int]] = self.store.groups()
@@ -150,9 +154,8 @@ class Writer:
         #: Task definitions that workers registered: name -> (max_attempts, timeout_ms, backoff).
         defs = self.store.definitions()
         self.defs = {n: d[:3] for n, d in defs.items()}
-        #: The C turn for plain submits (None: every turn in Python), and
-        #: whether it still has to learn of a change to self.defs.
         self.native = self.store.native_turn(cfg.event_delay) if cfg.native_turn else None
+        #: Whether the C turn still has to learn of a change to self.defs.
         self.defs_changed = True
         #: The C turn loop waited for requests until the run loop's time: do not wait again.
         self.waited = False
@@ -264,11 +267,26 @@ class Writer:
 
     def _place(self, seg: Segment, rows: Sequence[Any], packed: Any = None) -> List[Any]:
         """Insert live rows (store.LiveRow): pending, or delayed while their
-        run-at is ahead (`packed`: already packed by :meth:`_pack`); returns
-        the rows that did not fit."""
+        run-at is ahead (`packed`: already packed by :meth:`_pack`), their
+        jobs in the job cache (see :meth:`_cache`); returns the rows that
+        did not fit."""
         if not rows:
             return []
-        return self._push(seg, rows, self._pack(rows) if packed is None else packed)
+        packed = self._pack(rows) if packed is None else packed
+        self._cache(seg, rows, packed)
+        return self._push(seg, rows, packed)
+
+    def _cache(self, seg: Segment, rows: Sequence[Any], packed: Any) -> None:
+        """Copy the jobs of rows about to be placed into the segment's job
+        cache, in C on the writer's warm connection, so that the claiming
+        workers need not read them (the C turn caches what it places itself;
+        without it, the workers read every job)."""
+        if self.native is None:
+            return
+        try:
+            self.native.cache(seg.handle, packed, len(rows))
+        except errors.EngineError:
+            pass  # the workers read them themselves
 
     def _pack(self, rows: Sequence[Any]) -> Any:
         """The ``hr_task[]`` of live rows (a task whose run-at is ahead is delayed)."""

@@ -88,7 +88,7 @@ class JobCacheModel(RuleBasedStateMachine):
         buf = Segment.tickets(max(1, len(tickets)))
         for k, (tid, slot) in enumerate(tickets):
             buf[k].id, buf[k].slot, buf[k].attempt = tid, slot, 1
-        got = self.seg.cached_jobs(buf, len(tickets))
+        got = {tid: row for (tid, _), row in zip(tickets, self.seg.cached_jobs(buf, len(tickets))) if row}
         want = {tid: self.live[tid][2] for tid in ids if self.model.intact(self.live[tid][1])}
         assert got == want
 
@@ -113,7 +113,7 @@ def test_a_claim_of_a_full_buffer_reads_the_rest_as_misses(segname):
     for k, tid in enumerate((1, 2)):
         buf[k].id, buf[k].slot, buf[k].attempt = tid, slots[k], 1
     got = seg.cached_jobs(buf, 2)  # room for 2 * 512 bytes: the first record fits, the second does not
-    assert got == {1: ("t", 0, 0, body, 0, 0)}
+    assert got == [("t", 0, 0, body, 0, 0), None]
     seg.close()
 
 
@@ -143,6 +143,28 @@ def test_claimed_jobs_come_from_the_segment_without_reading_the_database(tmp_pat
     assert {j.id for j in jobs} == set(out.inserted) | {one}
     for j in jobs:
         assert j.complete()
+    q.close()
+
+
+def test_a_spilled_backlog_is_refilled_with_its_jobs_in_the_cache(tmp_path, monkeypatch):
+    """A backlog of 8x the segment's capacity: the writer refills the
+    segment from the spill store and copies each job it places into the
+    cache, so claiming workers read none of them from the database."""
+    q = engine.Queue(str(tmp_path / "q.db"), capacity=128)
+    for start in range(0, 1024, 256):
+        q.submit_batch([engine.Job("t.s", args=(i,), priority=i % 3) for i in range(start, start + 256)])
+    assert q.stats()["spilled"] > 0
+    read = _count_reads(monkeypatch)
+    got = []
+    while len(got) < 1024:
+        jobs = q.claim(64, timeout=5)
+        got += [j.args[0] for j in jobs]
+        for j in jobs:
+            assert j.complete()
+    assert sorted(got) == list(range(1024))
+    # Every job was cached as it was placed: by the C turn, by the Python
+    # turn (a batch bigger than the room left), or by a refill.
+    assert read == []
     q.close()
 
 
@@ -200,7 +222,10 @@ def test_a_reader_racing_the_writer_round_the_arena_gets_whole_records_or_misses
         for k in range(slots):
             s = seg.read_slot(k)
             buf[k].id, buf[k].slot, buf[k].attempt = s.id, k, 1
-        for tid, row in seg.cached_jobs(buf, slots).items():
+        for k, row in enumerate(seg.cached_jobs(buf, slots)):
+            if row is None:
+                continue
+            tid = buf[k].id
             body = hashlib.sha256(str(tid).encode()).digest() * (12 + tid % 3)
             assert row == ("churn", 1, tid, body, 3, 7), tid
             hits += 1
