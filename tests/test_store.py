@@ -108,3 +108,37 @@ def test_a_new_database_gets_the_page_size_and_one_that_exists_keeps_its_own(tmp
         s.insert_tasks([_task(1, 5)], [(1, b"{}")])
     assert [r[0] for r in s.conn.execute("SELECT id FROM tasks")] == [1]
     s.close()
+
+
+def test_spill_take_gives_each_task_s_live_row_as_the_outcome_log_says(tmp_path):
+    """spill_take takes the best-ranked spilled tasks, and only them (one
+    range delete), each with its live row: the last attempt, a delayed
+    retry's run-at, and an attempt limit counted from the attempts used
+    before a put-back from dead."""
+    from engine import store as st
+    s = SQLiteStore(str(tmp_path / "q.db"))
+    # id, name, prio, seq, created, run_at, dedup, grp, max_attempts, ser, timeout_ms, backoff
+    tasks = [(tid, "t", tid % 3, tid, 0, 1000 + tid, None, None, tid % 4, 0, tid % 5, 0) for tid in range(1, 41)]
+    # (id, attempt, state, at, info): 1 pending (put back; info: attempts used), 2 delayed (info: run-at)
+    outcomes = [(3, 1, 2, 10, 5_000), (5, 1, 2, 10, 6_000), (5, 2, 1, 11, None), (7, 1, 1, 10, None),
+                (9, 2, 1, 12, 2), (9, 3, 2, 13, 7_000), (11, 4, 1, 14, 3), (11, 5, 1, 15, 1), (13, 1, 2, 16, None),
+                (30, 1, 2, 10, 9_000), (31, 2, 1, 10, 4)]
+    with s.transaction():
+        s.insert_tasks(tasks, [(t[0], b"{}") for t in tasks])
+        s.record_outcomes(outcomes)
+    want = {r[0]: r for r in s.conn.execute(
+        f"SELECT t.id, t.prio, t.seq, {st._RUN_AT}, {st._LIVE_TAIL} FROM tasks t")}
+    assert want[3][3] == 5_000 and want[9][5] == 3 and want[11][6] == 3 + 3  # the cases are there
+    for ids in (range(1, 41), [1, 3, 5, 7, 9, 11, 13, 30, 31, 40], [40, 9, 2, 31, 3]):
+        with s.transaction():
+            s.spill_add([(want[i][1], want[i][2], i, 0) for i in ids])
+        half = len(ids) // 2
+        with s.transaction():
+            got = s.spill_take(half)
+        assert s.spill_count() == len(ids) - half  # exactly the ones taken left the spill store
+        with s.transaction():
+            got += s.spill_take(len(ids))
+        assert s.spill_count() == 0
+        assert sorted(got) == sorted(want[i] for i in ids)
+        assert [r[0] for r in got] == [r[0] for r in sorted((want[i] for i in ids), key=lambda r: (-r[1], r[2]))]
+    s.close()
