@@ -49,6 +49,21 @@ long hr_quota_cpus(const char *cpu_max)
     return (quota + period - 1) / period;
 }
 
+long hr_quota_cpus_v1(const char *quota_us, const char *period_us)
+{
+    /* cgroup v1 cpu.cfs_quota_us ("-1": no limit) and cpu.cfs_period_us */
+    char *end;
+    long quota = strtol(quota_us, &end, 10);
+    if (end == quota_us || (*end && *end != '\n'))
+        return -1;
+    if (quota == -1)
+        return 0;
+    long period = strtol(period_us, &end, 10);
+    if (quota <= 0 || end == period_us || (*end && *end != '\n') || period <= 0)
+        return -1;
+    return (quota + period - 1) / period;
+}
+
 #ifdef __linux__
 /* The text of small file `path` (NUL-terminated), or 0 bytes read. */
 static ssize_t read_small(const char *path, char *buf, size_t len)
@@ -62,33 +77,79 @@ static ssize_t read_small(const char *path, char *buf, size_t len)
     return n;
 }
 
-/* The tightest cgroup v2 CPU quota on this process's cgroup and its
- * ancestors, in whole CPUs (rounded up); 0 where none is set. */
-static long cgroup_cpus(void)
+/* The tightest CPU quota on cgroup `dir` and its ancestors, in whole CPUs
+ * (rounded up), 0 where none is set: cgroup v2's cpu.max under `root`, or
+ * (`v1`) the cfs files of the cpu controller mounted at `root`. */
+static long tightest_quota(const char *root, char *dir, int v1)
 {
-    char cg[512], path[640], text[64];
-    if (read_small("/proc/self/cgroup", cg, sizeof cg) <= 0)
-        return 0;
-    char *line = strncmp(cg, "0::", 3) == 0 ? cg : strstr(cg, "\n0::");
-    if (!line)
-        return 0;  /* cgroup v1 only: its quota files are not read here */
-    if (*line == '\n')
-        line++;
-    char *dir = line + 3, *nl = strchr(dir, '\n');
-    if (nl)
-        *nl = 0;
+    char path[1024], text[64], period[64];
     long best = 0;
     for (;;) {
-        snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.max", strcmp(dir, "/") == 0 ? "" : dir);
-        if (read_small(path, text, sizeof text) > 0) {
-            long q = hr_quota_cpus(text);
-            if (q > 0 && (best == 0 || q < best))
-                best = q;
+        const char *d = strcmp(dir, "/") == 0 ? "" : dir;
+        long q = -1;
+        if (!v1) {
+            snprintf(path, sizeof path, "%s%s/cpu.max", root, d);
+            if (read_small(path, text, sizeof text) > 0)
+                q = hr_quota_cpus(text);
+        } else {
+            snprintf(path, sizeof path, "%s%s/cpu.cfs_quota_us", root, d);
+            if (read_small(path, text, sizeof text) > 0) {
+                snprintf(path, sizeof path, "%s%s/cpu.cfs_period_us", root, d);
+                if (read_small(path, period, sizeof period) > 0)
+                    q = hr_quota_cpus_v1(text, period);
+            }
         }
+        if (q > 0 && (best == 0 || q < best))
+            best = q;
         char *slash = strrchr(dir, '/');
         if (!slash || slash == dir)
             break;
         *slash = 0;
+    }
+    return best;
+}
+
+/* The tightest CPU quota on this process's cgroups, v2 and v1 (a hybrid
+ * host has both), in whole CPUs; 0 where none is set. */
+static long cgroup_cpus(void)
+{
+    char cg[2048];
+    if (read_small("/proc/self/cgroup", cg, sizeof cg) <= 0)
+        return 0;
+    long best = 0;
+    for (char *line = cg, *next; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = 0;
+        /* "ID:CONTROLLERS:PATH"; v2's line is "0::PATH" */
+        char *c = strchr(line, ':'), *dir = c ? strchr(c + 1, ':') : NULL;
+        if (!dir)
+            continue;
+        *dir++ = 0;
+        const char *ctrl = c + 1;
+        long q = 0;
+        if (!*ctrl) {
+            q = tightest_quota("/sys/fs/cgroup", dir, 0);
+        } else {
+            int cpu = 0; /* is "cpu" one of the comma-separated controllers? */
+            for (const char *p = ctrl; *p;) {
+                size_t len = strcspn(p, ",");
+                if (len == 3 && !strncmp(p, "cpu", 3))
+                    cpu = 1;
+                p += len + (p[len] == ',');
+            }
+            if (cpu) {
+                char root[256];
+                snprintf(root, sizeof root, "/sys/fs/cgroup/%s", ctrl);
+                char copy[1024];
+                snprintf(copy, sizeof copy, "%s", dir);
+                q = tightest_quota(root, copy, 1);
+                if (!q && strcmp(ctrl, "cpu") != 0) /* mounted as .../cpu, with ctrl a link to it, say */
+                    q = tightest_quota("/sys/fs/cgroup/cpu", dir, 1);
+            }
+        }
+        if (q > 0 && (best == 0 || q < best))
+            best = q;
     }
     return best;
 }

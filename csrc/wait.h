@@ -29,11 +29,15 @@ int hr_spin_slots(int ev);
  * runnable task at all, which cannot be: the reader runs). */
 int hr_runnable_fit(const char *loadavg, long cores);
 /* CPUs this process may use: the online ones, fewer where its affinity
- * mask or a cgroup v2 CPU quota (rounded up) allows fewer. */
+ * mask or a cgroup CPU quota (v2's cpu.max or v1's cfs quota, rounded up)
+ * allows fewer. */
 long hr_usable_cpus(void);
 /* Whole CPUs (rounded up) that cgroup v2 cpu.max text `cpu_max` allows:
  * 0 for no limit ("max ..."), -1 where the text does not say. */
 long hr_quota_cpus(const char *cpu_max);
+/* Whole CPUs that cgroup v1's cpu.cfs_quota_us and cpu.cfs_period_us texts
+ * allow (rounded up): 0 for no limit (-1), -1 where the texts do not say. */
+long hr_quota_cpus_v1(const char *quota_us, const char *period_us);
 /* Microseconds on the monotonic clock, for waits' deadlines. */
 int64_t hr_mono_us(void);
 

@@ -1104,8 +1104,8 @@ def spin_slots(ev: int) -> int:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may use (its affinity mask and cgroup CPU quota
-    counted), as the spin rule counts them."""
+    """CPUs this process may use (its affinity mask and cgroup CPU quota,
+    v2 or v1, counted), as the spin rule counts them."""
     return int(lib.hr_usable_cpus())
 
 
@@ -1113,6 +1113,13 @@ def quota_cpus(cpu_max: str) -> Optional[int]:
     """Whole CPUs that cgroup v2 ``cpu.max`` text allows: 0 for no limit,
     None where the text does not say."""
     n = int(lib.hr_quota_cpus(cpu_max.encode()))
+    return None if n < 0 else n
+
+
+def quota_cpus_v1(quota_us: str, period_us: str) -> Optional[int]:
+    """Whole CPUs that cgroup v1 ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us``
+    texts allow: 0 for no limit, None where the texts do not say."""
+    n = int(lib.hr_quota_cpus_v1(quota_us.encode(), period_us.encode()))
     return None if n < 0 else n
 
 

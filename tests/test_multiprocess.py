@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from engine import shm
-from engine.shm import (EV_COMMIT, EV_PENDING, EV_WRITER, Segment, fill_task, quota_cpus, runnable_fit, spin_slots,
-                        usable_cpus)
+from engine.shm import (EV_COMMIT, EV_PENDING, EV_WRITER, Segment, fill_task, quota_cpus, quota_cpus_v1, runnable_fit,
+                        spin_slots, usable_cpus)
 
 from helpers import run_child, spawn
 
@@ -201,6 +201,54 @@ def test_quota_cpus_reads_cgroup_cpu_max():
     assert quota_cpus("50000 100000") == 1
     for bad in ("", "x 1", "100000", "-5 100000", "100 0", "maximum 100000"):
         assert quota_cpus(bad) is None, bad
+
+
+def test_quota_cpus_v1_reads_cgroup_v1_cfs_quota_and_period():
+    assert quota_cpus_v1("-1\n", "100000\n") == 0  # no limit
+    assert quota_cpus_v1("200000\n", "100000\n") == 2
+    assert quota_cpus_v1("150000", "100000") == 2  # rounded up
+    assert quota_cpus_v1("50000\n", "100000\n") == 1
+    for quota, period in (("", "100000"), ("x", "100000"), ("0", "100000"), ("-5", "100000"), ("100000", "0"),
+                          ("100000", ""), ("100000 1", "100000")):
+        assert quota_cpus_v1(quota, period) is None, (quota, period)
+
+
+V1_CPU = "/sys/fs/cgroup/cpu"
+
+
+def _v1_cpu_cgroup_writable() -> bool:
+    """Whether this host has cgroup v1's cpu controller and lets us make a cgroup in it."""
+    probe = os.path.join(V1_CPU, f"headrace-probe-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return os.path.exists(os.path.join(V1_CPU, "cpu.cfs_quota_us"))
+
+
+@pytest.mark.skipif(not _v1_cpu_cgroup_writable(), reason="needs cgroup v1's cpu controller, writable (root)")
+def test_a_process_in_a_cgroup_v1_with_a_one_cpu_quota_counts_one():
+    """A container on cgroup v1 limited to one CPU: the spin rule counts one
+    (it counted the host's CPUs, so its spinners burnt the quota)."""
+    group = os.path.join(V1_CPU, f"headrace-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "cpu.cfs_period_us"), "w") as f:
+            f.write("100000")
+        with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as f:
+            f.write("100000")
+        r = run_child(f"""
+            import os
+            with open({os.path.join(group, "cgroup.procs")!r}, "w") as f:
+                f.write(str(os.getpid()))
+            from engine import shm
+            print(shm.usable_cpus())
+        """)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout) == 1
+    finally:
+        os.rmdir(group)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
