@@ -1,8 +1,8 @@
 """cffi build script for the native core (API mode).
 
 It lives outside the package so that the package never imports a module
-that has not been built.  One cdef file per C area is read: the shared types' first, then the rest
-in sorted order.
+that has not been built.  One cdef file per C area is read: those of the
+shared types first, then the rest in sorted order.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ SQLITE = _sqlite_headers()
 ffibuilder = FFI()
 #: The types every other area uses come first.
 FIRST = ["status.cdef", "layout.cdef"]
-for cdef in sorted((HERE / "cdef").glob("*.cdef"), key=lambda p: (p.name not in FIRST, FIRST.index(p.name)
-                                                                 if p.name in FIRST else 0, p.name)):
+CDEFS = [HERE / "cdef" / name for name in FIRST] + sorted(
+    p for p in (HERE / "cdef").glob("*.cdef") if p.name not in FIRST)
+for cdef in CDEFS:
     ffibuilder.cdef(cdef.read_text())
 
 ffibuilder.set_source(

@@ -4,6 +4,9 @@
 
 static inline uint64_t pad8(uint64_t x) { return (x + 7) & ~(uint64_t)7; }
 
+/* Whether the writer, its head at `head`, has come round onto the record at `pos`. */
+static inline int overwritten(uint64_t head, uint64_t pos, uint64_t cap) { return head > pos + cap; }
+
 uint64_t hr_jc_put(void *mem, uint64_t id, const char *name, uint32_t name_len, const char *body,
                    uint32_t body_len, uint8_t ser, int64_t created, int32_t max_attempts, uint32_t timeout_ms)
 {
@@ -32,22 +35,21 @@ uint64_t hr_jc_put(void *mem, uint64_t id, const char *name, uint32_t name_len, 
     return pos + 1;
 }
 
-int hr_jc_read(void *mem, const hr_ticket *t, uint32_t n, char *out, uint64_t cap, int64_t *at)
+int64_t hr_jc_read(void *mem, const hr_ticket *t, uint32_t n, char *out, uint64_t cap, int64_t *at)
 {
     hr_header *h = (hr_header *)mem;
     const hr_slot *slots = (const hr_slot *)((char *)mem + h->off_slots);
     const char *arena = (const char *)mem + h->off_jc;
     uint64_t jc = h->jc_cap, used = 0;
-    int hits = 0;
     for (uint32_t k = 0; k < n; k++) {
         at[k] = -1;
         if (!jc || t[k].slot >= h->capacity)
             continue;
         uint64_t ref = __atomic_load_n(&slots[t[k].slot].aux, __ATOMIC_ACQUIRE);
         uint64_t head = __atomic_load_n(&h->jc_head, __ATOMIC_ACQUIRE);
-        if (!ref || ref - 1 + sizeof(hr_jc_rec) > head || head - (ref - 1) > jc)
-            continue;
         uint64_t pos = ref - 1, off = pos % jc;
+        if (!ref || pos + sizeof(hr_jc_rec) > head || overwritten(head, pos, jc))
+            continue;
         if (off + sizeof(hr_jc_rec) > jc || used + sizeof(hr_jc_rec) > cap)
             continue;
         hr_jc_rec r;
@@ -58,11 +60,10 @@ int hr_jc_read(void *mem, const hr_ticket *t, uint32_t n, char *out, uint64_t ca
         memcpy(out + used, arena + off, r.len);
         /* Intact only if the writer has not come round onto it since. */
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&h->jc_head, __ATOMIC_RELAXED) > pos + jc)
+        if (overwritten(__atomic_load_n(&h->jc_head, __ATOMIC_RELAXED), pos, jc))
             continue;
         at[k] = (int64_t)used;
         used += pad8(r.len);
-        hits++;
     }
-    return hits;
+    return (int64_t)used;
 }

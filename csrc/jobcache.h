@@ -41,7 +41,7 @@ uint64_t hr_jc_put(void *mem, uint64_t id, const char *name, uint32_t name_len, 
                    uint32_t body_len, uint8_t ser, int64_t created, int32_t max_attempts, uint32_t timeout_ms);
 /* A worker: copy the records of the claimed tickets t[0..n) into `out`
  * (`cap` bytes), one after another; at[k] is where ticket k's record
- * starts, or -1 for a miss.  Returns the hits. */
-int hr_jc_read(void *mem, const hr_ticket *t, uint32_t n, char *out, uint64_t cap, int64_t *at);
+ * starts, or -1 for a miss.  Returns the bytes copied (0: no hit). */
+int64_t hr_jc_read(void *mem, const hr_ticket *t, uint32_t n, char *out, uint64_t cap, int64_t *at);
 
 #endif

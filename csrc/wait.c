@@ -77,12 +77,19 @@ static ssize_t read_small(const char *path, char *buf, size_t len)
     return n;
 }
 
-/* The tightest CPU quota on cgroup `dir` and its ancestors, in whole CPUs
+/* The tighter of two CPU counts, 0 (or less) meaning no limit. */
+static long tighter(long best, long q)
+{
+    return q > 0 && (best <= 0 || q < best) ? q : best;
+}
+
+/* The tightest CPU quota on cgroup `cgroup` and its ancestors, in whole CPUs
  * (rounded up), 0 where none is set: cgroup v2's cpu.max under `root`, or
  * (`v1`) the cfs files of the cpu controller mounted at `root`. */
-static long tightest_quota(const char *root, char *dir, int v1)
+static long tightest_quota(const char *root, const char *cgroup, int v1)
 {
-    char path[1024], text[64], period[64];
+    char dir[1024], path[1280], text[64], period[64];
+    snprintf(dir, sizeof dir, "%s", cgroup);
     long best = 0;
     for (;;) {
         const char *d = strcmp(dir, "/") == 0 ? "" : dir;
@@ -99,8 +106,7 @@ static long tightest_quota(const char *root, char *dir, int v1)
                     q = hr_quota_cpus_v1(text, period);
             }
         }
-        if (q > 0 && (best == 0 || q < best))
-            best = q;
+        best = tighter(best, q);
         char *slash = strrchr(dir, '/');
         if (!slash || slash == dir)
             break;
@@ -141,15 +147,12 @@ static long cgroup_cpus(void)
             if (cpu) {
                 char root[256];
                 snprintf(root, sizeof root, "/sys/fs/cgroup/%s", ctrl);
-                char copy[1024];
-                snprintf(copy, sizeof copy, "%s", dir);
-                q = tightest_quota(root, copy, 1);
+                q = tightest_quota(root, dir, 1);
                 if (!q && strcmp(ctrl, "cpu") != 0) /* mounted as .../cpu, with ctrl a link to it, say */
                     q = tightest_quota("/sys/fs/cgroup/cpu", dir, 1);
             }
         }
-        if (q > 0 && (best == 0 || q < best))
-            best = q;
+        best = tighter(best, q);
     }
     return best;
 }
@@ -160,14 +163,9 @@ long hr_usable_cpus(void)
     long n = sysconf(_SC_NPROCESSORS_ONLN);
 #ifdef __linux__
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) {
-        long mine = CPU_COUNT(&set);
-        if (mine > 0 && (n <= 0 || mine < n))
-            n = mine;
-    }
-    long quota = cgroup_cpus();
-    if (quota > 0 && (n <= 0 || quota < n))
-        n = quota;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        n = tighter(n, CPU_COUNT(&set));
+    n = tighter(n, cgroup_cpus());
 #endif
     return n;
 }

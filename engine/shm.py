@@ -480,9 +480,10 @@ class Segment:
         room = n * JC_ROOM
         out, at = _raw_new("char[]", room), _raw_new("int64_t[]", n)
         rows: List[Optional[Tuple[str, int, int, bytes, int, int]]] = [None] * n
-        if not lib.hr_jc_read(self._mem, tickets, n, out, room, at):
+        used = lib.hr_jc_read(self._mem, tickets, n, out, room, at)
+        if not used:
             return rows
-        data = ffi.buffer(out)[:]
+        data = ffi.buffer(out, used)[:]
         unpack, head, names = _JC_REC.unpack_from, _JC_REC.size, self._jc_names
         for k, off in enumerate(ffi.unpack(at, n)):
             if off < 0:
